@@ -1,0 +1,146 @@
+"""Padded graph batches: the one pytree that every model, teacher and loss in distiller takes.
+
+jraph's conventions: atoms of all structures are concatenated; the last graph is always a padding graph that
+owns the padding atoms; padding edges join the last (padding) atom to itself. Sizes are rounded up to a few
+buckets (`neighbours.round_up`) so that jit sees few distinct shapes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distiller import neighbours as nl
+from distiller.structure import Structure
+
+
+class BatchShape(NamedTuple):
+    """Static padded sizes of a batch (hashable)."""
+
+    atoms: int
+    graphs: int
+
+
+class Batch(NamedTuple):
+    numbers: jax.Array  # (A,) int32, 0 on padding atoms
+    positions: jax.Array  # (A, 3) Å
+    atom_mask: jax.Array  # (A,) bool
+    graph_index: jax.Array  # (A,) int32; padding atoms belong to the last graph
+    cell: jax.Array  # (G, 3, 3) Å, rows are lattice vectors; identity for non-periodic graphs
+    pbc: jax.Array  # (G, 3) bool
+    n_atoms: jax.Array  # (G,) int32
+    graph_mask: jax.Array  # (G,) bool
+    # Edges (see distiller.neighbours for the convention), rebuilt with `with_neighbours`.
+    receivers: jax.Array  # (E,) int32
+    senders: jax.Array  # (E,) int32
+    shifts: jax.Array  # (E, 3) float
+    edge_mask: jax.Array  # (E,) bool
+    # Labels in eV, eV/Å, eV/Å³ (zeros where absent; see the masks).
+    energy: jax.Array  # (G,)
+    forces: jax.Array  # (A, 3)
+    stress: jax.Array  # (G, 3, 3)
+    stress_mask: jax.Array  # (G,) bool: graphs that carry a stress label
+
+    @property
+    def n_graphs(self) -> int:
+        return self.graph_mask.shape[0]
+
+    def edge_vectors(self, positions: jax.Array | None = None, cell: jax.Array | None = None) -> jax.Array:
+        """Edge vectors x[j] - x[i] + shift @ cell, differentiable in positions and cell."""
+        positions = self.positions if positions is None else positions
+        cell = self.cell if cell is None else cell
+        offset = jnp.einsum("ek,ekl->el", self.shifts, cell[self.graph_index[self.receivers]])
+        return positions[self.senders] - positions[self.receivers] + offset
+
+
+def shape_for(structures: Sequence[Structure]) -> BatchShape:
+    """The bucketed shape that holds these structures (always one spare atom and one padding graph)."""
+    return BatchShape(atoms=nl.round_up(sum(s.n_atoms for s in structures) + 1), graphs=len(structures) + 1)
+
+
+def binning_cell(structure: Structure) -> np.ndarray:
+    """A non-singular cell for the neighbour list: the real one where periodic, completed elsewhere."""
+    if not structure.periodic:
+        return np.eye(3)
+    cell = np.array(structure.cell, np.float64)
+    for k in range(3):
+        if not structure.pbc[k] and np.linalg.norm(cell[k]) < 1e-6:
+            a, b = cell[(k + 1) % 3], cell[(k + 2) % 3]
+            normal = np.cross(a, b)
+            cell[k] = normal / np.linalg.norm(normal)
+    return cell
+
+
+def pad_structures(structures: Sequence[Structure], shape: BatchShape | None = None) -> Batch:
+    """Concatenate and pad structures into a Batch without edges (E = 0); labels where present."""
+    shape = shape or shape_for(structures)
+    n_real = sum(s.n_atoms for s in structures)
+    if n_real >= shape.atoms or len(structures) >= shape.graphs:
+        raise ValueError(f"{len(structures)} structures with {n_real} atoms do not fit {shape}")
+    A, G = shape.atoms, shape.graphs
+    numbers = np.zeros(A, np.int32)
+    positions = np.zeros((A, 3), np.float32)
+    atom_mask = np.zeros(A, bool)
+    graph_index = np.full(A, G - 1, np.int32)
+    cell = np.tile(np.eye(3, dtype=np.float32), (G, 1, 1))
+    pbc = np.zeros((G, 3), bool)
+    n_atoms = np.zeros(G, np.int32)
+    graph_mask = np.zeros(G, bool)
+    energy = np.zeros(G, np.float32)
+    forces = np.zeros((A, 3), np.float32)
+    stress = np.zeros((G, 3, 3), np.float32)
+    stress_mask = np.zeros(G, bool)
+    start = 0
+    for g, s in enumerate(structures):
+        sl = slice(start, start + s.n_atoms)
+        numbers[sl], positions[sl], atom_mask[sl], graph_index[sl] = s.numbers, s.positions, True, g
+        cell[g], pbc[g], n_atoms[g], graph_mask[g] = binning_cell(s), s.pbc, s.n_atoms, True
+        if s.energy is not None:
+            energy[g] = s.energy
+        if s.forces is not None:
+            forces[sl] = s.forces
+        if s.stress is not None and s.periodic:
+            stress[g], stress_mask[g] = s.stress, True
+        start += s.n_atoms
+    # Padding atoms sit far apart from each other so that nothing can be near them.
+    positions[n_real:] = 0.0
+    no_edges = (np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros((0, 3), np.float32), np.zeros(0, bool))
+    return Batch(numbers, positions, atom_mask, graph_index, cell, pbc, n_atoms, graph_mask, *no_edges,
+                 energy, forces, stress, stress_mask)
+
+
+def with_neighbours(batch: Batch, cutoff: float, capacity: nl.NeighbourCapacity) -> tuple[Batch, nl.Neighbours]:
+    """The batch with its edges rebuilt for its current positions (jittable); check `.overflow`."""
+    neighbours = nl.neighbour_list(batch.positions, batch.cell, batch.pbc, batch.graph_index, batch.atom_mask,
+                                   n_graphs=batch.n_graphs, cutoff=cutoff, capacity=capacity)
+    batch = batch._replace(receivers=neighbours.receivers, senders=neighbours.senders, shifts=neighbours.shifts,
+                           edge_mask=neighbours.edge_mask)
+    return batch, neighbours
+
+
+def allocate_neighbours(batch: Batch, cutoff: float, margin: float = 1.25) -> nl.NeighbourCapacity:
+    return nl.allocate(batch.positions, batch.cell, batch.pbc, batch.graph_index, batch.atom_mask,
+                       n_graphs=batch.n_graphs, cutoff=cutoff, margin=margin)
+
+
+def make_batch(structures: Sequence[Structure], cutoff: float, shape: BatchShape | None = None,
+               capacity: nl.NeighbourCapacity | None = None) -> tuple[Batch, nl.NeighbourCapacity]:
+    """Pad structures and build their edges; grows `capacity` (outside jit) until nothing overflows."""
+    batch = jax.tree_util.tree_map(jnp.asarray, pad_structures(structures, shape))
+    if capacity is None:
+        capacity = allocate_neighbours(batch, cutoff)
+    while True:
+        out, neighbours = with_neighbours(batch, cutoff, capacity)
+        if not bool(neighbours.overflow):
+            return out, capacity
+        capacity = nl.grow(capacity, neighbours.needed)
+
+
+def unpad_atoms(batch: Batch, values) -> list[np.ndarray]:
+    """Split a per-atom array (A, ...) into one array per real structure."""
+    values = np.asarray(values)
+    n = np.asarray(batch.n_atoms)[np.asarray(batch.graph_mask)]
+    return np.split(values[: int(n.sum())], np.cumsum(n)[:-1])

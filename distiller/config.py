@@ -1,0 +1,134 @@
+"""Experiments are Python files that define `config`, an `Experiment` built from these frozen dataclasses.
+
+`load_experiment(path, overrides)` runs the file and applies `--set a.b=value` overrides, so a run is
+described by code (versioned, composable) and reproduced from `config.json` in its run directory.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import json
+import os
+from typing import Any, Sequence
+
+from distiller.students import StudentConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How training structures are drawn from the seed structures, inside the jitted step."""
+
+    rattle: float = 0.1  # Å, standard deviation of Gaussian displacements
+    strain: float = 0.02  # largest symmetric strain component applied to periodic cells
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    energy_weight: float = 1.0  # on (eV/atom)²
+    forces_weight: float = 10.0  # on (eV/Å)², per component
+    stress_weight: float = 0.0  # on (eV/Å³)², periodic graphs only; costs the teacher's strain derivative
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = 3e-3
+    warmup_steps: int = 50
+    final_learning_rate: float = 1e-4  # cosine decay to this
+    gradient_clip: float = 10.0
+    weight_decay: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    name: str
+    teacher: str = "fennol-pmc:ani1x"
+    structures: tuple[str, ...] = ()  # seed structure files (any ASE-readable format)
+    sampling: SamplingConfig = SamplingConfig()
+    student: StudentConfig = StudentConfig()
+    loss: LossConfig = LossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    steps: int = 1000
+    batch_size: int = 4  # seed structures per step
+    seed: int = 0
+    run_dir: str = "runs/experiment"
+    checkpoint_every: int = 100
+    log_every: int = 10
+    held_out: int = 16  # structures sampled with a different seed for the final report
+
+
+def load_experiment(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Experiment:
+    """Run an experiment file and return its `config`, with `key.sub=value` overrides applied."""
+    path = os.fspath(path)
+    spec = importlib.util.spec_from_file_location(f"experiment_{abs(hash(path))}", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"experiment file not found: {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = getattr(module, "config", None)
+    if not isinstance(config, Experiment):
+        raise TypeError(f"{path} must define `config = Experiment(...)`")
+    # Relative structure paths are relative to the experiment file, so a run works from any directory.
+    here = os.path.dirname(os.path.abspath(path))
+    config = dataclasses.replace(
+        config, structures=tuple(s if os.path.isabs(s) else os.path.normpath(os.path.join(here, s)) for s in config.structures)
+    )
+    for item in overrides:
+        config = apply_override(config, item)
+    return config
+
+
+def apply_override(config: Any, item: str) -> Any:
+    """`a.b=value` → a copy of config with field a.b replaced (value parsed as a Python literal)."""
+    if "=" not in item:
+        raise ValueError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw  # a bare string
+    return _replace_path(config, key.strip().split("."), value)
+
+
+def _replace_path(obj: Any, path: list[str], value: Any) -> Any:
+    names = {f.name for f in dataclasses.fields(obj)}
+    if path[0] not in names:
+        raise KeyError(f"{type(obj).__name__} has no field {path[0]!r} (fields: {', '.join(sorted(names))})")
+    current = getattr(obj, path[0])
+    if len(path) > 1:
+        return dataclasses.replace(obj, **{path[0]: _replace_path(current, path[1:], value)})
+    if isinstance(current, tuple) and isinstance(value, (list, tuple)):
+        value = tuple(value)
+    elif isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    return dataclasses.replace(obj, **{path[0]: value})
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def from_dict(data: dict) -> Experiment:
+    """Rebuild an Experiment from `config.json`."""
+    def build(cls, values):
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in values:
+                continue
+            v = values[f.name]
+            if dataclasses.is_dataclass(f.default) and isinstance(v, dict):
+                v = build(type(f.default), v)
+            elif isinstance(v, list):
+                v = tuple(v)
+            kwargs[f.name] = v
+        return cls(**kwargs)
+
+    return build(Experiment, data)
+
+
+def save_config(config: Experiment, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(to_dict(config), f, indent=2)
+    os.replace(tmp, path)

@@ -1,0 +1,111 @@
+"""Compare a student with its teacher on a set of structures: report.json and parity plots.
+
+Accuracy retained = 1 − ‖F_student − F_teacher‖ / ‖F_teacher‖, the norms taken as root-mean-square
+over all atoms and components of the set (so one number for the set, not an average of ratios).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+
+from distiller.structure import Structure, read_structures
+
+
+def force_metrics(student_forces: np.ndarray, teacher_forces: np.ndarray) -> dict:
+    """Metrics over stacked (N, 3) force arrays in eV/Å."""
+    diff = student_forces - teacher_forces
+    norm_t = np.linalg.norm(teacher_forces, axis=1)
+    norm_s = np.linalg.norm(student_forces, axis=1)
+    cosine = np.sum(student_forces * teacher_forces, axis=1) / np.maximum(norm_t * norm_s, 1e-12)
+    return {
+        "forces_mae": float(np.mean(np.abs(diff))),
+        "forces_rmse": float(np.sqrt(np.mean(diff**2))),
+        "forces_cosine": float(np.mean(cosine)),
+        "accuracy_retained": float(1.0 - np.sqrt(np.sum(diff**2) / max(np.sum(teacher_forces**2), 1e-300))),
+        "teacher_forces_rms": float(np.sqrt(np.mean(teacher_forces**2))),
+    }
+
+
+def compare(student: Sequence[Structure], teacher: Sequence[Structure]) -> dict:
+    """Report comparing labelled student and teacher versions of the same structures."""
+    if len(student) != len(teacher):
+        raise ValueError(f"{len(student)} student structures against {len(teacher)} teacher structures")
+    n = np.array([s.n_atoms for s in teacher])
+    e_s = np.array([s.energy for s in student])
+    e_t = np.array([s.energy for s in teacher])
+    f_s = np.concatenate([s.forces for s in student])
+    f_t = np.concatenate([s.forces for s in teacher])
+    per_atom = (e_s - e_t) / n
+    summary = {
+        "structures": int(len(teacher)),
+        "atoms": int(n.sum()),
+        "energy_mae_per_atom": float(np.mean(np.abs(per_atom))),
+        "energy_rmse_per_atom": float(np.sqrt(np.mean(per_atom**2))),
+        **force_metrics(f_s, f_t),
+    }
+    rows = []
+    for s, t in zip(student, teacher):
+        rows.append({"name": t.name, "n_atoms": t.n_atoms, "energy_teacher": t.energy, "energy_student": s.energy,
+                     **force_metrics(s.forces, t.forces)})
+    return {"summary": summary, "structures": rows}
+
+
+def parity_plot(student: Sequence[Structure], teacher: Sequence[Structure], path: str, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    f_s = np.concatenate([s.forces for s in student]).ravel()
+    f_t = np.concatenate([s.forces for s in teacher]).ravel()
+    n = np.array([t.n_atoms for t in teacher])
+    e_t = np.array([t.energy for t in teacher]) / n
+    e_s = np.array([s.energy for s in student]) / n
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+    for ax, x, y, label in ((axes[0], f_t, f_s, "force component (eV/Å)"), (axes[1], e_t, e_s, "energy (eV/atom)")):
+        ax.scatter(x, y, s=4, alpha=0.5)
+        lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set_xlabel(f"teacher {label}")
+        ax.set_ylabel(f"student {label}")
+        ax.set_aspect("equal", adjustable="datalim")
+    metrics = force_metrics(f_s.reshape(-1, 3), f_t.reshape(-1, 3))
+    axes[0].set_title(f"forces: RMSE {metrics['forces_rmse']:.3f} eV/Å, retained {100 * metrics['accuracy_retained']:.1f} %")
+    axes[1].set_title(f"energies: MAE {1000 * np.mean(np.abs(e_s - e_t)):.2f} meV/atom")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def evaluate_run(run_dir: str, structures_path: str, teacher_spec: str | None = None, out: str | None = None) -> dict:
+    """Label `structures_path` with the teacher, predict with the run's student, write report.json and parity.png."""
+    from distiller.students.io import load_student
+    from distiller.students.predict import predict
+    from distiller.teachers.registry import load_teacher
+
+    with open(os.path.join(run_dir, "config.json")) as f:
+        run_config = json.load(f)
+    teacher_spec = teacher_spec or run_config["teacher"]
+    structures = read_structures(structures_path)
+    teacher, _ = load_teacher(teacher_spec)
+    teacher.check(structures)
+    reference = teacher.label(structures)
+    config, model, params = load_student(run_dir)
+    predicted = predict(config, model, params, structures)
+    report = compare(predicted, reference)
+    report["summary"] = {"run_dir": os.path.abspath(run_dir), "teacher": teacher_spec,
+                         "structures_file": os.path.abspath(structures_path), **report["summary"]}
+    out = out or os.path.join(run_dir, "evaluation")
+    os.makedirs(out, exist_ok=True)
+    parity_plot(predicted, reference, os.path.join(out, "parity.png"), title=f"{run_config['name']} vs {teacher_spec}")
+    tmp = os.path.join(out, "report.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(tmp, os.path.join(out, "report.json"))
+    return report

@@ -1,0 +1,166 @@
+"""One atomic structure on the host: numbers, positions (Å), cell, pbc and optional labels (eV, Å).
+
+Everything that enters distiller passes through `Structure.validated`, so bad input fails here, once,
+with the structure's name in the message, before it can reach a jitted function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterable, Sequence
+
+import ase
+import ase.io
+import numpy as np
+
+MIN_DISTANCE = 0.1  # Å; closer atoms are a broken structure, not chemistry.
+
+
+class StructureError(ValueError):
+    """A structure that distiller refuses, named in the message."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Structure:
+    """An atomic structure. `cell` rows are lattice vectors; labels are eV, eV/Å and eV/Å³."""
+
+    numbers: np.ndarray  # (n,) int
+    positions: np.ndarray  # (n, 3) Å
+    cell: np.ndarray  # (3, 3) Å, rows are lattice vectors
+    pbc: np.ndarray  # (3,) bool
+    name: str = ""
+    energy: float | None = None
+    forces: np.ndarray | None = None
+    stress: np.ndarray | None = None  # (3, 3), the strain derivative of the energy over the volume
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.numbers.shape[0])
+
+    @property
+    def periodic(self) -> bool:
+        return bool(np.any(self.pbc))
+
+    def replace(self, **changes) -> "Structure":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_ase(cls, atoms: ase.Atoms, name: str = "") -> "Structure":
+        energy = forces = stress = None
+        calc = atoms.calc
+        if calc is not None and getattr(calc, "results", None):
+            results = calc.results
+            energy = float(results["energy"]) if "energy" in results else None
+            forces = np.asarray(results["forces"], np.float64) if "forces" in results else None
+            if "stress" in results:
+                # ASE stores Voigt stress (xx, yy, zz, yz, xz, xy) in eV/Å³.
+                stress = voigt_to_matrix(np.asarray(results["stress"], np.float64))
+        return cls(
+            numbers=np.asarray(atoms.numbers, np.int32),
+            positions=np.asarray(atoms.positions, np.float64),
+            cell=np.asarray(atoms.cell.array, np.float64),
+            pbc=np.asarray(atoms.pbc, bool),
+            name=name,
+            energy=energy,
+            forces=forces,
+            stress=stress,
+            info=dict(atoms.info),
+        )
+
+    def to_ase(self) -> ase.Atoms:
+        from ase.calculators.singlepoint import SinglePointCalculator
+
+        atoms = ase.Atoms(numbers=self.numbers, positions=self.positions, cell=self.cell, pbc=self.pbc)
+        atoms.info.update(self.info)
+        results = {}
+        if self.energy is not None:
+            results["energy"] = self.energy
+        if self.forces is not None:
+            results["forces"] = self.forces
+        if self.stress is not None:
+            results["stress"] = matrix_to_voigt(self.stress)
+        if results:
+            atoms.calc = SinglePointCalculator(atoms, **results)
+        return atoms
+
+    def validated(self) -> "Structure":
+        """Return self if it is a structure distiller can compute on; raise StructureError otherwise."""
+        label = self.name or "<unnamed structure>"
+        if self.n_atoms == 0:
+            raise StructureError(f"{label}: empty structure (no atoms)")
+        if self.positions.shape != (self.n_atoms, 3):
+            raise StructureError(f"{label}: positions have shape {self.positions.shape}, expected ({self.n_atoms}, 3)")
+        if not np.all(np.isfinite(self.positions)):
+            bad = np.flatnonzero(~np.all(np.isfinite(self.positions), axis=1))
+            raise StructureError(f"{label}: non-finite (NaN or inf) positions at atoms {bad[:10].tolist()}")
+        if np.any(self.numbers <= 0) or np.any(self.numbers > 118):
+            raise StructureError(f"{label}: atomic numbers must lie in 1..118, got {sorted(set(self.numbers.tolist()))}")
+        if self.periodic:
+            if not np.all(np.isfinite(self.cell)):
+                raise StructureError(f"{label}: non-finite cell")
+            volume = abs(np.linalg.det(self.cell))
+            lengths = np.linalg.norm(self.cell, axis=1)
+            if np.any(lengths[self.pbc] < 1e-6) or volume < 1e-6 * max(float(np.prod(lengths)), 1e-12):
+                raise StructureError(f"{label}: singular cell (volume {volume:.3g} Å³) for a periodic structure")
+        i, j, d = closest_pair(self)
+        if d < MIN_DISTANCE:
+            raise StructureError(f"{label}: atoms {i} and {j} are {d:.3g} Å apart (< {MIN_DISTANCE} Å)")
+        return self
+
+
+def closest_pair(structure: Structure) -> tuple[int, int, float]:
+    """The two closest atoms (periodic images included) and their distance; (-1, -1, inf) for one atom."""
+    from ase.neighborlist import neighbor_list
+
+    atoms = ase.Atoms(numbers=structure.numbers, positions=structure.positions, cell=structure.cell, pbc=structure.pbc)
+    i, j, d = neighbor_list("ijd", atoms, MIN_DISTANCE * 1.01)
+    if len(d) == 0:
+        return -1, -1, float("inf")
+    k = int(np.argmin(d))
+    return int(i[k]), int(j[k]), float(d[k])
+
+
+def voigt_to_matrix(voigt: np.ndarray) -> np.ndarray:
+    if voigt.shape == (3, 3):
+        return voigt
+    xx, yy, zz, yz, xz, xy = voigt
+    return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+
+
+def matrix_to_voigt(matrix: np.ndarray) -> np.ndarray:
+    m = np.asarray(matrix)
+    return np.array([m[0, 0], m[1, 1], m[2, 2], m[1, 2], m[0, 2], m[0, 1]])
+
+
+def read_structures(path: str | os.PathLike, index: str | int = ":") -> list[Structure]:
+    """Read every structure of an ASE-readable file, each named `file.ext:i` and validated."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"structure file not found: {path}")
+    try:
+        images = ase.io.read(path, index=index)
+    except Exception as err:  # ASE raises many kinds; all mean "this file is unreadable".
+        raise StructureError(f"{path}: cannot read structures ({type(err).__name__}: {err})") from err
+    if isinstance(images, ase.Atoms):
+        images = [images]
+    base = os.path.basename(path)
+    return [Structure.from_ase(a, name=f"{base}:{k}").validated() for k, a in enumerate(images)]
+
+
+def write_structures(path: str | os.PathLike, structures: Iterable[Structure]) -> None:
+    """Write structures (with their labels) to an extxyz file, atomically."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    ase.io.write(tmp, [s.to_ase() for s in structures], format="extxyz")
+    os.replace(tmp, path)
+
+
+def as_structures(items: Sequence[Structure | ase.Atoms]) -> list[Structure]:
+    """Accept Structures or ase.Atoms; name unnamed ones by their index."""
+    out = []
+    for k, item in enumerate(items):
+        s = item if isinstance(item, Structure) else Structure.from_ase(item, name=f"structure {k}")
+        out.append(s if s.name else s.replace(name=f"structure {k}"))
+    return out
