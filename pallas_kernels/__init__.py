@@ -1,0 +1,5 @@
+"""Hand-written accelerator kernels for distiller's hot edge updates.
+
+Each kernel lives in its own package beside a plain-JAX reference with the same signature; the reference
+is the definition (and the CPU path), the kernel is only ever a faster way to compute the same numbers.
+"""
