@@ -85,9 +85,9 @@ def parity_plot(student: Sequence[Structure], teacher: Sequence[Structure], path
 
 def evaluate_run(run_dir: str, structures_path: str, teacher_spec: str | None = None, out: str | None = None) -> dict:
     """Label `structures_path` with the teacher, predict with the run's student, write report.json and parity.png."""
-    from distiller.students.io import load_student
     from distiller.students.predict import predict
     from distiller.teachers.registry import load_teacher
+    from distiller.train.trainer import load_student
 
     with open(os.path.join(run_dir, "config.json")) as f:
         run_config = json.load(f)

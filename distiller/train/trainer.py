@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import time
 from typing import Any, NamedTuple
 
@@ -128,8 +129,9 @@ class Distillation:
         if self.nl_capacity is not None:
             nl_capacity = nl.NeighbourCapacity(*(max(a, b) for a, b in zip(nl_capacity, self.nl_capacity)))
         batch, _ = with_neighbours(batch, self.cutoff, nl_capacity)
-        teacher_capacity = self.teacher.capacity_for(batch, previous=self.teacher_capacity)
-        return nl_capacity, teacher_capacity
+        if self.teacher_capacity is None:
+            return nl_capacity, self.teacher.capacity_for(batch)
+        return nl_capacity, self.teacher.grow(self.teacher_capacity, batch)
 
     # --- the step -------------------------------------------------------------------------------------
     def labelled(self, seeds: Batch, key: jax.Array, nl_capacity, teacher_capacity, teacher_params):
@@ -183,8 +185,11 @@ class Distillation:
         return TrainState(params, self.optimizer.init(params), jnp.zeros((), jnp.int32))
 
 
-def run(config: Experiment, resume: bool = False, progress: bool = True) -> TrainState:
-    """Train (or continue training) the run in `config.run_dir`; returns the final state."""
+def run(config: Experiment, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> TrainState:
+    """Train (or continue training) the run in `config.run_dir`; returns the final state.
+
+    `stop_after` ends the job after that many steps of this call, as a kill would (after a checkpoint).
+    """
     os.makedirs(config.run_dir, exist_ok=True)
     save_config(config, os.path.join(config.run_dir, "config.json"))
     job = Distillation.create(config)
@@ -198,6 +203,7 @@ def run(config: Experiment, resume: bool = False, progress: bool = True) -> Trai
         _load_capacity(job)
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)
+    _save_capacity(job)
     step_fn = job.step_fn()
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=config.name,
                disable=not progress, dynamic_ncols=True)
@@ -221,6 +227,8 @@ def run(config: Experiment, resume: bool = False, progress: bool = True) -> Trai
                 bar.set_postfix(loss=f"{row['loss']:.4g}", F_rmse=f"{row['forces_rmse']:.3f}")
             if done % config.checkpoint_every == 0 or done == config.steps:
                 checkpoint.save(mgr, done, state)
+            if stop_after is not None and done - start >= stop_after:
+                break
     return state
 
 
@@ -236,21 +244,20 @@ def _truncate_metrics(path: str, step: int) -> None:
     os.replace(tmp, path)
 
 
+# Capacities are kept with the run so that a resumed run pads exactly as the original did (padding changes
+# reduction shapes, hence float rounding); they are small static pytrees of ints, pickled atomically.
 def _save_capacity(job: Distillation) -> None:
-    path = os.path.join(job.config.run_dir, "capacity.json")
-    data = {"neighbours": list(job.nl_capacity), "teacher": job.teacher.capacity_to_json(job.teacher_capacity)}
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f)
+    path = os.path.join(job.config.run_dir, "capacity.pkl")
+    with open(path + ".tmp", "wb") as f:
+        pickle.dump((job.nl_capacity, job.teacher_capacity), f)
     os.replace(path + ".tmp", path)
 
 
 def _load_capacity(job: Distillation) -> None:
-    path = os.path.join(job.config.run_dir, "capacity.json")
+    path = os.path.join(job.config.run_dir, "capacity.pkl")
     if os.path.exists(path):
-        with open(path) as f:
-            data = json.load(f)
-        job.nl_capacity = nl.NeighbourCapacity(*data["neighbours"])
-        job.teacher_capacity = job.teacher.capacity_from_json(data["teacher"])
+        with open(path, "rb") as f:
+            job.nl_capacity, job.teacher_capacity = pickle.load(f)
 
 
 def held_out_structures(job: Distillation, count: int) -> list[Structure]:
@@ -283,3 +290,21 @@ def write_held_out(job: Distillation, path: str) -> list[Structure]:
     structures = held_out_structures(job, job.config.held_out)
     write_structures(path, structures)
     return structures
+
+
+def load_student(run_dir: str, step: int | None = None):
+    """(student config, model, params) of a run, from its config.json and latest (or given) checkpoint."""
+    from distiller.config import from_dict
+
+    with open(os.path.join(run_dir, "config.json")) as f:
+        config = from_dict(json.load(f))
+    model = build_model(config.student)
+    # Any batch gives the parameter shapes; one atom of the student's first element will do.
+    z = config.student.elements[0]
+    atom = Structure(np.array([z]), np.zeros((1, 3)), np.zeros((3, 3)), np.zeros(3, bool), name="probe")
+    probe = jax.tree_util.tree_map(jnp.asarray, pad_structures([atom]))
+    probe, _ = with_neighbours(probe, config.student.cutoff, nl.NeighbourCapacity(edges=1, bins=1, bin_size=2, reach=1))
+    params = init_student(config.student, jax.random.key(0), probe)
+    like = TrainState(params, make_optimizer(config).init(params), jnp.zeros((), jnp.int32))
+    _, state = checkpoint.restore(run_dir, like, step)
+    return config.student, model, state.params

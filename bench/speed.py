@@ -1,0 +1,54 @@
+"""Speed harness: teacher against student energy+forces on the same structures, in one process.
+
+    python bench/speed.py --teacher fennol-pmc:ani1x/0 [--run RUN_DIR] \
+        --systems aspirin aspirin*32 watersmall waterbox --out bench/results/speed-h200.json
+
+A system is a structure file name in the shared structures folder, optionally `*N` for a batch of N copies.
+Without --run the student is a fresh one of the quickstart's size (speed does not depend on its weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from distiller.speed import compare_speed, table  # noqa: E402
+from distiller.structure import read_structures  # noqa: E402
+from distiller.students import StudentConfig  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="fennol-pmc:ani1x/0")
+    parser.add_argument("--run", help="trained run directory (default: a fresh quickstart-sized student)")
+    parser.add_argument("--features", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--cutoff", type=float, default=5.0)
+    parser.add_argument("--kernel", default="xla")
+    parser.add_argument("--systems", nargs="+", default=["aspirin", "aspirin*32", "watersmall", "waterbox"])
+    parser.add_argument("--structures-dir", default=os.path.join(os.environ.get("DISTILLER_SHARED", "../shared"), "structures"))
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--out", help="JSON file to write")
+    args = parser.parse_args()
+
+    systems = {}
+    for name in args.systems:
+        base, _, copies = name.partition("*")
+        structures = read_structures(os.path.join(args.structures_dir, f"{base}.extxyz"))
+        systems[name] = structures * int(copies or 1)
+    student = args.run or StudentConfig(cutoff=args.cutoff, features=args.features, layers=args.layers,
+                                        elements=(1, 6, 7, 8), kernel=args.kernel)
+    report = compare_speed(args.teacher, student, systems, repeats=args.repeats)
+    print(table(report))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

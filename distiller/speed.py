@@ -1,0 +1,151 @@
+"""Teacher against student speed, measured the same way in one process.
+
+Each model's time is one call of a jitted function that rebuilds the neighbour list from positions and
+returns energies and forces (what an MD step needs), after warm-up, the median of `repeats` calls, with
+`block_until_ready`. For a FeNNol teacher, FeNNol's own `energy_and_forces` (its GPU preprocessing path,
+first member) is timed too, and the speed-up is taken against the faster of the two teacher paths.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from importlib import metadata
+from typing import Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from distiller import batch as batching
+from distiller.structure import Structure
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("jax", "jaxlib", "flax", "fennol", "torch", "orb-models", "triton"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    return f"{d.platform}:{getattr(d, 'device_kind', d.platform)}"
+
+
+def student_timer(config, model, params, structures: Sequence[Structure]):
+    """A no-argument function computing the student's energies and forces, neighbour list included."""
+    from distiller.students.energy import energy_forces
+
+    batch, capacity = batching.make_batch(structures, config.cutoff)
+
+    @jax.jit
+    def step(params, batch):
+        batch, _ = batching.with_neighbours(batch, config.cutoff, capacity)
+        return energy_forces(model, params, batch)
+
+    return lambda: step(params, batch)
+
+
+def teacher_timer(teacher, params, structures: Sequence[Structure]):
+    batch, capacity = batching.make_batch(structures, teacher.cutoff)
+    teacher_capacity = teacher.capacity_for(batch)
+
+    @jax.jit
+    def step(params, batch):
+        batch, _ = batching.with_neighbours(batch, teacher.cutoff, capacity)
+        out = teacher.apply(params, batch, teacher_capacity)
+        return out.energy, out.forces
+
+    return lambda: step(params, batch)
+
+
+def fennol_native_timer(teacher, structures: Sequence[Structure]):
+    """FeNNol's own API on its first member: preprocessing on the device (`gpu_preprocessing=True`)."""
+    model = teacher.model
+    numbers = np.concatenate([s.numbers for s in structures]).astype(np.int32)
+    inputs = {
+        "species": numbers,
+        "coordinates": np.concatenate([s.positions for s in structures]).astype(np.float32),
+        "natoms": np.array([s.n_atoms for s in structures], np.int32),
+        "batch_index": np.repeat(np.arange(len(structures), dtype=np.int32), [s.n_atoms for s in structures]),
+    }
+    if all(s.periodic for s in structures):
+        inputs["cells"] = np.stack([s.cell for s in structures]).astype(np.float32)
+    elif any(s.periodic for s in structures):
+        return None  # FeNNol's API takes cells for all systems or none
+    model.energy_and_forces(**inputs)  # numpy preprocessing once: FeNNol sizes its buffers here
+    return lambda: model.energy_and_forces(gpu_preprocessing=True, **inputs)[:2]
+
+
+def compare_speed(teacher_spec: str, student, systems: Mapping[str, Sequence[Structure]], repeats: int = 20,
+                  native: bool = True) -> dict:
+    """Time teacher and student on each system (a name and its structures, batched together).
+
+    `student` is a run directory or a StudentConfig (random weights: speed does not depend on them).
+    """
+    from distiller.students import StudentConfig, build_model, init_student
+    from distiller.teachers.registry import load_teacher
+
+    teacher, teacher_params = load_teacher(teacher_spec)
+    if isinstance(student, StudentConfig):
+        config, model = student, build_model(student)
+        first = next(iter(systems.values()))
+        probe, _ = batching.make_batch(first, config.cutoff)
+        params = init_student(config, jax.random.key(0), probe)
+    else:
+        from distiller.train.trainer import load_student
+
+        config, model, params = load_student(student)
+    rows = []
+    for name, structures in systems.items():
+        atoms = sum(s.n_atoms for s in structures)
+        teacher_s = median_seconds(teacher_timer(teacher, teacher_params, structures), repeats)
+        student_s = median_seconds(student_timer(config, model, params, structures), repeats)
+        row = {"system": name, "structures": len(structures), "atoms": atoms,
+               "teacher_ms": 1e3 * teacher_s, "student_ms": 1e3 * student_s,
+               "teacher_us_per_atom": 1e6 * teacher_s / atoms, "student_us_per_atom": 1e6 * student_s / atoms}
+        best_teacher = teacher_s
+        native_fn = fennol_native_timer(teacher, structures) if native and hasattr(teacher, "model") else None
+        if native_fn is not None:
+            native_s = median_seconds(native_fn, repeats)
+            row["fennol_native_one_member_ms"] = 1e3 * native_s
+            if getattr(teacher, "n_members", 1) == 1:
+                best_teacher = min(best_teacher, native_s)
+        row["speedup"] = best_teacher / student_s
+        rows.append(row)
+    return {
+        "device": device_name(),
+        "versions": versions(),
+        "command": " ".join(sys.argv),
+        "teacher": teacher_spec,
+        "student": {k: getattr(config, k) for k in ("cutoff", "features", "layers", "n_rbf", "kernel")},
+        "repeats": repeats,
+        "results": rows,
+    }
+
+
+def table(report: dict) -> str:
+    lines = [f"device {report['device']}, teacher {report['teacher']}, student {report['student']}",
+             f"{'system':<16}{'atoms':>7}{'teacher ms':>12}{'µs/atom':>9}{'student ms':>12}{'µs/atom':>9}"
+             f"{'native ms':>11}{'speed-up':>10}"]
+    for r in report["results"]:
+        native = r.get("fennol_native_one_member_ms")
+        lines.append(f"{r['system']:<16}{r['atoms']:>7}{r['teacher_ms']:>12.3f}{r['teacher_us_per_atom']:>9.3f}"
+                     f"{r['student_ms']:>12.3f}{r['student_us_per_atom']:>9.3f}"
+                     f"{(f'{native:.3f}' if native is not None else '-'):>11}{r['speedup']:>9.1f}x")
+    return "\n".join(lines)

@@ -1,0 +1,532 @@
+"""FeNNol (FENNIX) models, one or an ensemble, as a pure and jittable teacher in eV and Å.
+
+FeNNol's public `energy_and_forces` / `preprocess` keep a mutable preprocessing state and build the
+neighbour list in numpy, so they cannot run inside jit. This module uses FeNNol's pieces that are pure:
+
+* the base graph is *ours*: the Batch's edges (distiller's neighbour list, cutoff >= the teacher's) are
+  rewritten in FeNNol's convention instead of running FeNNol's GraphGenerator;
+* the remaining preprocessing layers (GraphFilter, GraphAngularExtension, SpeciesIndexer, ...) run through
+  their jittable `process(state, inputs)` with static states -- their capacities -- that `capacity_for`
+  measures outside jit with the layers' own numpy `__call__`; every overflow flag they raise is OR-ed into
+  `TeacherOutput.overflow`, and `grow` re-allocates;
+* the model itself is `FENNIX._total_energy_raw` (the modules' `apply` plus the energy-term sum).
+
+FeNNol quirks handled here (found by experiment with FeNNol 2026.6):
+* padding edges are index = n_atoms (gathers fill, scatters drop) with d12 = cutoff^2; distiller's padding
+  edges point at a real (padding) atom, so they are rewritten;
+* the cosine switch's default float exponent 1.0 gives NaN second derivatives near every cutoff; models
+  are rebuilt with the integer exponent 1 (same numbers), see `_integer_exponent`;
+* GraphAngularExtension needs max_neigh * n_atoms >= edges of its graph, enforced at trace time.
+
+Ensembles share one architecture: their variables are stacked along a leading axis and the energy is
+vmapped over it. Forces are -d(mean energy)/dx (one backward pass for all members); `energy_spread` is
+the standard deviation of the members' energies.
+
+Units: FeNNol models work in Å and in their `energy_unit` (Hartree for ANI). Energies are converted once,
+here, with FeNNol's own multiplier (`au.get_multiplier("eV") / au.get_multiplier(energy_unit)`, for
+Hartree 27.211386024367243 eV, the same number as `ase.units.Hartree`), so that the results equal
+FeNNol's `energy_and_forces(..., unit="eV")`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import math
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ase.data import chemical_symbols
+from flax.core import FrozenDict
+
+from distiller import batch as batching
+from distiller import neighbours as nl
+from distiller.batch import Batch
+from distiller.structure import Structure, StructureError
+from distiller.teachers.base import TeacherOutput
+
+
+class ModelFileError(ValueError):
+    """A model file that exists but cannot be read as a FeNNol model."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Capacities
+
+
+@dataclasses.dataclass(frozen=True)
+class FennolCapacity:
+    """Static sizes of FeNNol's preprocessing after the base graph (hashable: a jit static argument).
+
+    One FeNNol state per preprocessing layer after the GraphGenerator, in the chain's order, with FeNNol's
+    own keys: GraphFilter "npairs" (edges of the filtered graph), GraphAngularExtension "nangles" and
+    "max_neigh" (angle triplets, neighbours per atom), SpeciesIndexer "sizes" ({Z: atoms of that element}).
+    """
+
+    layer_states: tuple[FrozenDict, ...]
+
+    def __str__(self) -> str:
+        parts = []
+        for state in self.layer_states:
+            items = []
+            for key, value in state.items():
+                if key in ("nblist_mult_size", "add_neigh", "add_atoms", "add_atoms_margin"):
+                    continue
+                if isinstance(value, (dict, FrozenDict)):
+                    value = "{" + ", ".join(f"{chemical_symbols[z]}: {n}" for z, n in value.items()) + "}"
+                items.append(f"{key}={value}")
+            parts.append("(" + ", ".join(items) + ")")
+        return "FennolCapacity" + "".join(parts)
+
+
+def _merge_states(a: FrozenDict, b: FrozenDict) -> FrozenDict:
+    """Key-wise maximum of two layer states (nested dicts key by key); other values are taken from b."""
+    out = dict(a)
+    for key, value in b.items():
+        old = out.get(key)
+        if isinstance(value, (dict, FrozenDict)):
+            merged = dict(old or {})
+            for k, v in value.items():
+                merged[k] = max(int(merged.get(k, 0)), int(v))
+            out[key] = FrozenDict(merged)
+        elif isinstance(value, (int, np.integer)) and not isinstance(value, bool) and old is not None:
+            out[key] = max(int(old), int(value))
+        else:
+            out[key] = value
+    return FrozenDict(out)
+
+
+def _plain(value):
+    """numpy scalars (FeNNol's states hold np.int64) -> Python numbers, so that states hash and print cleanly."""
+    if isinstance(value, (dict, FrozenDict)):
+        return FrozenDict({_plain(k): _plain(v) for k, v in value.items()})
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
+
+
+def _determinant(cell: jax.Array) -> jax.Array:
+    """det of (..., 3, 3) as a triple product (jnp.linalg's LU costs ~1 s of compile time on CPU)."""
+    return jnp.sum(cell[..., 0, :] * jnp.cross(cell[..., 1, :], cell[..., 2, :]), axis=-1)
+
+
+def _inverse(cell: jax.Array) -> jax.Array:
+    """Inverse of (..., 3, 3) cells with lattice vectors as rows: column k is a_{k+1} x a_{k+2} / det."""
+    a0, a1, a2 = cell[..., 0, :], cell[..., 1, :], cell[..., 2, :]
+    columns = jnp.stack([jnp.cross(a1, a2), jnp.cross(a2, a0), jnp.cross(a0, a1)], axis=-1)
+    return columns / _determinant(cell)[..., None, None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_fnx(path: str | os.PathLike):
+    """Load one FeNNol model file; a missing file or an unreadable one is an error naming the file."""
+    from fennol import FENNIX
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"FeNNol model file not found: {path}")
+    try:
+        return FENNIX.load(path)
+    except Exception as err:  # msgpack, KeyError, flax...: all mean "this is not a usable .fnx file".
+        raise ModelFileError(
+            f"{path}: not a readable FeNNol model file (corrupt or truncated?): {type(err).__name__}: {err}"
+        ) from err
+
+
+_SUPPORTED_LAYERS = ("GraphFilter", "GraphAngularExtension", "SpeciesIndexer")
+
+
+def _check_supported(model, path: str) -> None:
+    from fennol.models.preprocessing import GraphGenerator
+
+    layers = model.preprocessing.layers
+    if model.cutoff is None or not isinstance(layers[0], GraphGenerator):
+        raise ModelFileError(f"{path}: model has no radial graph (cutoff); distiller needs one")
+    if layers[0].k_space:
+        raise ModelFileError(f"{path}: k-space graphs are not supported by distiller's FeNNol teacher")
+    if model.use_atom_padding:
+        raise ModelFileError(f"{path}: atom padding models are not supported")
+    for layer in layers[1:]:
+        name = type(layer).__name__
+        if name not in _SUPPORTED_LAYERS or getattr(layer, "k_space", False):
+            raise ModelFileError(
+                f"{path}: preprocessing layer {name} is not supported (supported: {', '.join(_SUPPORTED_LAYERS)})"
+            )
+    if not model.energy_terms:
+        raise ModelFileError(f"{path}: model has no energy terms, it is not a potential energy model")
+
+
+def _integer_exponent(switch_params) -> dict | None:
+    """Switch parameters with the cosine switch's default exponent 1.0 made the integer 1, or None if n/a.
+
+    FeNNol computes the cosine switch as `(0.5 cos(pi d / rc) + 0.5) ** p` with p = 1.0 by default. For a
+    float exponent JAX's pow rule differentiates as p * x ** (p - 1), whose own derivative is 0 * x ** -1:
+    NaN wherever the switch is exactly 0 in float32, i.e. for any distance within ~3e-4 Å of a cutoff
+    (padding entries sit exactly there). The integer exponent takes JAX's integer_pow rule: the same values,
+    finite derivatives of every order, so Hessian-vector products work.
+    """
+    params = dict(switch_params or {})
+    if str(params.get("switch_type", "cosine")).lower() != "cosine" or params.get("trainable", False):
+        return None
+    if params.get("p") is not None and float(params["p"]) != 1.0:
+        return None
+    return {**params, "p": 1}
+
+
+def _with_integer_switches(model):
+    """The same model (same variables and numbers) rebuilt with integer cosine-switch exponents."""
+    from fennol import FENNIX
+
+    args = copy.deepcopy(model._input_args)
+    graph_config = {}
+    base = _integer_exponent(model.preprocessing.layers[0].switch_params)
+    if base is not None:
+        graph_config["switch_params"] = base
+    for name, params in args["preprocessing"].items():
+        kind = str(params.get("FID", params.get("module_name", name))).upper()
+        if kind == "GRAPH_FILTER":
+            switch = _integer_exponent(params.get("switch_params"))
+            if switch is not None:
+                params["switch_params"] = switch
+    return FENNIX(**args, variables=model.variables, energy_terms=model.energy_terms, graph_config=graph_config)
+
+
+def _architecture(model) -> tuple:
+    """What must agree between ensemble members: everything but the weights' values."""
+    args = model._input_args
+    shapes = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), model.variables)
+    return (repr(args["cutoff"]), repr(args["modules"]), repr(args["preprocessing"]), args["energy_unit"],
+            repr(model.energy_terms), repr(jax.tree_util.tree_structure(model.variables)), repr(shapes))
+
+
+def _model_elements(model) -> frozenset[int]:
+    """Elements every species-aware module of the model knows (intersection); all elements if none says."""
+    from fennol.utils.periodic_table import PERIODIC_TABLE_REV_IDX
+
+    known = None
+    for params in model._input_args["modules"].values():
+        lists = []
+        order = params.get("species_order")
+        if isinstance(order, str):
+            lists.append([s.strip() for s in order.split(",")])
+        elif order is not None:
+            lists.append(list(order))
+        if isinstance(params.get("hidden_neurons"), (dict, FrozenDict)):
+            lists.append(list(params["hidden_neurons"].keys()))
+        for symbols in lists:
+            numbers = frozenset(int(PERIODIC_TABLE_REV_IDX[s]) for s in symbols)
+            known = numbers if known is None else known & numbers
+    return known if known is not None else frozenset(range(1, 119))
+
+
+def load_fennol(paths: Sequence[str | os.PathLike], spec: str) -> tuple["FennolTeacher", Any]:
+    """One model or an ensemble (same architecture) -> (teacher, params stacked along a leading member axis)."""
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise ValueError(f"teacher {spec}: no model files given")
+    models = [read_fnx(p) for p in paths]
+    _check_supported(models[0], paths[0])
+    reference = _architecture(models[0])
+    for path, model in zip(paths[1:], models[1:]):
+        if _architecture(model) != reference:
+            raise ModelFileError(f"{path}: architecture differs from {paths[0]}; ensemble members must share it")
+    from fennol.utils.atomic_units import au
+
+    params = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *[m.variables for m in models])
+    model = _with_integer_switches(models[0])
+    teacher = FennolTeacher(
+        spec=spec,
+        cutoff=float(model.preprocessing.layers[0].cutoff),
+        elements=_model_elements(model),
+        n_members=len(models),
+        energy_scale=float(au.get_multiplier("eV") / au.get_multiplier(model.energy_unit)),
+        paths=tuple(paths),
+        model=model,
+        params=params,
+    )
+    return teacher, params
+
+
+# --------------------------------------------------------------------------------------------------
+# The teacher
+
+
+@dataclasses.dataclass(frozen=True)
+class FennolTeacher:
+    """A FeNNol model or ensemble. Pure functions take `params` (from `load_fennol`) explicitly, so that a
+    jitted training step can close over the teacher and pass the weights as arguments; `params` kept here
+    serves the host-side `label` only. Equality and hash ignore the model object and the weights."""
+
+    spec: str
+    cutoff: float  # Å, of the base graph
+    elements: frozenset[int]
+    n_members: int
+    energy_scale: float  # model energy unit -> eV
+    paths: tuple[str, ...] = ()
+    model: Any = dataclasses.field(default=None, compare=False, repr=False)  # fennol.FENNIX (first member)
+    params: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+    # ---- pure, jittable ------------------------------------------------------------------------
+
+    def _inputs(self, batch: Batch, positions: jax.Array, cell: jax.Array) -> dict:
+        """FeNNol's input dict for the batch, its base graph made from the Batch's edges.
+
+        Our edge e: receiver i (centre), sender j, vector x[j] - x[i] + shifts[e] @ cell[graph(i)].
+        FeNNol's: vector x[edge_dst] - x[edge_src] + pbc_shifts @ cells[batch_index[edge_src]], and padding
+        edges have both indices = n_atoms (out of range, so gathers fill and scatters drop) and d12 = cutoff^2.
+        Edges at or beyond the teacher's cutoff become padding: FeNNol's switch would zero them anyway
+        (GraphProcessor masks distances >= cutoff) but they would cost capacity downstream.
+        """
+        n_atoms = positions.shape[0]
+        graph_key = self.model.preprocessing.layers[0].graph_key
+        offset = jnp.einsum("ek,ekl->el", batch.shifts, cell[batch.graph_index[batch.receivers]])
+        vec = positions[batch.senders] - positions[batch.receivers] + offset
+        # d12 only selects edges (GraphFilter); FeNNol's processors recompute distances differentiably.
+        d12 = jax.lax.stop_gradient(jnp.sum(vec**2, axis=-1))
+        keep = batch.edge_mask & (d12 < self.cutoff**2)
+        graph = {
+            "edge_src": jnp.where(keep, batch.receivers, n_atoms).astype(jnp.int32),
+            "edge_dst": jnp.where(keep, batch.senders, n_atoms).astype(jnp.int32),
+            "d12": jnp.where(keep, d12, self.cutoff**2),
+            "pbc_shifts": jnp.where(keep[:, None], jnp.round(batch.shifts), 0).astype(jnp.int32),
+            "overflow": jnp.asarray(False),
+        }
+        # Cells for every graph (FeNNol wants all or none): a non-periodic graph has the Batch's identity cell
+        # and zero shifts, which adds nothing to its vectors.
+        return {
+            "species": jnp.where(batch.atom_mask, batch.numbers, 0).astype(jnp.int32),
+            "coordinates": positions,
+            "natoms": batch.n_atoms.astype(jnp.int32),
+            "batch_index": batch.graph_index.astype(jnp.int32),
+            "true_atoms": batch.atom_mask,
+            "true_sys": batch.graph_mask,
+            "cells": cell,
+            "reciprocal_cells": _inverse(cell),
+            graph_key: graph,
+        }
+
+    def _preprocess(self, inputs: dict, capacity: FennolCapacity) -> tuple[dict, jax.Array]:
+        """FeNNol's remaining preprocessing layers at fixed capacity, and whether any of them overflowed."""
+        from fennol.models.preprocessing import GraphAngularExtension
+
+        layers = self.model.preprocessing.layers[1:]
+        if len(capacity.layer_states) != len(layers):
+            raise ValueError(f"teacher {self.spec}: capacity has {len(capacity.layer_states)} layer states, "
+                             f"the model has {len(layers)} preprocessing layers after the graph")
+        n_atoms = inputs["species"].shape[0]
+        for layer, state in zip(layers, capacity.layer_states):
+            if isinstance(layer, GraphAngularExtension):
+                # FeNNol's dense (atom, neighbour) table must hold every edge slot of its graph.
+                n_edges = inputs[layer.graph_key]["edge_src"].shape[0]
+                need = max(int(state["max_neigh"]), -(-n_edges // n_atoms), 1)
+                state = FrozenDict({**state, "max_neigh": need})
+            inputs = layer.process(state, inputs)
+        overflow = jnp.asarray(False)
+        for key, value in inputs.items():
+            if key.endswith("overflow"):
+                overflow = overflow | jnp.asarray(value, bool)
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    if k.endswith("overflow"):
+                        overflow = overflow | jnp.asarray(v, bool)
+        return inputs, overflow
+
+    def member_energies(self, params, batch: Batch, capacity: FennolCapacity, positions=None, cell=None):
+        """((M, G) energies in eV of every member, overflow), differentiable in positions and cell."""
+        positions = batch.positions if positions is None else positions
+        cell = batch.cell if cell is None else cell
+        inputs, overflow = self._preprocess(self._inputs(batch, positions, cell), capacity)
+
+        def one(variables):
+            energy, _ = self.model._total_energy_raw(variables, inputs)
+            return energy
+
+        energies = jax.vmap(one)(params) * self.energy_scale
+        return jnp.where(batch.graph_mask[None], energies, 0.0), overflow
+
+    def _mean_energy(self, params, batch, capacity, positions, strain):
+        """Sum over graphs of the ensemble-mean energy at positions, with cell and positions strained by
+        (I + strain[g]) (rows times matrix, as ASE scales cells); aux: member energies and overflow."""
+        deform = jnp.eye(3, dtype=positions.dtype) + strain
+        positions = jnp.einsum("ai,aij->aj", positions, deform[batch.graph_index])
+        cell = jnp.einsum("gij,gjk->gik", batch.cell, deform)
+        energies, overflow = self.member_energies(params, batch, capacity, positions, cell)
+        return jnp.sum(jnp.mean(energies, axis=0)), (energies, overflow)
+
+    def _zero_strain(self, batch):
+        return jnp.zeros((batch.n_graphs, 3, 3), batch.positions.dtype)
+
+    def energy_fn(self, params, batch: Batch, capacity: FennolCapacity) -> jax.Array:
+        """(G,) ensemble-mean energies in eV (zero on padding graphs)."""
+        energies, _ = self.member_energies(params, batch, capacity)
+        return jnp.mean(energies, axis=0)
+
+    def apply_with_stress(self, params, batch: Batch, capacity: FennolCapacity) -> tuple[TeacherOutput, jax.Array]:
+        """TeacherOutput and the (G, 3, 3) stress in eV/Å³ (zero for non-periodic graphs).
+
+        stress = (1/V) dE/dε at ε = 0, positions -> positions (I + ε), cell -> cell (I + ε): ASE's
+        convention (`Calculator.calculate_numerical_stress`). V = |det cell| of the Batch's cell.
+        """
+        grad_fn = jax.grad(self._mean_energy, argnums=(3, 4), has_aux=True)
+        (de_dx, de_deps), (energies, overflow) = grad_fn(params, batch, capacity, batch.positions,
+                                                         self._zero_strain(batch))
+        volume = jnp.abs(_determinant(batch.cell))
+        periodic = jnp.any(batch.pbc, axis=-1) & batch.graph_mask
+        stress = 0.5 * (de_deps + jnp.swapaxes(de_deps, -1, -2)) / volume[:, None, None]
+        stress = jnp.where(periodic[:, None, None], stress, 0.0)
+        return self._output(batch, de_dx, energies, overflow), stress
+
+    def apply(self, params, batch: Batch, capacity: FennolCapacity) -> TeacherOutput:
+        """Energies (G,) eV, forces (A, 3) eV/Å (ensemble means), energy spread (G,) and overflow."""
+        grad_fn = jax.grad(self._mean_energy, argnums=3, has_aux=True)
+        de_dx, (energies, overflow) = grad_fn(params, batch, capacity, batch.positions, self._zero_strain(batch))
+        return self._output(batch, de_dx, energies, overflow)
+
+    def _output(self, batch, de_dx, energies, overflow) -> TeacherOutput:
+        forces = jnp.where(batch.atom_mask[:, None], -de_dx, 0.0)
+        spread = jnp.std(energies, axis=0) if energies.shape[0] > 1 else jnp.zeros_like(energies[0])
+        return TeacherOutput(energy=jnp.mean(energies, axis=0), forces=forces, energy_spread=spread,
+                             overflow=overflow)
+
+    def forces_fn(self, params, batch: Batch, capacity: FennolCapacity, positions=None) -> jax.Array:
+        """(A, 3) ensemble-mean forces in eV/Å at `positions` (default: the batch's)."""
+        positions = batch.positions if positions is None else positions
+        de_dx, _ = jax.grad(self._mean_energy, argnums=3, has_aux=True)(
+            params, batch, capacity, positions, self._zero_strain(batch))
+        return jnp.where(batch.atom_mask[:, None], -de_dx, 0.0)
+
+    def hessian_vector_product(self, params, batch: Batch, capacity: FennolCapacity, vectors) -> jax.Array:
+        """(A, 3) Hessian of the ensemble-mean energy times `vectors` (A, 3), eV/Å²: the jvp of the forces,
+        negated (the forces change by -H v per unit displacement along v)."""
+        vectors = jnp.where(batch.atom_mask[:, None], vectors, 0.0).astype(batch.positions.dtype)
+        _, dforces = jax.jvp(lambda x: self.forces_fn(params, batch, capacity, x), (batch.positions,), (vectors,))
+        return -dforces
+
+    # ---- host side ------------------------------------------------------------------------------
+
+    def _host_inputs(self, batch: Batch) -> dict:
+        return jax.tree.map(np.asarray, self._inputs(batch, batch.positions, batch.cell))
+
+    def measure(self, batch: Batch) -> FennolCapacity:
+        """What this batch needs, without margin, from FeNNol's own numpy preprocessing (`layer.__call__`)."""
+        from fennol.models.preprocessing import GraphAngularExtension, GraphFilter, SpeciesIndexer
+
+        present = set(np.asarray(batch.numbers)[np.asarray(batch.atom_mask)].tolist())
+        if present - self.elements:
+            unknown = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in sorted(present - self.elements))
+            raise ValueError(f"batch contains {unknown}, unknown to teacher {self.spec}; check structures first")
+        inputs = self._host_inputs(batch)
+        states = []
+        for layer in self.model.preprocessing.layers[1:]:
+            # Start from empty states that add no margin of FeNNol's own: the result is the exact need.
+            if isinstance(layer, GraphFilter):
+                state = FrozenDict({"npairs": 1, "nblist_mult_size": 1.0})
+            elif isinstance(layer, GraphAngularExtension):
+                state = FrozenDict({"nangles": 1, "nblist_mult_size": 1.0, "max_neigh": 1, "add_neigh": 0})
+            elif isinstance(layer, SpeciesIndexer):
+                state = FrozenDict({"sizes": FrozenDict({}), "add_atoms": 0, "add_atoms_margin": 0})
+            else:  # excluded at load time
+                raise NotImplementedError(type(layer).__name__)
+            state, inputs = layer(state, inputs)
+            inputs = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, inputs)
+            states.append(_plain(state))
+        return FennolCapacity(tuple(states))
+
+    def capacity_for(self, batch: Batch, margin: float = 1.25) -> FennolCapacity:
+        """Capacity for this batch (and others like it) with room to spare (outside jit)."""
+        from fennol.models.preprocessing import GraphAngularExtension, GraphFilter, SpeciesIndexer
+
+        n_atoms = batch.positions.shape[0]
+        needed = self.measure(batch)
+        states = []
+        for layer, state in zip(self.model.preprocessing.layers[1:], needed.layer_states):
+            state = dict(state)
+            if isinstance(layer, GraphFilter):
+                state["npairs"] = nl.round_up(math.ceil(state["npairs"] * margin))
+            elif isinstance(layer, GraphAngularExtension):
+                state["nangles"] = nl.round_up(math.ceil(state["nangles"] * margin))
+                max_neigh = int(state["max_neigh"])
+                state["max_neigh"] = max_neigh + max(2, math.ceil(max_neigh * (margin - 1)))
+            elif isinstance(layer, SpeciesIndexer):
+                # Every element the model knows gets a slot list (so that a new element overflows rather
+                # than being unhandled), sized by its count with margin, never beyond the atom capacity.
+                counts = state["sizes"]
+                state["sizes"] = FrozenDict({
+                    z: min(n_atoms, max(1, math.ceil(counts.get(z, 0) * margin) + 1)) for z in sorted(self.elements)
+                })
+            states.append(FrozenDict(state))
+        return FennolCapacity(tuple(states))
+
+    def grow(self, capacity: FennolCapacity, batch: Batch, margin: float = 1.25) -> FennolCapacity:
+        """A capacity that fits `batch` (after an overflow) and everything `capacity` fitted."""
+        fresh = self.capacity_for(batch, margin)
+        return FennolCapacity(tuple(_merge_states(a, b) for a, b in zip(capacity.layer_states, fresh.layer_states)))
+
+    def check(self, structures: Sequence[Structure]) -> None:
+        """Raise StructureError naming the structure and the element this teacher does not know."""
+        known = ", ".join(chemical_symbols[z] for z in sorted(self.elements))
+        for s in structures:
+            unknown = sorted(set(int(z) for z in np.asarray(s.numbers)) - self.elements)
+            if unknown:
+                z = unknown[0]
+                symbol = chemical_symbols[z] if 0 <= z < len(chemical_symbols) else "?"
+                raise StructureError(
+                    f"structure '{s.name}' contains element {symbol} (Z={z}) which teacher {self.spec} "
+                    f"does not know (knows {known})"
+                )
+
+    @functools.cached_property
+    def _jit_apply_with_stress(self):
+        return jax.jit(self.apply_with_stress, static_argnums=2)
+
+    def label(self, structures: Sequence[Structure], max_atoms: int = 4096) -> list[Structure]:
+        """The structures with energy (eV), forces (eV/Å) and, for periodic ones, stress (eV/Å³) filled in.
+
+        Structures are labelled in chunks of at most `max_atoms` atoms (a larger one goes alone), all padded
+        to one shape so that jit compiles once; capacities grow until nothing overflows.
+        """
+        structures = [s.validated() for s in structures]
+        self.check(structures)
+        chunks, current, count = [], [], 0
+        for s in structures:
+            if current and count + s.n_atoms > max_atoms:
+                chunks.append(current)
+                current, count = [], 0
+            current.append(s)
+            count += s.n_atoms
+        if current:
+            chunks.append(current)
+        if not chunks:
+            return []
+        shape = batching.BatchShape(
+            atoms=max(batching.shape_for(c).atoms for c in chunks), graphs=max(len(c) for c in chunks) + 1
+        )
+        out: list[Structure] = []
+        neighbour_capacity = capacity = None
+        for chunk in chunks:
+            batch, neighbour_capacity = batching.make_batch(chunk, self.cutoff, shape, neighbour_capacity)
+            if capacity is None:
+                capacity = self.capacity_for(batch)
+            for _ in range(3):  # one grow measures exactly what the batch needs; more is a bug
+                result, stress = self._jit_apply_with_stress(self.params, batch, capacity)
+                if not bool(result.overflow):
+                    break
+                capacity = self.grow(capacity, batch)
+            else:
+                raise RuntimeError(f"teacher {self.spec}: capacity overflow persists after growing to {capacity}")
+            energies = np.asarray(result.energy, np.float64)
+            stresses = np.asarray(stress, np.float64)
+            forces = batching.unpad_atoms(batch, np.asarray(result.forces, np.float64))
+            for g, s in enumerate(chunk):
+                out.append(s.replace(energy=float(energies[g]), forces=forces[g],
+                                     stress=stresses[g] if s.periodic else None))
+        return out

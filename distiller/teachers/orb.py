@@ -1,0 +1,508 @@
+"""Orb force fields (orb-models, PyTorch) as a distiller teacher, through a torch -> numpy / JAX bridge.
+
+    load_orb("orb:orb-v3-conservative-inf-omat")             orb's pretrained model (orb's own loader and cache)
+    load_orb("orb:orb-v3-direct-20-omat", weights_path=...)  a local checkpoint in that architecture
+    load_orb("orb:random/orb-v3-conservative?seed=1")        the real architecture, seeded random weights
+
+Offline labelling (`OrbTeacher.label`) turns many structures into orb's own atom graphs
+(`atomic_system.ase_atoms_to_atom_graphs`), concatenates them (`base.batch_graphs`) and runs one `predict` per
+batch; energy (eV), forces (eV/Å) and, for periodic cells, stress (eV/Å³, ASE's sign: (1/V) dE/dε) come back.
+Conservative models give gradient forces and stress (orb's keys "grad_forces" / "grad_stress"), direct
+models their heads' "forces" / "stress". Stress is returned as a (3, 3) matrix.
+
+Orb sets process-wide torch state when it loads a model (default dtype, float32 matmul precision, i.e. TF32).
+Every entry point here runs inside `torch_settings`, which sets what this teacher needs and restores the
+caller's default dtype, TF32 flags and matmul precision afterwards.
+
+Neighbours. Orb builds k-nearest-neighbour graphs within its cutoff, capped at `max_num_neighbors` per atom.
+For the "-20-" models and orb-v2 the cap of 20 *is* the model (it was trained on truncated graphs), so it is
+kept ("truncate"). For the others the cap (120) stands for "every neighbour"; an atom with more neighbours
+within the cutoff than the cap would silently lose the farthest ones, so the cap is raised for that structure
+("grow", the default for them) or the structure is refused with a StructureError ("error").
+
+In-jit use (`orb_callback`) wraps the bridge in `jax.pure_callback`: every call of the jitted function leaves
+the device for the host, rebuilds the structures from the padded Batch, builds orb's graphs, runs one torch
+`predict` and copies the results back. That is a host round trip and a full teacher evaluation per step, on
+top of the student's own work: for Orb (25M parameters) usually far more expensive than the student step
+itself, and no cheaper than offline labelling of the same structures; label offline when the structures are
+known in advance. The results are constants to JAX: no gradient flows into the teacher (its inputs are
+wrapped in stop_gradient).
+
+GPU: with torch and JAX on the same GPU, `to_jax` / `from_jax` hand arrays over through DLPack without a host
+copy (`label_arrays` returns JAX arrays made this way); on a CPU they go through numpy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from ase import Atoms
+from ase.data import chemical_symbols
+from ase.neighborlist import neighbor_list
+
+from distiller.batch import Batch
+from distiller.structure import Structure, StructureError, voigt_to_matrix
+from distiller.teachers.base import TeacherOutput
+
+PRECISIONS = {"float32-high": torch.float32, "float32-highest": torch.float32, "float64": torch.float64}
+NEIGHBOUR_POLICIES = ("truncate", "grow", "error")
+# orb's atom embedding is a one-hot of Z over 118 classes (indices 0..117), so Z = 118 does not fit.
+ORB_ELEMENTS = frozenset(range(1, 118))
+
+
+# --------------------------------------------------------------------------------------------------
+# torch's process-wide settings
+
+
+class TorchState(NamedTuple):
+    default_dtype: torch.dtype
+    matmul_tf32: bool
+    cudnn_tf32: bool
+    matmul_precision: str
+
+
+def torch_state() -> TorchState:
+    return TorchState(torch.get_default_dtype(), torch.backends.cuda.matmul.allow_tf32,
+                      torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+
+
+def _restore(saved: TorchState) -> None:
+    # Only what differs is written back, through the same (legacy) setters orb uses: torch >= 2.9 refuses to
+    # read these flags once the legacy and the new fp32_precision APIs have both been used to write them.
+    if torch.get_default_dtype() != saved.default_dtype:
+        torch.set_default_dtype(saved.default_dtype)
+    if torch.get_float32_matmul_precision() != saved.matmul_precision:
+        torch.set_float32_matmul_precision(saved.matmul_precision)
+    if torch.backends.cuda.matmul.allow_tf32 != saved.matmul_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = saved.matmul_tf32
+    if torch.backends.cudnn.allow_tf32 != saved.cudnn_tf32:
+        torch.backends.cudnn.allow_tf32 = saved.cudnn_tf32
+
+
+@contextlib.contextmanager
+def torch_settings(dtype: torch.dtype | None = None, matmul_precision: str | None = None) -> Iterator[None]:
+    """Run with this default dtype and float32 matmul precision; restore the caller's torch state afterwards
+    (also whatever orb changed inside)."""
+    saved = torch_state()
+    try:
+        if dtype is not None:
+            torch.set_default_dtype(dtype)
+        if matmul_precision is not None and matmul_precision != saved.matmul_precision:
+            torch.set_float32_matmul_precision(matmul_precision)
+        yield
+    finally:
+        _restore(saved)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch <-> JAX
+
+
+def _jax_has_gpu() -> bool:
+    try:
+        return len(jax.devices("gpu")) > 0
+    except RuntimeError:  # no GPU backend in this JAX
+        return False
+
+
+def to_jax(tensor: torch.Tensor) -> jax.Array:
+    """A torch tensor as a JAX array: through DLPack (no copy) when it lives on a GPU that JAX also sees,
+    through numpy otherwise. float64 becomes float32 unless JAX runs with x64 enabled."""
+    tensor = tensor.detach()
+    if tensor.dtype == torch.float64 and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
+        tensor = tensor.to(torch.float32)
+    if tensor.device.type == "cuda" and _jax_has_gpu():
+        return jax.dlpack.from_dlpack(tensor.contiguous())
+    return jnp.asarray(tensor.cpu().numpy())
+
+
+def from_jax(array: jax.Array, device: str | torch.device | None = None) -> torch.Tensor:
+    """A JAX array as a torch tensor: through DLPack (no copy) from a GPU, through numpy from the host;
+    then moved to `device` if given."""
+    if isinstance(array, jax.Array) and all(d.platform == "gpu" for d in array.devices()):
+        tensor = torch.utils.dlpack.from_dlpack(array)
+    else:
+        tensor = torch.from_numpy(np.array(array))  # a copy: JAX's host buffers are read-only
+    return tensor if device is None else tensor.to(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Specs
+
+
+@dataclasses.dataclass(frozen=True)
+class OrbSpec:
+    """A parsed `orb:` spec: `orb:NAME` (pretrained) or `orb:random/ARCH`, with `?key=value&...` options
+    seed (random only), precision (float32-high | float32-highest | float64) and neighbours (truncate | grow |
+    error)."""
+
+    name: str
+    random: bool
+    seed: int = 0
+    precision: str = "float32-high"  # orb's own default for its pretrained models
+    neighbours: str | None = None  # None: the model's own policy (module docstring)
+
+
+# Random-weight architectures: orb's architecture function, its extra arguments and the system config
+# (radius, max_num_neighbors) of the pretrained models of that architecture.
+RANDOM_ARCHITECTURES: dict[str, tuple[str, dict, tuple[float, int]]] = {
+    "orb-v3-conservative": ("orb_v3_conservative_architecture", {}, (6.0, 120)),
+    "orb-v3-direct": ("orb_v3_direct_architecture", {}, (6.0, 120)),
+    "orb-v3-conservative-omol": ("orb_v3_conservative_architecture",
+                                 {"has_charge_spin_cond": True, "has_stress": False}, (6.0, 120)),
+    "orb-v3-direct-omol": ("orb_v3_direct_architecture",
+                           {"has_charge_spin_cond": True, "has_stress": False}, (6.0, 120)),
+    "orb-v2": ("orb_v2_architecture", {}, (6.0, 20)),
+}
+
+
+def pretrained_models() -> dict[str, Callable]:
+    """orb's pretrained loaders by name, without the deprecated (v1) ones, which only raise."""
+    from orb_models.forcefield.pretrained import ORB_PRETRAINED_MODELS
+
+    return {name: fn for name, fn in ORB_PRETRAINED_MODELS.items() if "v1" not in name}
+
+
+def valid_specs() -> list[str]:
+    return [f"orb:{name}" for name in pretrained_models()] + [f"orb:random/{name}" for name in RANDOM_ARCHITECTURES]
+
+
+def parse_spec(spec: str) -> OrbSpec:
+    """`orb:NAME[?options]` or `orb:random/ARCH[?options]` -> OrbSpec; anything else is a ValueError that lists
+    the valid specs."""
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"bad Orb teacher spec {spec!r}: {why}. Valid specs: {', '.join(valid_specs())}; "
+                          f"options ?seed=N (random only), precision={'|'.join(PRECISIONS)}, "
+                          f"neighbours={'|'.join(NEIGHBOUR_POLICIES)}")
+
+    prefix, sep, rest = spec.partition(":")
+    if prefix != "orb" or not sep:
+        raise bad("it does not start with 'orb:'")
+    body, _, query = rest.partition("?")
+    options = {}
+    for item in filter(None, query.split("&")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in ("seed", "precision", "neighbours"):
+            raise bad(f"unknown option {item!r}")
+        options[key] = value
+    random = body.startswith("random/")
+    name = body.removeprefix("random/")
+    if name not in (RANDOM_ARCHITECTURES if random else pretrained_models()):
+        raise bad(f"unknown {'architecture' if random else 'model'} {name!r}")
+    if "seed" in options and not random:
+        raise bad("seed applies to random/ architectures only")
+    if "seed" in options and not options["seed"].lstrip("-").isdigit():
+        raise bad(f"seed must be an integer, got {options['seed']!r}")
+    if options.get("precision", "float32-high") not in PRECISIONS:
+        raise bad(f"unknown precision {options['precision']!r}")
+    if options.get("neighbours", "grow") not in NEIGHBOUR_POLICIES:
+        raise bad(f"unknown neighbour policy {options['neighbours']!r}")
+    return OrbSpec(name=name, random=random, seed=int(options.get("seed", 0)),
+                   precision=options.get("precision", "float32-high"), neighbours=options.get("neighbours"))
+
+
+def _default_policy(name: str) -> str:
+    """kNN-20 models (the "-20-" ones and the orb-v2 family) are defined by their truncated graphs."""
+    return "truncate" if ("-20-" in name or name.endswith("v2")) else "grow"
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _random_model(name: str, seed: int):
+    from orb_models.forcefield import pretrained
+    from orb_models.forcefield.atomic_system import SystemConfig
+
+    function, kwargs, (radius, cap) = RANDOM_ARCHITECTURES[name]
+    # fork_rng: seeding must not move the caller's global torch RNG.
+    with torch.random.fork_rng(devices=[]), torch_settings(torch.float32):
+        torch.manual_seed(seed)
+        return getattr(pretrained, function)(device="cpu", system_config=SystemConfig(radius, cap), **kwargs)
+
+
+def _pretrained_model(spec: str, name: str, weights_path: str | None, device: str, precision: str):
+    loader = pretrained_models()[name]
+    kwargs = {} if weights_path is None else {"weights_path": str(weights_path)}
+    try:
+        with warnings.catch_warnings():  # orb warns that it sets the global dtype; torch_settings undoes it
+            warnings.simplefilter("ignore")
+            return loader(device=device, precision=precision, compile=False, **kwargs)
+    except Exception as err:  # cached_path, torch.load, load_state_dict...: all mean "no usable weights"
+        where = weights_path or "orb's download (cached under ~/.cache/cached_path)"
+        raise RuntimeError(f"{spec}: cannot load the weights of {name} from {where}: {type(err).__name__}: {err}. "
+                           f"Pass weights_path= a local orb checkpoint (.ckpt) for this architecture.") from err
+
+
+def load_orb(spec: str, weights_path: str | None = None, device: str | None = None,
+             seed: int | None = None) -> "OrbTeacher":
+    """The Orb teacher named by `spec` (see `parse_spec`); `seed` overrides the spec's for random/ weights."""
+    parsed = parse_spec(spec)
+    if seed is not None:
+        if not parsed.random:
+            raise ValueError(f"{spec}: seed applies to orb:random/ architectures only")
+        parsed = dataclasses.replace(parsed, seed=int(seed))
+    if parsed.random and weights_path is not None:
+        raise ValueError(f"{spec}: random/ architectures take no weights_path (use orb:NAME with weights_path)")
+    device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = PRECISIONS[parsed.precision]
+    with torch_settings():  # orb's loader sets global torch state: undo it
+        if parsed.random:
+            model = _random_model(parsed.name, parsed.seed)
+        else:
+            model = _pretrained_model(spec, parsed.name, weights_path, device, parsed.precision)
+        model = model.to(device=device, dtype=dtype).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+    conservative = hasattr(model, "grad_forces_name")  # what ORBCalculator tests too
+    conditioner = getattr(model.model, "conditioner", None)
+    from orb_models.forcefield.nn_util import ChargeSpinConditioner
+
+    return OrbTeacher(
+        spec=spec,
+        cutoff=float(model.system_config.radius),
+        elements=ORB_ELEMENTS,
+        max_neighbours=int(model.system_config.max_num_neighbors),
+        neighbours=parsed.neighbours or _default_policy(parsed.name),
+        conservative=conservative,
+        has_stress=bool(model.has_stress),
+        charge_spin=isinstance(conditioner, ChargeSpinConditioner),
+        precision=parsed.precision,
+        device=device,
+        model=model,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The teacher
+
+
+@dataclasses.dataclass(frozen=True)
+class OrbTeacher:
+    """An Orb model behind distiller's Teacher protocol. Host-only: no JAX params (`params` is None)."""
+
+    spec: str
+    cutoff: float  # Å, orb's graph radius
+    elements: frozenset[int] = dataclasses.field(repr=False)
+    max_neighbours: int  # orb's max_num_neighbors of this model
+    neighbours: str  # "truncate" | "grow" | "error": what happens above max_neighbours (module docstring)
+    conservative: bool  # forces and stress are gradients of the energy
+    has_stress: bool  # False for models without stress (the OMol ones): periodic structures get no stress
+    charge_spin: bool  # the model is conditioned on info["charge"] and info["spin"]
+    precision: str
+    device: str
+    model: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return PRECISIONS[self.precision]
+
+    @property
+    def _matmul_precision(self) -> str:
+        return "high" if self.precision == "float32-high" else "highest"
+
+    # ---- checks ---------------------------------------------------------------------------------
+
+    def check(self, structures: Sequence[Structure]) -> None:
+        """Raise StructureError naming the structure that orb cannot take: an element outside orb's table,
+        periodicity along some axes only, or missing charge/spin for charge-conditioned models."""
+        for s in structures:
+            unknown = sorted(set(int(z) for z in np.asarray(s.numbers)) - self.elements)
+            if unknown:
+                z = unknown[0]
+                symbol = chemical_symbols[z] if 0 <= z < len(chemical_symbols) else "?"
+                raise StructureError(f"structure '{s.name}' contains element {symbol} (Z={z}) which teacher "
+                                     f"{self.spec} does not know (knows Z = 1..{max(self.elements)})")
+            if s.periodic and not np.all(s.pbc):
+                raise StructureError(f"structure '{s.name}': pbc {np.asarray(s.pbc).tolist()} is periodic along some "
+                                     f"axes only, which orb does not support; pad it with vacuum and make it "
+                                     f"fully periodic, or non-periodic")
+            if self.charge_spin and not all(isinstance(s.info.get(k), (int, float, np.number))
+                                            for k in ("charge", "spin")):
+                raise StructureError(f"structure '{s.name}': teacher {self.spec} needs numeric info['charge'] and "
+                                     f"info['spin'], got {s.info.get('charge')!r} and {s.info.get('spin')!r}")
+
+    def _prepared(self, structures: Sequence[Structure]) -> list[Structure]:
+        named = [s if s.name else s.replace(name=f"structure {k}") for k, s in enumerate(structures)]
+        named = [s.validated() for s in named]
+        self.check(named)
+        return named
+
+    def neighbour_cap(self, structure: Structure) -> int:
+        """orb's max_num_neighbors for this structure under the teacher's neighbour policy."""
+        if self.neighbours == "truncate":
+            return self.max_neighbours
+        i = neighbor_list("i", self._atoms(structure), self.cutoff)
+        counts = np.bincount(i, minlength=structure.n_atoms)
+        most = int(counts.max(initial=0))
+        if most <= self.max_neighbours:
+            return self.max_neighbours
+        if self.neighbours == "error":
+            atom = int(np.argmax(counts))
+            raise StructureError(
+                f"structure '{structure.name}': atom {atom} has {most} neighbours within {self.cutoff} Å, more than "
+                f"teacher {self.spec}'s cap of {self.max_neighbours} (orb's max_num_neighbors), so orb would drop "
+                f"the farthest; use the neighbours=grow policy to raise the cap")
+        return most
+
+    # ---- orb's graphs ---------------------------------------------------------------------------
+
+    def _atoms(self, s: Structure) -> Atoms:
+        # orb treats a graph as non-periodic (no net torque on direct forces, no stress) iff its cell is zero.
+        cell = s.cell if s.periodic else np.zeros((3, 3))
+        atoms = Atoms(numbers=s.numbers, positions=s.positions, cell=cell, pbc=s.pbc)
+        if self.charge_spin:
+            atoms.info.update(charge=float(s.info["charge"]), spin=float(s.info["spin"]))
+        return atoms
+
+    def graphs(self, structures: Sequence[Structure]):
+        """orb's batched AtomGraphs of (already checked) structures, on the teacher's device."""
+        from orb_models.forcefield.atomic_system import ase_atoms_to_atom_graphs
+        from orb_models.forcefield.base import batch_graphs
+
+        # Built on the host (orb's scipy kd-tree path), batched, then moved: orb batches on the host too.
+        graphs = [
+            ase_atoms_to_atom_graphs(self._atoms(s), self.model.system_config, max_num_neighbors=self.neighbour_cap(s),
+                                     device=torch.device("cpu"), output_dtype=self.dtype,
+                                     graph_construction_dtype=self.dtype)
+            for s in structures
+        ]
+        return batch_graphs(graphs).to(self.device)
+
+    def _keys(self) -> tuple[str, str, str | None]:
+        if self.conservative:
+            m = self.model
+            return m.energy_name, m.grad_forces_name, (m.grad_stress_name if m.has_stress else None)
+        return "energy", "forces", ("stress" if self.has_stress else None)
+
+    def _predict_chunk(self, chunk: Sequence[Structure]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(energy (G,), forces (A, 3), stress (G, 3, 3), zero where not periodic) as detached tensors on the
+        teacher's device."""
+        energy_key, forces_key, stress_key = self._keys()
+        with torch_settings(self.dtype, self._matmul_precision), torch.set_grad_enabled(self.conservative):
+            out = self.model.predict(self.graphs(chunk))
+        energy = out[energy_key].detach().reshape(-1)
+        forces = out[forces_key].detach()
+        n_atoms = sum(s.n_atoms for s in chunk)
+        # Never lose a structure silently.
+        if energy.shape != (len(chunk),) or forces.shape != (n_atoms, 3):
+            raise RuntimeError(f"teacher {self.spec}: {len(chunk)} structures with {n_atoms} atoms gave energy "
+                               f"{tuple(energy.shape)} and forces {tuple(forces.shape)}")
+        periodic = torch.tensor([s.periodic for s in chunk], device=energy.device)
+        if stress_key is None:
+            stress = torch.zeros((len(chunk), 3, 3), dtype=energy.dtype, device=energy.device)
+        else:
+            voigt = out[stress_key].detach().reshape(len(chunk), 6)
+            xx, yy, zz, yz, xz, xy = voigt.unbind(-1)  # orb's Voigt order is ASE's
+            stress = torch.stack([xx, xy, xz, xy, yy, yz, xz, yz, zz], -1).reshape(-1, 3, 3)
+            stress = torch.where(periodic[:, None, None], stress, 0.0)
+        return energy, forces, stress
+
+    def _predict(self, structures: Sequence[Structure], batch_size: int, max_atoms: int):
+        """Yield (chunk, energy, forces, stress) tensors: chunks of at most batch_size structures and max_atoms
+        atoms (a larger structure goes alone), one orb `predict` each."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        chunk, count = [], 0
+        for s in structures:
+            if chunk and (len(chunk) == batch_size or count + s.n_atoms > max_atoms):
+                yield (chunk, *self._predict_chunk(chunk))
+                chunk, count = [], 0
+            chunk.append(s)
+            count += s.n_atoms
+        if chunk:
+            yield (chunk, *self._predict_chunk(chunk))
+
+    # ---- public ---------------------------------------------------------------------------------
+
+    def label(self, structures: Sequence[Structure], batch_size: int = 32, max_atoms: int = 4096) -> list[Structure]:
+        """The structures with energy (eV), forces (eV/Å) and, for periodic ones, stress (eV/Å³, (3, 3))."""
+        prepared = self._prepared(structures)
+        out: list[Structure] = []
+        for chunk, energy, forces, stress in self._predict(prepared, batch_size, max_atoms):
+            energy, stress = energy.to("cpu", torch.float64).numpy(), stress.to("cpu", torch.float64).numpy()
+            forces = np.split(forces.to("cpu", torch.float64).numpy(), np.cumsum([s.n_atoms for s in chunk])[:-1])
+            for g, s in enumerate(chunk):
+                periodic = s.periodic and self.has_stress
+                out.append(structures[len(out)].replace(energy=float(energy[g]), forces=forces[g],
+                                                        stress=stress[g] if periodic else None))
+        assert len(out) == len(structures), (len(out), len(structures))
+        return out
+
+    def label_arrays(self, structures: Sequence[Structure], batch_size: int = 32,
+                     max_atoms: int = 4096) -> dict[str, jax.Array]:
+        """Labels as JAX arrays, handed over from torch through DLPack on a GPU: energy (G,) eV, forces (A, 3)
+        eV/Å (atoms of all structures concatenated), stress (G, 3, 3) eV/Å³ and stress_mask (G,)."""
+        prepared = self._prepared(structures)
+        parts = list(self._predict(prepared, batch_size, max_atoms))
+        if not parts:
+            raise ValueError("label_arrays needs at least one structure")
+        energy, forces, stress = (torch.cat([p[k] for p in parts]) for k in (1, 2, 3))
+        assert energy.shape[0] == len(structures) and forces.shape[0] == sum(s.n_atoms for s in structures)
+        mask = np.array([s.periodic and self.has_stress for s in prepared])
+        return {"energy": to_jax(energy), "forces": to_jax(forces), "stress": to_jax(stress),
+                "stress_mask": jnp.asarray(mask)}
+
+
+# --------------------------------------------------------------------------------------------------
+# In-jit use
+
+
+def structures_from_batch(numbers, positions, atom_mask, graph_index, cell, pbc, graph_mask, info=None):
+    """The real structures of a padded Batch's arrays (numpy) and, for each, the indices of its atoms.
+    Non-periodic graphs get a zero cell (the Batch holds an identity placeholder there)."""
+    structures, atoms = [], []
+    for g in np.flatnonzero(graph_mask):
+        index = np.flatnonzero(atom_mask & (graph_index == g))
+        periodic = bool(np.any(pbc[g]))
+        structures.append(Structure(
+            numbers=np.asarray(numbers[index], np.int32), positions=np.asarray(positions[index], np.float64),
+            cell=np.asarray(cell[g], np.float64) if periodic else np.zeros((3, 3)), pbc=np.asarray(pbc[g], bool),
+            name=f"batch graph {g}", info=dict(info or {})))
+        atoms.append(index)
+    return structures, atoms
+
+
+def orb_callback(teacher: OrbTeacher, with_stress: bool = False, info: dict | None = None):
+    """f(batch) -> TeacherOutput (or (TeacherOutput, stress (G, 3, 3)) with_stress), usable inside jax.jit.
+
+    A `jax.pure_callback` with the Batch's fixed shapes: energy (G,), forces (A, 3), zero on padding;
+    energy_spread zeros (one model); overflow False (orb's graphs are built on the host, nothing is capped).
+    See the module docstring for its cost. `info` (e.g. charge and spin) is given to every structure.
+    """
+
+    def host(numbers, positions, atom_mask, graph_index, cell, pbc, graph_mask):
+        structures, atoms = structures_from_batch(numbers, positions, atom_mask, graph_index, cell, pbc,
+                                                  graph_mask, info)
+        energy = np.zeros(graph_mask.shape[0], positions.dtype)
+        forces = np.zeros(positions.shape, positions.dtype)
+        stress = np.zeros((graph_mask.shape[0], 3, 3), positions.dtype)
+        if structures:
+            labelled = teacher.label(structures)
+            for g, index, s in zip(np.flatnonzero(graph_mask), atoms, labelled):
+                energy[g], forces[index] = s.energy, s.forces
+                if s.stress is not None:
+                    stress[g] = s.stress
+        return energy, forces, stress
+
+    def apply(batch: Batch):
+        dtype = batch.positions.dtype
+        shapes = (jax.ShapeDtypeStruct(batch.graph_mask.shape, dtype),
+                  jax.ShapeDtypeStruct(batch.positions.shape, dtype),
+                  jax.ShapeDtypeStruct(batch.graph_mask.shape + (3, 3), dtype))
+        args = jax.lax.stop_gradient((batch.numbers, batch.positions, batch.atom_mask, batch.graph_index,
+                                      batch.cell, batch.pbc, batch.graph_mask))
+        energy, forces, stress = jax.pure_callback(host, shapes, *args, vmap_method="sequential")
+        output = TeacherOutput(energy=energy, forces=forces, energy_spread=jnp.zeros_like(energy),
+                               overflow=jnp.asarray(False))
+        return (output, stress) if with_stress else output
+
+    return apply
