@@ -61,6 +61,25 @@ def shape_for(structures: Sequence[Structure]) -> BatchShape:
     return BatchShape(atoms=nl.round_up(sum(s.n_atoms for s in structures) + 1), graphs=len(structures) + 1)
 
 
+def group_by_atoms(structures: Sequence[Structure], max_atoms: int) -> list[list[Structure]]:
+    """Consecutive groups of at most `max_atoms` atoms (a larger structure goes alone)."""
+    groups, current, count = [], [], 0
+    for s in structures:
+        if current and count + s.n_atoms > max_atoms:
+            groups.append(current)
+            current, count = [], 0
+        current.append(s)
+        count += s.n_atoms
+    if current:
+        groups.append(current)
+    return groups
+
+
+def shape_for_groups(groups: Sequence[Sequence[Structure]]) -> BatchShape:
+    """One shape that holds every group, so that a jitted function compiles once for all of them."""
+    return BatchShape(atoms=max(shape_for(g).atoms for g in groups), graphs=max(len(g) for g in groups) + 1)
+
+
 def binning_cell(structure: Structure) -> np.ndarray:
     """A non-singular cell for the neighbour list: the real one where periodic, completed elsewhere."""
     if not structure.periodic:

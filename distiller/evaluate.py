@@ -65,8 +65,16 @@ def parity_plot(student: Sequence[Structure], teacher: Sequence[Structure], path
     n = np.array([t.n_atoms for t in teacher])
     e_t = np.array([t.energy for t in teacher]) / n
     e_s = np.array([s.energy for s in student]) / n
+    # Energies of different compositions differ by hundreds of eV/atom; show each relative to the teacher's
+    # mean for its composition, so the plot shows the spread the student has to reproduce.
+    composition = [tuple(np.unique(t.numbers, return_counts=True)[1]) + tuple(np.unique(t.numbers)) for t in teacher]
+    for key in set(composition):
+        group = np.array([c == key for c in composition])
+        offset = e_t[group].mean()
+        e_t[group] -= offset
+        e_s[group] -= offset
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
-    for ax, x, y, label in ((axes[0], f_t, f_s, "force component (eV/Å)"), (axes[1], e_t, e_s, "energy (eV/atom)")):
+    for ax, x, y, label in ((axes[0], f_t, f_s, "force component (eV/Å)"), (axes[1], e_t, e_s, "energy − composition mean (eV/atom)")):
         ax.scatter(x, y, s=4, alpha=0.5)
         lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)

@@ -13,29 +13,14 @@ from distiller.students.energy import energy_forces_stress
 from distiller.students.schnet import StudentConfig, check
 
 
-def chunks(structures: Sequence[Structure], max_atoms: int) -> list[list[Structure]]:
-    """Consecutive groups of at most `max_atoms` atoms (a larger structure goes alone)."""
-    out, current, count = [], [], 0
-    for s in structures:
-        if current and count + s.n_atoms > max_atoms:
-            out.append(current)
-            current, count = [], 0
-        current.append(s)
-        count += s.n_atoms
-    if current:
-        out.append(current)
-    return out
-
-
 def predict(config: StudentConfig, model, params, structures: Sequence[Structure], max_atoms: int = 4096) -> list[Structure]:
     """The structures labelled by the student. All chunks share one padded shape, so jit compiles once."""
     structures = [s.validated() for s in structures]
     check(config, structures)
-    groups = chunks(structures, max_atoms)
+    groups = batching.group_by_atoms(structures, max_atoms)
     if not groups:
         return []
-    shape = batching.BatchShape(atoms=max(batching.shape_for(g).atoms for g in groups),
-                                graphs=max(len(g) for g in groups) + 1)
+    shape = batching.shape_for_groups(groups)
     compute = jax.jit(lambda p, b: energy_forces_stress(model, p, b))
     out, capacity = [], None
     for group in groups:

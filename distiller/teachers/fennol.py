@@ -496,20 +496,10 @@ class FennolTeacher:
         """
         structures = [s.validated() for s in structures]
         self.check(structures)
-        chunks, current, count = [], [], 0
-        for s in structures:
-            if current and count + s.n_atoms > max_atoms:
-                chunks.append(current)
-                current, count = [], 0
-            current.append(s)
-            count += s.n_atoms
-        if current:
-            chunks.append(current)
+        chunks = batching.group_by_atoms(structures, max_atoms)
         if not chunks:
             return []
-        shape = batching.BatchShape(
-            atoms=max(batching.shape_for(c).atoms for c in chunks), graphs=max(len(c) for c in chunks) + 1
-        )
+        shape = batching.shape_for_groups(chunks)
         out: list[Structure] = []
         neighbour_capacity = capacity = None
         for chunk in chunks:
