@@ -18,24 +18,31 @@ Neighbours. Orb builds k-nearest-neighbour graphs within its cutoff, capped at `
 For the "-20-" models and orb-v2 the cap of 20 *is* the model (it was trained on truncated graphs), so it is
 kept ("truncate"). For the others the cap (120) stands for "every neighbour"; an atom with more neighbours
 within the cutoff than the cap would silently lose the farthest ones, so the cap is raised for that structure
-("grow", the default for them) or the structure is refused with a StructureError ("error").
+("grow", the default for them) or the structure is refused with a StructureError ("error"). Neighbours are
+counted on orb's own graph (`OrbTeacher.graph`).
 
 In-jit use (`orb_callback`) wraps the bridge in `jax.pure_callback`: every call of the jitted function leaves
 the device for the host, rebuilds the structures from the padded Batch, builds orb's graphs, runs one torch
 `predict` and copies the results back. That is a host round trip and a full teacher evaluation per step, on
 top of the student's own work: for Orb (25M parameters) usually far more expensive than the student step
-itself, and no cheaper than offline labelling of the same structures; label offline when the structures are
-known in advance. The results are constants to JAX: no gradient flows into the teacher (its inputs are
-wrapped in stop_gradient).
+itself, and no cheaper than offline labelling of the same structures (on a 2-core CPU it took ~1.1x the time
+of `label` for four aspirins; on a GPU the Batch also crosses device -> host and the labels back); label
+offline when the structures are known in advance. The results are constants to JAX: no gradient flows into
+the teacher (its inputs are wrapped in stop_gradient), and a jitted step waits for the host on every call.
 
 GPU: with torch and JAX on the same GPU, `to_jax` / `from_jax` hand arrays over through DLPack without a host
 copy (`label_arrays` returns JAX arrays made this way); on a CPU they go through numpy.
+
+Precision: "float32-highest" by default (full float32 matmuls). orb's own default, "float32-high", lets GPUs use
+TF32: about twice as fast, but on an H200 it moved random-weight orb-v3 forces by ~1e-3 eV/Å and an 81-atom
+water box's energy by ~0.05 eV against the CPU, noise a student would learn. "float64" for finite differences.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import warnings
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
@@ -45,10 +52,9 @@ import numpy as np
 import torch
 from ase import Atoms
 from ase.data import chemical_symbols
-from ase.neighborlist import neighbor_list
 
 from distiller.batch import Batch
-from distiller.structure import Structure, StructureError, voigt_to_matrix
+from distiller.structure import Structure, StructureError
 from distiller.teachers.base import TeacherOutput
 
 PRECISIONS = {"float32-high": torch.float32, "float32-highest": torch.float32, "float64": torch.float64}
@@ -62,6 +68,8 @@ ORB_ELEMENTS = frozenset(range(1, 118))
 
 
 class TorchState(NamedTuple):
+    """torch's process-wide settings that orb changes, as the (legacy) getters read them."""
+
     default_dtype: torch.dtype
     matmul_tf32: bool
     cudnn_tf32: bool
@@ -69,36 +77,92 @@ class TorchState(NamedTuple):
 
 
 def torch_state() -> TorchState:
+    """Raises RuntimeError where the caller set TF32 through torch's newer `fp32_precision` API (torch >= 2.9
+    then refuses the legacy getters); `torch_settings` handles that case through `fp32_precisions`."""
     return TorchState(torch.get_default_dtype(), torch.backends.cuda.matmul.allow_tf32,
                       torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
 
 
-def _restore(saved: TorchState) -> None:
-    # Only what differs is written back, through the same (legacy) setters orb uses: torch >= 2.9 refuses to
-    # read these flags once the legacy and the new fp32_precision APIs have both been used to write them.
-    if torch.get_default_dtype() != saved.default_dtype:
-        torch.set_default_dtype(saved.default_dtype)
-    if torch.get_float32_matmul_precision() != saved.matmul_precision:
-        torch.set_float32_matmul_precision(saved.matmul_precision)
-    if torch.backends.cuda.matmul.allow_tf32 != saved.matmul_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = saved.matmul_tf32
-    if torch.backends.cudnn.allow_tf32 != saved.cudnn_tf32:
-        torch.backends.cudnn.allow_tf32 = saved.cudnn_tf32
+# torch >= 2.9's fine-grained precision settings, as paths under torch.backends ("" is torch.backends itself).
+_FP32_PRECISION_PATHS = ("", "cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn", "mkldnn", "mkldnn.matmul",
+                         "mkldnn.conv", "mkldnn.rnn")
+
+
+def _backend(path: str):
+    return functools.reduce(getattr, filter(None, path.split(".")), torch.backends)
+
+
+def fp32_precisions() -> dict[str, str]:
+    """The newer API's `fp32_precision` of every backend that has one (empty on older torch)."""
+    out = {}
+    for path in _FP32_PRECISION_PATHS:
+        try:
+            out[path] = _backend(path).fp32_precision
+        except AttributeError:
+            pass
+    return out
+
+
+def _set_legacy(saved: TorchState) -> None:
+    torch.set_default_dtype(saved.default_dtype)
+    torch.set_float32_matmul_precision(saved.matmul_precision)  # also sets the matmul TF32 flag
+    # A redundant write of a TF32 flag is not harmless: it can leave torch's two views "mixed".
+    for backend, value in ((torch.backends.cuda.matmul, saved.matmul_tf32), (torch.backends.cudnn, saved.cudnn_tf32)):
+        try:
+            same = backend.allow_tf32 == value
+        except RuntimeError:
+            same = False
+        if not same:
+            backend.allow_tf32 = value
+
+
+def _set_fp32_precisions(values: dict[str, str]) -> None:
+    for path, value in values.items():
+        if _backend(path).fp32_precision != value:
+            _backend(path).fp32_precision = value
+
+
+def _legacy_state_or_none() -> TorchState | None:
+    try:
+        return torch_state()
+    except RuntimeError:  # the newer API is in use
+        return None
+
+
+def _restore(legacy: TorchState | None, newer: dict[str, str], dtype: torch.dtype) -> None:
+    """Back to the state read on entry. torch >= 2.9 keeps two views of the precision settings: the legacy one
+    (what orb writes and `torch_state` reads) and the newer per-backend one, which holds a little
+    more ("none": not set, vs "ieee"). Writing the newer one makes torch refuse the legacy getters afterwards,
+    so a caller who could read them keeps that: the legacy values are restored first, the newer ones only where
+    that leaves the legacy getters answering as they did on entry."""
+    if torch.get_default_dtype() != dtype:
+        torch.set_default_dtype(dtype)
+    if legacy is not None and _legacy_state_or_none() != legacy:
+        _set_legacy(legacy)
+    if fp32_precisions() != newer:
+        _set_fp32_precisions(newer)
+        if legacy is not None and _legacy_state_or_none() != legacy:
+            _set_legacy(legacy)  # e.g. "none" came back as "ieee": the same precision
 
 
 @contextlib.contextmanager
 def torch_settings(dtype: torch.dtype | None = None, matmul_precision: str | None = None) -> Iterator[None]:
-    """Run with this default dtype and float32 matmul precision; restore the caller's torch state afterwards
-    (also whatever orb changed inside)."""
-    saved = torch_state()
+    """Run with this default dtype and float32 matmul precision ("high" | "highest"); restore the caller's
+    default dtype, TF32 flags and matmul precision afterwards (see `_restore`), also whatever orb changed
+    inside."""
+    dtype_before, legacy, newer = torch.get_default_dtype(), _legacy_state_or_none(), fp32_precisions()
     try:
         if dtype is not None:
             torch.set_default_dtype(dtype)
-        if matmul_precision is not None and matmul_precision != saved.matmul_precision:
-            torch.set_float32_matmul_precision(matmul_precision)
+        if matmul_precision is not None and legacy is not None:
+            if matmul_precision != legacy.matmul_precision:
+                torch.set_float32_matmul_precision(matmul_precision)
+        elif matmul_precision is not None:  # stay on the caller's (newer) API
+            value = "ieee" if matmul_precision == "highest" else "tf32"
+            _set_fp32_precisions({"cuda.matmul": value, "mkldnn.matmul": value})
         yield
     finally:
-        _restore(saved)
+        _restore(legacy, newer, dtype_before)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,7 +210,7 @@ class OrbSpec:
     name: str
     random: bool
     seed: int = 0
-    precision: str = "float32-high"  # orb's own default for its pretrained models
+    precision: str = "float32-highest"  # not orb's "float32-high": TF32 noise does not belong in labels
     neighbours: str | None = None  # None: the model's own policy (module docstring)
 
 
@@ -199,14 +263,14 @@ def parse_spec(spec: str) -> OrbSpec:
         raise bad(f"unknown {'architecture' if random else 'model'} {name!r}")
     if "seed" in options and not random:
         raise bad("seed applies to random/ architectures only")
-    if "seed" in options and not options["seed"].lstrip("-").isdigit():
-        raise bad(f"seed must be an integer, got {options['seed']!r}")
-    if options.get("precision", "float32-high") not in PRECISIONS:
+    if "seed" in options and not options["seed"].isdigit():
+        raise bad(f"seed must be a non-negative integer, got {options['seed']!r}")
+    if options.get("precision", OrbSpec.precision) not in PRECISIONS:
         raise bad(f"unknown precision {options['precision']!r}")
     if options.get("neighbours", "grow") not in NEIGHBOUR_POLICIES:
         raise bad(f"unknown neighbour policy {options['neighbours']!r}")
     return OrbSpec(name=name, random=random, seed=int(options.get("seed", 0)),
-                   precision=options.get("precision", "float32-high"), neighbours=options.get("neighbours"))
+                   precision=options.get("precision", OrbSpec.precision), neighbours=options.get("neighbours"))
 
 
 def _default_policy(name: str) -> str:
@@ -336,23 +400,6 @@ class OrbTeacher:
         self.check(named)
         return named
 
-    def neighbour_cap(self, structure: Structure) -> int:
-        """orb's max_num_neighbors for this structure under the teacher's neighbour policy."""
-        if self.neighbours == "truncate":
-            return self.max_neighbours
-        i = neighbor_list("i", self._atoms(structure), self.cutoff)
-        counts = np.bincount(i, minlength=structure.n_atoms)
-        most = int(counts.max(initial=0))
-        if most <= self.max_neighbours:
-            return self.max_neighbours
-        if self.neighbours == "error":
-            atom = int(np.argmax(counts))
-            raise StructureError(
-                f"structure '{structure.name}': atom {atom} has {most} neighbours within {self.cutoff} Å, more than "
-                f"teacher {self.spec}'s cap of {self.max_neighbours} (orb's max_num_neighbors), so orb would drop "
-                f"the farthest; use the neighbours=grow policy to raise the cap")
-        return most
-
     # ---- orb's graphs ---------------------------------------------------------------------------
 
     def _atoms(self, s: Structure) -> Atoms:
@@ -363,19 +410,46 @@ class OrbTeacher:
             atoms.info.update(charge=float(s.info["charge"]), spin=float(s.info["spin"]))
         return atoms
 
-    def graphs(self, structures: Sequence[Structure]):
-        """orb's batched AtomGraphs of (already checked) structures, on the teacher's device."""
+    def _orb_graph(self, s: Structure, cap: int):
         from orb_models.forcefield.atomic_system import ase_atoms_to_atom_graphs
+
+        # Built on the host (orb's scipy kd-tree path) and batched there, as orb's own data pipeline does.
+        with torch_settings(self.dtype):
+            return ase_atoms_to_atom_graphs(self._atoms(s), self.model.system_config, max_num_neighbors=cap,
+                                            device=torch.device("cpu"), output_dtype=self.dtype,
+                                            graph_construction_dtype=self.dtype)
+
+    def graph(self, s: Structure):
+        """orb's AtomGraphs of one (checked) structure under the teacher's neighbour policy.
+
+        Neighbours are counted with orb's own graph: built with a cap one above the model's, an atom that
+        reaches it has more neighbours within the cutoff than the model's cap; the cap then doubles until no
+        atom reaches it, so the graph holds every neighbour. Below the cap the graph is exactly orb's.
+        """
+        cap = self.max_neighbours
+        if self.neighbours == "truncate":
+            return self._orb_graph(s, cap)
+        probe = cap + 1
+        while True:
+            graph = self._orb_graph(s, probe)
+            counts = torch.bincount(graph.senders, minlength=s.n_atoms)  # orb's senders are the centres
+            most = int(counts.max()) if counts.numel() else 0
+            if most < probe:
+                break
+            probe *= 2
+        if most > cap and self.neighbours == "error":
+            atom = int(torch.argmax(counts))
+            raise StructureError(
+                f"structure '{s.name}': atom {atom} has {most} neighbours within {self.cutoff} Å, more than "
+                f"teacher {self.spec}'s cap of {cap} (orb's max_num_neighbors), so orb would drop the farthest; "
+                f"use the neighbours=grow policy to raise the cap")
+        return graph._replace(max_num_neighbors=torch.tensor([max(cap, most)]))
+
+    def graphs(self, structures: Sequence[Structure]):
+        """orb's batched AtomGraphs of (checked) structures, on the teacher's device."""
         from orb_models.forcefield.base import batch_graphs
 
-        # Built on the host (orb's scipy kd-tree path), batched, then moved: orb batches on the host too.
-        graphs = [
-            ase_atoms_to_atom_graphs(self._atoms(s), self.model.system_config, max_num_neighbors=self.neighbour_cap(s),
-                                     device=torch.device("cpu"), output_dtype=self.dtype,
-                                     graph_construction_dtype=self.dtype)
-            for s in structures
-        ]
-        return batch_graphs(graphs).to(self.device)
+        return batch_graphs([self.graph(s) for s in structures]).to(self.device)
 
     def _keys(self) -> tuple[str, str, str | None]:
         if self.conservative:
@@ -426,16 +500,15 @@ class OrbTeacher:
     def label(self, structures: Sequence[Structure], batch_size: int = 32, max_atoms: int = 4096) -> list[Structure]:
         """The structures with energy (eV), forces (eV/Å) and, for periodic ones, stress (eV/Å³, (3, 3))."""
         prepared = self._prepared(structures)
-        out: list[Structure] = []
-        for chunk, energy, forces, stress in self._predict(prepared, batch_size, max_atoms):
-            energy, stress = energy.to("cpu", torch.float64).numpy(), stress.to("cpu", torch.float64).numpy()
-            forces = np.split(forces.to("cpu", torch.float64).numpy(), np.cumsum([s.n_atoms for s in chunk])[:-1])
-            for g, s in enumerate(chunk):
-                periodic = s.periodic and self.has_stress
-                out.append(structures[len(out)].replace(energy=float(energy[g]), forces=forces[g],
-                                                        stress=stress[g] if periodic else None))
-        assert len(out) == len(structures), (len(out), len(structures))
-        return out
+        energies, forces, stresses = [], [], []
+        for chunk, energy, force, stress in self._predict(prepared, batch_size, max_atoms):
+            energies.extend(energy.to("cpu", torch.float64).numpy())
+            stresses.extend(stress.to("cpu", torch.float64).numpy())
+            forces.extend(np.split(force.to("cpu", torch.float64).numpy(), np.cumsum([s.n_atoms for s in chunk])[:-1]))
+        assert len(energies) == len(forces) == len(structures), (len(energies), len(structures))
+        # The caller's structures (names included) with labels; no stress where the model or the cell has none.
+        return [s.replace(energy=float(e), forces=f, stress=sigma if (s.periodic and self.has_stress) else None)
+                for s, e, f, sigma in zip(structures, energies, forces, stresses)]
 
     def label_arrays(self, structures: Sequence[Structure], batch_size: int = 32,
                      max_atoms: int = 4096) -> dict[str, jax.Array]:

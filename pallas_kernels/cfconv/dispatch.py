@@ -6,9 +6,17 @@ import jax
 
 from pallas_kernels.cfconv.reference import cfconv_reference
 
+
+def _pallas(features, lengths, senders, receivers, edge_mask, filter_params, *, cutoff):
+    # Imported on first use: Pallas' Triton pieces stay out of plain CPU imports.
+    from pallas_kernels.cfconv.pallas import cfconv_pallas
+
+    return cfconv_pallas(features, lengths, senders, receivers, edge_mask, filter_params, cutoff=cutoff)
+
+
 # name -> implementation with exactly cfconv_reference's signature. A kernel that imports GPU-only
 # modules should register a small wrapper that imports them on first call, so CPU imports keep working.
-KERNELS = {"xla": cfconv_reference}
+KERNELS = {"xla": cfconv_reference, "pallas": _pallas}
 
 
 def check_kernel(name: str) -> str:

@@ -1,0 +1,201 @@
+"""The fused Pallas cfconv against the plain-JAX reference, on the CPU through Pallas' interpreter.
+
+Same kernels as on the GPU (only the launch differs), tiny sizes and tiny blocks so that an atom has many
+more edges than a block and the loops, masks and padding paths all run.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from distiller.batch import make_batch
+from distiller.structure import read_structures
+from distiller.students import StudentConfig, build_model, energy_forces, init_student
+from pallas_kernels.cfconv import KERNELS, cfconv, cfconv_reference, rbf_centers
+from pallas_kernels.cfconv.edge_op import KernelConfig
+from pallas_kernels.cfconv.graph import edge_graph
+from pallas_kernels.cfconv.pallas import PallasConfig, cfconv_pallas
+
+CUTOFF = 3.0
+TINY = KernelConfig(block_edges=4, block_atoms=4)  # flat layout: one loop over a program's 4 atoms' edges
+CONFIG = PallasConfig(forward=TINY, first=TINY, second=TINY, interpret=True)
+TINY_ATOM = KernelConfig(block_edges=4, block_atoms=3, layout="atom")  # the per-atom loop
+CONFIG_ATOM = PallasConfig(forward=TINY_ATOM, first=TINY_ATOM, second=TINY_ATOM, interpret=True)
+
+
+def random_problem(seed, n_atoms=9, n_edges=48, features=12, n_rbf=6, dtype=jnp.float32):
+    """A padded, unsorted edge list: one crowded atom, atoms with no edges, padding edges anywhere.
+
+    Features (12) and Gaussians (6) are not powers of two, so the kernel's zero padding is exercised too.
+    """
+    rng = np.random.default_rng(seed)
+    receivers = rng.integers(0, n_atoms - 3, n_edges)  # the last 3 atoms receive nothing...
+    receivers[: 3 * n_edges // 5] = 1  # ... and atom 1 receives far more edges than a block holds
+    senders = rng.integers(0, n_atoms - 1, n_edges)  # ... and the last atom sends nothing either
+    edge_mask = rng.random(n_edges) < 0.8
+    # Padding edges: some in the neighbour list's convention (last atom), some anywhere.
+    receivers[~edge_mask & (rng.random(n_edges) < 0.5)] = n_atoms - 1
+    perm = rng.permutation(n_edges)  # unsorted
+    lengths = rng.uniform(0.3, CUTOFF * 1.15, n_edges)  # some beyond the cutoff: exactly zero weight
+    lengths[~edge_mask] = 0.0
+    params = {"centers": rbf_centers(CUTOFF, n_rbf).astype(dtype),
+              "w1": rng.normal(size=(n_rbf, features)) / np.sqrt(n_rbf),
+              "b1": rng.normal(size=features) * 0.3,
+              "w2": rng.normal(size=(features, features)) / np.sqrt(features),
+              "b2": rng.normal(size=features) * 0.3}
+    params = {k: jnp.asarray(v, dtype) for k, v in params.items()}
+    return dict(features=jnp.asarray(rng.normal(size=(n_atoms, features)), dtype),
+                lengths=jnp.asarray(lengths[perm], dtype), senders=jnp.asarray(senders[perm], jnp.int32),
+                receivers=jnp.asarray(receivers[perm], jnp.int32), edge_mask=jnp.asarray(edge_mask[perm]),
+                params=params)
+
+
+def call(fn, p, features=None, lengths=None, params=None, **kwargs):
+    return fn(p["features"] if features is None else features, p["lengths"] if lengths is None else lengths,
+              p["senders"], p["receivers"], p["edge_mask"], p["params"] if params is None else params,
+              cutoff=CUTOFF, **kwargs)
+
+
+def pallas(*args, config=CONFIG, **kwargs):
+    return cfconv_pallas(*args, config=config, **kwargs)
+
+
+def assert_close(actual, desired, rtol=2e-5):
+    actual, desired = jax.tree.leaves(actual), jax.tree.leaves(desired)
+    assert len(actual) == len(desired)
+    for a, d in zip(actual, desired):
+        a, d = np.asarray(a, np.float64), np.asarray(d, np.float64)
+        assert a.shape == d.shape and np.all(np.isfinite(a))
+        scale = max(np.abs(d).max(), 1e-30)
+        np.testing.assert_allclose(a, d, rtol=0, atol=rtol * scale)
+
+
+def test_edge_graph_groups_unsorted_edges():
+    p = random_problem(0)
+    n_atoms = p["features"].shape[0]
+    graph = edge_graph(p["senders"], p["receivers"], p["edge_mask"], n_atoms)
+    mask = np.asarray(p["edge_mask"])
+    for order, centres, far in ((graph.by_receiver, p["receivers"], p["senders"]),
+                                (graph.by_sender, p["senders"], p["receivers"])):
+        centres, far, perm = np.asarray(centres), np.asarray(far), np.asarray(order.perm)
+        offsets = np.asarray(order.offsets)
+        assert sorted(perm.tolist()) == list(range(mask.size))
+        np.testing.assert_array_equal(offsets, np.concatenate([[0], np.cumsum(np.bincount(centres[mask],
+                                                                                         minlength=n_atoms))]))
+        for i in range(n_atoms):  # atom i owns exactly its real edges, in their original (stable) order
+            run = perm[offsets[i]:offsets[i + 1]]
+            np.testing.assert_array_equal(run, np.flatnonzero(mask & (centres == i)))
+            np.testing.assert_array_equal(np.asarray(order.other)[offsets[i]:offsets[i + 1]], far[run])
+        assert not mask[perm[offsets[-1]:]].any()  # padding edges after every atom's run
+
+
+@pytest.mark.parametrize("config", [CONFIG, CONFIG_ATOM], ids=["flat", "atom"])
+def test_forward_matches_reference(config):
+    for seed in range(3):
+        p = random_problem(seed)
+        out = call(pallas, p, config=config)
+        assert_close(out, call(cfconv_reference, p))
+        assert np.all(np.asarray(out)[-3:] == 0)  # atoms with no edges
+    # A graph computed once and passed in gives the same numbers.
+    graph = edge_graph(p["senders"], p["receivers"], p["edge_mask"], p["features"].shape[0])
+    np.testing.assert_array_equal(call(pallas, p, graph=graph, config=config), out)
+
+
+def test_dispatcher_runs_the_kernel():
+    p = random_problem(3)
+    assert "pallas" in KERNELS
+    assert_close(call(cfconv, p, kernel="pallas"), call(cfconv_reference, p))
+
+
+def first_order(fn, p):
+    """Gradients of a nonlinear scalar of the output with respect to features, lengths and all parameters."""
+    def scalar(features, lengths, params):
+        out = call(fn, p, features, lengths, params)
+        return jnp.sum(out * jnp.sin(out))
+
+    return jax.jit(jax.grad(scalar, argnums=(0, 1, 2)))(p["features"], p["lengths"], p["params"])
+
+
+def force_loss(fn, p, features, lengths, params):
+    """What training on forces differentiates: a loss of the first derivatives (edge lengths, features)."""
+    def energy(features, lengths):
+        out = call(fn, p, features, lengths, params)
+        return jnp.sum(jnp.tanh(out))
+
+    d_features, d_lengths = jax.grad(energy, argnums=(0, 1))(features, lengths)
+    return jnp.sum(d_lengths**2) + jnp.sum(jnp.cos(d_features))
+
+
+def test_first_and_second_order_match_reference():
+    p = random_problem(4)
+    assert_close(first_order(pallas, p), first_order(cfconv_reference, p))
+    assert_close(first_order(functools.partial(pallas, config=CONFIG_ATOM), p), first_order(cfconv_reference, p))
+    # Second order: gradient of the force-like loss w.r.t. parameters, features and lengths.
+    second = [jax.jit(jax.grad(lambda *a: force_loss(fn, p, *a), argnums=(0, 1, 2)))(
+        p["features"], p["lengths"], p["params"]) for fn in (pallas, cfconv_reference)]
+    assert_close(second[0], second[1], rtol=5e-5)
+    # Padding edges get exactly zero gradient.
+    d_lengths = np.asarray(second[0][1])
+    assert np.all(d_lengths[~np.asarray(p["edge_mask"])] == 0)
+
+
+def test_check_grads_to_second_order():
+    # float64 so finite differences are sharp. The Gaussians' centers are held fixed: their spacing sets
+    # the width under stop_gradient (in the reference too), so finite differences would see a different
+    # function than the derivative describes.
+    with jax.enable_x64(True):
+        p = random_problem(5, n_atoms=5, n_edges=14, features=4, n_rbf=3, dtype=jnp.float64)
+        centers = p["params"].pop("centers")
+
+        @jax.jit  # compiled once: check_grads evaluates it and its derivatives many times
+        def f(features, lengths, params):
+            return call(pallas, p, features, lengths, dict(params, centers=centers))
+
+        check_grads(f, (p["features"], p["lengths"], p["params"]), order=2, modes=("rev",))
+
+
+def test_bad_inputs_raise():
+    p = random_problem(6)
+    with pytest.raises(ValueError, match="precision"):
+        PallasConfig(precision="tf32")
+    with pytest.raises(ValueError, match="power of two"):
+        KernelConfig(block_edges=24)
+    with pytest.raises(ValueError, match="block_edges >= 16"):
+        PallasConfig(forward=TINY, interpret=False).launch()
+    graph = edge_graph(p["senders"], p["receivers"], p["edge_mask"], 4)
+    with pytest.raises(ValueError, match="graph is for 4 atoms"):
+        call(pallas, p, graph=graph)
+
+
+@pytest.fixture(scope="module")
+def aspirin(structures_dir):
+    return read_structures(str(structures_dir / "aspirin.extxyz"))
+
+
+def test_student_with_pallas_kernel_matches_xla(aspirin):
+    """Energies, forces and training gradients (forces inside the loss: second order) agree."""
+    results = {}
+    for kernel in ("xla", "pallas"):
+        config = StudentConfig(features=16, n_rbf=8, layers=2, cutoff=4.0, kernel=kernel)
+        batch, _ = make_batch(aspirin, config.cutoff)
+        model = build_model(config)
+        params = init_student(config, jax.random.key(0), batch)
+
+        def loss(params):
+            energy, forces = energy_forces(model, params, batch)
+            return jnp.sum((energy + 3.0) ** 2) + jnp.sum((forces - 0.1) ** 2)
+
+        energy, forces = jax.jit(lambda params: energy_forces(model, params, batch))(params)
+        results[kernel] = (energy, forces, jax.jit(jax.grad(loss))(params))
+    xla, pal = results["xla"], results["pallas"]
+    assert_close(pal[0], xla[0], rtol=1e-6)
+    assert_close(pal[1], xla[1], rtol=1e-5)
+    assert np.abs(np.asarray(xla[1])).max() > 1e-3  # forces are not trivially zero
+    for a, b in zip(jax.tree.leaves(pal[2]), jax.tree.leaves(xla[2])):
+        assert_close(a, b, rtol=2e-5)
