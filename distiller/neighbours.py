@@ -124,23 +124,32 @@ def neighbour_list(positions, cell, pbc, graph_index, atom_mask, *, n_graphs: in
     target_key = jnp.where(target_ok, target_key, capacity.bins)
     candidates = table.at[target_key].get(mode="fill", fill_value=n_atoms)  # (A, O, P)
 
+    # Distances from wrapped positions: one lattice vector per (atom, offset), not per candidate.
     j = candidates
     j_safe = jnp.minimum(j, n_atoms - 1)
-    shift = (lattice[:, :, None, :] + bins.wrap[:, None, None, :] - bins.wrap[j_safe]).astype(positions.dtype)
-    vec = positions[j_safe] - positions[:, None, None, :] + jnp.einsum("aopk,akl->aopl", shift, cell[g])
-    d2 = jnp.sum(vec**2, axis=-1)
-    i = jnp.broadcast_to(jnp.arange(n_atoms)[:, None, None], j.shape)
-    self_pair = (j == i) & jnp.all(shift == 0, axis=-1)
+    cell_g = cell[g]
+    wrapped = positions - jnp.einsum("ak,akl->al", bins.wrap, cell_g)
+    image = wrapped[:, None, :] - jnp.einsum("aok,akl->aol", lattice.astype(positions.dtype), cell_g)  # (A, O, 3)
+    d2 = jnp.sum((wrapped[j_safe] - image[:, :, None, :]) ** 2, axis=-1)
+    i = jnp.arange(n_atoms)[:, None, None]
+    self_pair = (j == i) & jnp.all(lattice == 0, axis=-1)[:, :, None]
     is_edge = (j < n_atoms) & (d2 < cutoff**2) & ~self_pair
 
     flat = is_edge.reshape(-1)
     n_edges = jnp.sum(flat)
     (index,) = jnp.nonzero(flat, size=capacity.edges, fill_value=flat.shape[0])
     edge_mask = index < flat.shape[0]
+    index = jnp.where(edge_mask, index, 0)
+    per_atom = candidates.shape[1] * candidates.shape[2]
+    receivers = index // per_atom
+    offset = (index // candidates.shape[2]) % candidates.shape[1]
+    senders = j.reshape(-1)[index]
+    # Shift of the sender's image in the caller's (unwrapped) coordinates.
+    shift = lattice[receivers, offset] + bins.wrap[receivers] - bins.wrap[jnp.minimum(senders, n_atoms - 1)]
     pad_atom = n_atoms - 1
-    receivers = jnp.where(edge_mask, i.reshape(-1).at[index].get(mode="fill", fill_value=0), pad_atom)
-    senders = jnp.where(edge_mask, j.reshape(-1).at[index].get(mode="fill", fill_value=0), pad_atom)
-    shifts = jnp.where(edge_mask[:, None], shift.reshape(-1, 3).at[index].get(mode="fill", fill_value=0), 0.0)
+    receivers = jnp.where(edge_mask, receivers, pad_atom)
+    senders = jnp.where(edge_mask, senders, pad_atom)
+    shifts = jnp.where(edge_mask[:, None], shift, 0.0).astype(positions.dtype)
 
     needed = jnp.stack([n_edges, bins.total, max_in_bin, jnp.max(bins.reach)]).astype(jnp.int32)
     limits = jnp.asarray([capacity.edges, capacity.bins, capacity.bin_size, capacity.reach], jnp.int32)
