@@ -262,7 +262,7 @@ def sweep(problem, base: PallasConfig, report, deadline, seed=0):
     rows = []
     best = base
     for depth in (0, 1, 2):
-        results = []
+        results, first = [], None
         for cand in SWEEP[depth]:
             if time.time() > deadline:
                 break
@@ -274,7 +274,7 @@ def sweep(problem, base: PallasConfig, report, deadline, seed=0):
             if t is not None:
                 # Every configuration must compute the same function: compare with the first one's output.
                 out = fn(*args)
-                first = out if not results else first
+                first = out if first is None else first
                 diff = rel_err(out, first)
                 results.append((t[0], cand))
                 rows.append({"depth": depth, "config": cand, "precision": best.precision, "median_s": t[0],

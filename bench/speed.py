@@ -16,20 +16,14 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from distiller.speed import compare_speed, table  # noqa: E402
+from distiller.speed import add_student_arguments, compare_speed, student_from_arguments, table  # noqa: E402
 from distiller.structure import read_structures  # noqa: E402
-from distiller.students import StudentConfig  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="fennol-pmc:ani1x/0")
-    parser.add_argument("--run", help="trained run directory (default: a fresh quickstart-sized student)")
-    parser.add_argument("--features", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=3)
-    parser.add_argument("--cutoff", type=float, default=5.0)
-    parser.add_argument("--n-rbf", type=int, default=24)
-    parser.add_argument("--kernel", default="xla")
+    add_student_arguments(parser)
     parser.add_argument("--systems", nargs="+", default=["aspirin", "aspirin*32", "watersmall", "waterbox"])
     parser.add_argument("--structures-dir", default=os.path.join(os.environ.get("DISTILLER_SHARED", "../shared"), "structures"))
     parser.add_argument("--repeats", type=int, default=30)
@@ -41,8 +35,7 @@ def main() -> None:
         base, _, copies = name.partition("*")
         structures = read_structures(os.path.join(args.structures_dir, f"{base}.extxyz"))
         systems[name] = structures * int(copies or 1)
-    student = args.run or StudentConfig(cutoff=args.cutoff, features=args.features, layers=args.layers, n_rbf=args.n_rbf,
-                                        elements=(1, 6, 7, 8), kernel=args.kernel)
+    student = student_from_arguments(args)
     report = compare_speed(args.teacher, student, systems, repeats=args.repeats)
     print(table(report))
     if args.out:

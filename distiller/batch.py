@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distiller import neighbours as nl
+from distiller.precision import HIGHEST
 from distiller.structure import Structure
 
 
@@ -52,7 +53,7 @@ class Batch(NamedTuple):
         """Edge vectors x[j] - x[i] + shift @ cell, differentiable in positions and cell."""
         positions = self.positions if positions is None else positions
         cell = self.cell if cell is None else cell
-        offset = jnp.einsum("ek,ekl->el", self.shifts, cell[self.graph_index[self.receivers]])
+        offset = jnp.einsum("ek,ekl->el", self.shifts, cell[self.graph_index[self.receivers]], precision=HIGHEST)
         return positions[self.senders] - positions[self.receivers] + offset
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
-import json
 import os
 from typing import Any, Sequence
 
+from distiller.files import write_json_atomic
 from distiller.students import StudentConfig
 
 
@@ -41,10 +41,23 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+    """Offline training: how the grain loader reads the dataset (see distiller.data.loader)."""
+
+    threads: int = 4  # grain threads reading and padding batches ahead of the step
+    prefetch: int = 16  # batches read ahead
+    max_atoms: int = 0  # if > 0, fewer than batch_size structures per batch for large structures
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
     name: str
     teacher: str = "fennol-pmc:ani1x"
-    structures: tuple[str, ...] = ()  # seed structure files (any ASE-readable format)
+    structures: tuple[str, ...] = ()  # online training: seed structure files (any ASE-readable format)
+    # Offline training: a dataset directory written by `distiller label` (labels from any teacher; `teacher`
+    # must name the dataset's). None: online training, labels from the FeNNol teacher inside the step.
+    dataset: str | None = None
+    loader: LoaderConfig = LoaderConfig()
     sampling: SamplingConfig = SamplingConfig()
     student: StudentConfig = StudentConfig()
     loss: LossConfig = LossConfig()
@@ -69,11 +82,13 @@ def load_experiment(path: str | os.PathLike, overrides: Sequence[str] = ()) -> E
     config = getattr(module, "config", None)
     if not isinstance(config, Experiment):
         raise TypeError(f"{path} must define `config = Experiment(...)`")
-    # Relative structure paths are relative to the experiment file, so a run works from any directory.
+    # Relative structure and dataset paths are relative to the experiment file, so a run works from any directory.
     here = os.path.dirname(os.path.abspath(path))
     config = dataclasses.replace(
         config, structures=tuple(s if os.path.isabs(s) else os.path.normpath(os.path.join(here, s)) for s in config.structures)
     )
+    if config.dataset and not os.path.isabs(config.dataset):
+        config = dataclasses.replace(config, dataset=os.path.normpath(os.path.join(here, config.dataset)))
     for item in overrides:
         config = apply_override(config, item)
     return config
@@ -128,7 +143,4 @@ def from_dict(data: dict) -> Experiment:
 
 
 def save_config(config: Experiment, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(to_dict(config), f, indent=2)
-    os.replace(tmp, path)
+    write_json_atomic(path, to_dict(config))

@@ -2,6 +2,7 @@
 
 Accuracy retained = 1 − ‖F_student − F_teacher‖ / ‖F_teacher‖, the norms taken as root-mean-square
 over all atoms and components of the set (so one number for the set, not an average of ratios).
+Where the teacher gave stress (periodic cells), the summary also compares it, likewise over all components.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import os
 from typing import Sequence
 
 import numpy as np
+from ase import units
 
+from distiller.files import write_json_atomic
 from distiller.structure import Structure, read_structures
 
 
@@ -27,6 +30,18 @@ def force_metrics(student_forces: np.ndarray, teacher_forces: np.ndarray) -> dic
         "forces_cosine": float(np.mean(cosine)),
         "accuracy_retained": float(1.0 - np.sqrt(np.sum(diff**2) / max(np.sum(teacher_forces**2), 1e-300))),
         "teacher_forces_rms": float(np.sqrt(np.mean(teacher_forces**2))),
+    }
+
+
+def stress_metrics(student_stress: np.ndarray, teacher_stress: np.ndarray) -> dict:
+    """Metrics over stacked (G, 3, 3) stress arrays in eV/Å³ (RMSE also in GPa)."""
+    diff = student_stress - teacher_stress
+    rmse = float(np.sqrt(np.mean(diff**2)))
+    return {
+        "stress_rmse": rmse,
+        "stress_rmse_gpa": rmse / units.GPa,
+        "stress_accuracy_retained": float(1.0 - np.sqrt(np.sum(diff**2) / max(np.sum(teacher_stress**2), 1e-300))),
+        "teacher_stress_rms": float(np.sqrt(np.mean(teacher_stress**2))),
     }
 
 
@@ -47,6 +62,10 @@ def compare(student: Sequence[Structure], teacher: Sequence[Structure]) -> dict:
         "energy_rmse_per_atom": float(np.sqrt(np.mean(per_atom**2))),
         **force_metrics(f_s, f_t),
     }
+    stressed = [(s.stress, t.stress) for s, t in zip(student, teacher) if s.stress is not None and t.stress is not None]
+    if stressed:
+        summary["stressed_structures"] = len(stressed)
+        summary.update(stress_metrics(*(np.stack(x) for x in zip(*stressed))))
     rows = []
     for s, t in zip(student, teacher):
         rows.append({"name": t.name, "n_atoms": t.n_atoms, "energy_teacher": t.energy, "energy_student": s.energy,
@@ -91,17 +110,21 @@ def parity_plot(student: Sequence[Structure], teacher: Sequence[Structure], path
     plt.close(fig)
 
 
-def evaluate_run(run_dir: str, structures_path: str, teacher_spec: str | None = None, out: str | None = None) -> dict:
-    """Label `structures_path` with the teacher, predict with the run's student, write report.json and parity.png."""
+def evaluate_run(run_dir: str, structures_path: str, teacher_spec: str | None = None, out: str | None = None,
+                 teacher=None) -> dict:
+    """Label `structures_path` with the teacher, predict with the run's student, write report.json and parity.png.
+
+    `teacher`: a loaded teacher to use instead of loading `teacher_spec` (e.g. Orb from a local checkpoint)."""
     from distiller.students.predict import predict
     from distiller.teachers.registry import load_teacher
     from distiller.train.trainer import load_student
 
     with open(os.path.join(run_dir, "config.json")) as f:
         run_config = json.load(f)
-    teacher_spec = teacher_spec or run_config["teacher"]
     structures = read_structures(structures_path)
-    teacher, _ = load_teacher(teacher_spec)
+    if teacher is None:
+        teacher, _ = load_teacher(teacher_spec or run_config["teacher"])
+    teacher_spec = teacher.spec
     teacher.check(structures)
     reference = teacher.label(structures)
     config, model, params = load_student(run_dir)
@@ -112,8 +135,5 @@ def evaluate_run(run_dir: str, structures_path: str, teacher_spec: str | None = 
     out = out or os.path.join(run_dir, "evaluation")
     os.makedirs(out, exist_ok=True)
     parity_plot(predicted, reference, os.path.join(out, "parity.png"), title=f"{run_config['name']} vs {teacher_spec}")
-    tmp = os.path.join(out, "report.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, os.path.join(out, "report.json"))
+    write_json_atomic(os.path.join(out, "report.json"), report)
     return report

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distiller.precision import HIGHEST
+
 
 class NeighbourCapacity(NamedTuple):
     """Static sizes of a neighbour list (hashable: a jit static argument)."""
@@ -56,7 +58,7 @@ class _Bins(NamedTuple):
 
 def _binning(positions, cell, pbc, graph_index, atom_mask, n_graphs: int, cutoff: float) -> _Bins:
     inv_cell = jnp.linalg.inv(cell)  # columns are reciprocal vectors b_k (a_i . b_k = delta_ik)
-    frac = jnp.einsum("ai,aij->aj", positions, inv_cell[graph_index])
+    frac = jnp.einsum("ai,aij->aj", positions, inv_cell[graph_index], precision=HIGHEST)
     periodic = pbc[graph_index]
     wrap = jnp.where(periodic, jnp.floor(frac), 0.0)
     frac = frac - wrap
@@ -128,8 +130,8 @@ def neighbour_list(positions, cell, pbc, graph_index, atom_mask, *, n_graphs: in
     j = candidates
     j_safe = jnp.minimum(j, n_atoms - 1)
     cell_g = cell[g]
-    wrapped = positions - jnp.einsum("ak,akl->al", bins.wrap, cell_g)
-    image = wrapped[:, None, :] - jnp.einsum("aok,akl->aol", lattice.astype(positions.dtype), cell_g)  # (A, O, 3)
+    wrapped = positions - jnp.einsum("ak,akl->al", bins.wrap, cell_g, precision=HIGHEST)
+    image = wrapped[:, None, :] - jnp.einsum("aok,akl->aol", lattice.astype(positions.dtype), cell_g, precision=HIGHEST)  # (A, O, 3)
     d2 = jnp.sum((wrapped[j_safe] - image[:, :, None, :]) ** 2, axis=-1)
     i = jnp.arange(n_atoms)[:, None, None]
     self_pair = (j == i) & jnp.all(lattice == 0, axis=-1)[:, :, None]

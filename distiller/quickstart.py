@@ -16,11 +16,12 @@ def main(config: Experiment) -> dict:
     from distiller.train.trainer import Distillation, run, write_held_out
 
     t0 = time.perf_counter()
-    run(config)
+    job = Distillation.create(config)
+    run(config, job=job)
     train_seconds = time.perf_counter() - t0
 
     held_out_path = os.path.join(config.run_dir, "held_out.extxyz")
-    write_held_out(Distillation.create(config), held_out_path)
+    write_held_out(job, held_out_path)
     report = evaluate_run(config.run_dir, held_out_path)
 
     seeds = [s for path in config.structures for s in read_structures(path)]

@@ -34,7 +34,7 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> f
 
 def versions() -> dict:
     out = {"python": platform.python_version()}
-    for name in ("jax", "jaxlib", "flax", "fennol", "torch", "orb-models", "triton"):
+    for name in ("jax", "jaxlib", "flax", "fennol", "torch", "orb-models", "jax-md", "triton"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -47,16 +47,37 @@ def device_name() -> str:
     return f"{d.platform}:{getattr(d, 'device_kind', d.platform)}"
 
 
-def student_timer(config, model, params, structures: Sequence[Structure]):
-    """A no-argument function computing the student's energies and forces, neighbour list included."""
-    from distiller.students.energy import energy_forces
+def add_student_arguments(parser) -> None:
+    """The student options every bench script takes: a trained run, or a fresh student of a given size
+    (the quickstart's by default)."""
+    parser.add_argument("--run", help="trained student run directory (default: a fresh student of the size below)")
+    parser.add_argument("--cutoff", type=float, default=5.0)
+    parser.add_argument("--features", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--n-rbf", type=int, default=24)
+    parser.add_argument("--kernel", default="xla", choices=["xla", "pallas"])
+
+
+def student_from_arguments(args, elements: Sequence[int] = (1, 6, 7, 8)):
+    """The run directory of --run, else the StudentConfig the size options describe."""
+    from distiller.students import StudentConfig
+
+    return args.run or StudentConfig(cutoff=args.cutoff, features=args.features, layers=args.layers,
+                                     n_rbf=args.n_rbf, elements=tuple(elements), kernel=args.kernel)
+
+
+def student_timer(config, model, params, structures: Sequence[Structure], with_stress: bool = False):
+    """A no-argument function computing the student's energies and forces (and stress), neighbour list
+    included."""
+    from distiller.students.energy import energy_forces, energy_forces_stress
 
     batch, capacity = batching.make_batch(structures, config.cutoff)
+    compute = energy_forces_stress if with_stress else energy_forces
 
     @jax.jit
     def step(params, batch):
         batch, _ = batching.with_neighbours(batch, config.cutoff, capacity)
-        return energy_forces(model, params, batch)
+        return compute(model, params, batch)
 
     return lambda: step(params, batch)
 

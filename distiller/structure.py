@@ -14,6 +14,7 @@ import ase
 import ase.io
 import numpy as np
 
+from distiller.files import replaced
 MIN_DISTANCE = 0.1  # Å; closer atoms are a broken structure, not chemistry.
 
 
@@ -152,9 +153,8 @@ def read_structures(path: str | os.PathLike, index: str | int = ":") -> list[Str
 def write_structures(path: str | os.PathLike, structures: Iterable[Structure]) -> None:
     """Write structures (with their labels) to an extxyz file, atomically."""
     path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    ase.io.write(tmp, [s.to_ase() for s in structures], format="extxyz")
-    os.replace(tmp, path)
+    with replaced(path) as tmp:
+        ase.io.write(tmp, [s.to_ase() for s in structures], format="extxyz")
 
 
 def as_structures(items: Sequence[Structure | ase.Atoms]) -> list[Structure]:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distiller.batch import Batch
+from distiller.precision import HIGHEST, full_precision_scope
 from distiller.students.schnet import SchNet, StudentConfig
 
 
@@ -38,8 +39,9 @@ def atom_energies(model: SchNet, params, batch: Batch, positions: jax.Array | No
                   cell: jax.Array | None = None) -> jax.Array:
     """(A,) per-atom energies in eV (0 on padding atoms) at the given (or the batch's) positions and cells."""
     lengths = edge_lengths(batch.edge_vectors(positions, cell), batch.edge_mask)
-    return model.apply(params, batch.numbers, lengths, batch.senders, batch.receivers, batch.edge_mask,
-                       batch.atom_mask)
+    with full_precision_scope():  # not TF32 on GPUs (distiller.precision)
+        return model.apply(params, batch.numbers, lengths, batch.senders, batch.receivers, batch.edge_mask,
+                           batch.atom_mask)
 
 
 def energy(model: SchNet, params, batch: Batch) -> jax.Array:
@@ -65,8 +67,8 @@ def energy_forces_stress(model: SchNet, params, batch: Batch) -> tuple[jax.Array
     """Energy (G,) eV, forces (A, 3) eV/Å = -dE/dx, stress (G, 3, 3) eV/Å³ = (1/V) dE/d eps (0 if not periodic)."""
     def total(positions, strain):
         # x (I + eps_g) for every atom of graph g; cells likewise. eps = 0, so only its derivative matters.
-        positions = positions + jnp.einsum("ai,aij->aj", positions, strain[batch.graph_index])
-        cell = batch.cell + jnp.einsum("gki,gij->gkj", batch.cell, strain)
+        positions = positions + jnp.einsum("ai,aij->aj", positions, strain[batch.graph_index], precision=HIGHEST)
+        cell = batch.cell + jnp.einsum("gki,gij->gkj", batch.cell, strain, precision=HIGHEST)
         e = _graph_sum(atom_energies(model, params, batch, positions, cell), batch)
         return jnp.sum(e), e
 

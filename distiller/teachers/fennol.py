@@ -46,6 +46,7 @@ from flax.core import FrozenDict
 from distiller import batch as batching
 from distiller import neighbours as nl
 from distiller.batch import Batch
+from distiller.precision import HIGHEST, full_precision_scope
 from distiller.structure import Structure, StructureError
 from distiller.teachers.base import TeacherOutput
 
@@ -288,7 +289,7 @@ class FennolTeacher:
         """
         n_atoms = positions.shape[0]
         graph_key = self.model.preprocessing.layers[0].graph_key
-        offset = jnp.einsum("ek,ekl->el", batch.shifts, cell[batch.graph_index[batch.receivers]])
+        offset = jnp.einsum("ek,ekl->el", batch.shifts, cell[batch.graph_index[batch.receivers]], precision=HIGHEST)
         vec = positions[batch.senders] - positions[batch.receivers] + offset
         # d12 only selects edges (GraphFilter); FeNNol's processors recompute distances differentiably.
         d12 = jax.lax.stop_gradient(jnp.sum(vec**2, axis=-1))
@@ -344,21 +345,22 @@ class FennolTeacher:
         """((M, G) energies in eV of every member, overflow), differentiable in positions and cell."""
         positions = batch.positions if positions is None else positions
         cell = batch.cell if cell is None else cell
-        inputs, overflow = self._preprocess(self._inputs(batch, positions, cell), capacity)
 
         def one(variables):
             energy, _ = self.model._total_energy_raw(variables, inputs)
             return energy
 
-        energies = jax.vmap(one)(params) * self.energy_scale
+        with full_precision_scope():  # FeNNol's products too, not TF32 on GPUs (distiller.precision)
+            inputs, overflow = self._preprocess(self._inputs(batch, positions, cell), capacity)
+            energies = jax.vmap(one)(params) * self.energy_scale
         return jnp.where(batch.graph_mask[None], energies, 0.0), overflow
 
     def _mean_energy(self, params, batch, capacity, positions, strain):
         """Sum over graphs of the ensemble-mean energy at positions, with cell and positions strained by
         (I + strain[g]) (rows times matrix, as ASE scales cells); aux: member energies and overflow."""
         deform = jnp.eye(3, dtype=positions.dtype) + strain
-        positions = jnp.einsum("ai,aij->aj", positions, deform[batch.graph_index])
-        cell = jnp.einsum("gij,gjk->gik", batch.cell, deform)
+        positions = jnp.einsum("ai,aij->aj", positions, deform[batch.graph_index], precision=HIGHEST)
+        cell = jnp.einsum("gij,gjk->gik", batch.cell, deform, precision=HIGHEST)
         energies, overflow = self.member_energies(params, batch, capacity, positions, cell)
         return jnp.sum(jnp.mean(energies, axis=0)), (energies, overflow)
 

@@ -17,14 +17,14 @@ found. DISTILLER_OFFLINE=1 forbids the download.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 import pathlib
-import tempfile
 import urllib.error
 import urllib.request
 from typing import Any, Callable
+
+from distiller.files import replaced, sha256
 
 PMC_REPOSITORY = "thomasple/FeNNol-PMC"
 PMC_COMMIT = "dd3f8c9fad179b851960cf4aa65e30bd5318b556"  # a commit holding the ANI .fnx files (not in Git LFS)
@@ -129,14 +129,6 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(base) / "distiller" / "fennol-pmc"
 
 
-def sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _verified(path: pathlib.Path, relative: str) -> pathlib.Path:
     expected = PMC_SHA256[relative]
     actual = sha256(path)
@@ -184,16 +176,11 @@ def _not_found(relative: str, tried: list[str]) -> str:
 def _download(url: str, destination: pathlib.Path, relative: str) -> None:
     """Fetch url to destination atomically (temporary file in the same folder, checked, then renamed)."""
     destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=destination.name + ".", suffix=".part", dir=destination.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+    with replaced(destination) as tmp:
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
             for block in iter(lambda: response.read(1 << 20), b""):
                 out.write(block)
         try:
             _verified(pathlib.Path(tmp), relative)
         except ChecksumError as err:
             raise ChecksumError(f"download of {url} rejected, nothing written to {destination}: {err}") from None
-        os.replace(tmp, destination)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

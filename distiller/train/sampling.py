@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from distiller.batch import Batch
+from distiller.precision import HIGHEST
 
 
 def perturb(batch: Batch, key: jax.Array, rattle: float, strain: float) -> Batch:
@@ -21,6 +22,6 @@ def perturb(batch: Batch, key: jax.Array, rattle: float, strain: float) -> Batch
     eps = 0.5 * (eps + jnp.swapaxes(eps, -1, -2))
     periodic = jnp.any(batch.pbc, axis=-1) & batch.graph_mask
     deform = jnp.eye(3, dtype=eps.dtype) + jnp.where(periodic[:, None, None], eps, 0.0)
-    positions = jnp.einsum("ai,aij->aj", positions, deform[batch.graph_index])
-    cell = jnp.einsum("gij,gjk->gik", batch.cell, deform)
+    positions = jnp.einsum("ai,aij->aj", positions, deform[batch.graph_index], precision=HIGHEST)
+    cell = jnp.einsum("gij,gjk->gik", batch.cell, deform, precision=HIGHEST)
     return batch._replace(positions=positions, cell=cell)

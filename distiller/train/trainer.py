@@ -1,16 +1,24 @@
-"""Online distillation: one jitted step samples structures, asks the teacher, and updates the student.
+"""Distillation training: one jitted step labels a batch, and updates the student on it.
 
-Per step, inside one `jax.jit`:  seed batch → rattle and strain → neighbour list → teacher energies and
-forces (FeNNol, in the same XLA program) → student energies and forces → loss → optax update.
+Two modes share the step, its loss and optimizer; only where the labels come from differs:
+
+* online (`Experiment.dataset` is None): seed batch → rattle and strain → neighbour list → teacher
+  energies and forces (FeNNol, in the same XLA program) → student → loss → optax update;
+* offline (`Experiment.dataset` is a dataset directory, labelled by any teacher with `distiller label`):
+  the grain loader's padded batch (labels included, stress for periodic cells where the teacher gave it)
+  → neighbour list → student → loss → optax update.
+
 Capacities (neighbour list, teacher preprocessing) are static; if a step overflows one, the step is not
 applied: the host grows the capacity, re-jits, and recomputes the same step with the same key, so the
-loss trajectory does not depend on when capacities grew. The data order depends only on (seed, step),
-so a resumed run continues exactly where the checkpoint left it.
+loss trajectory does not depend on when capacities grew. The data order depends only on (seed, step) in
+both modes, and the capacities are saved with every checkpoint, so a resumed run continues exactly where
+the checkpoint left it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pickle
@@ -26,6 +34,7 @@ from tqdm import tqdm
 from distiller import neighbours as nl
 from distiller.batch import Batch, BatchShape, allocate_neighbours, pad_structures, with_neighbours
 from distiller.config import Experiment, LossConfig, save_config
+from distiller.files import write_bytes_atomic, write_json_atomic, write_text_atomic
 from distiller.structure import Structure, read_structures, write_structures
 from distiller.students import build_model, energy_forces_stress, fit_reference_energies, init_student
 from distiller.teachers.registry import load_teacher
@@ -69,7 +78,8 @@ def distillation_loss(energy, forces, stress, batch: Batch, target_energy, targe
         "accuracy_retained": 1.0 - jnp.sqrt(jnp.sum(force_error**2) / jnp.maximum(jnp.sum((target_forces * atoms[:, None]) ** 2), 1e-12)),
     }
     if weights.stress_weight > 0:
-        periodic = (batch.stress_mask | (jnp.any(batch.pbc, -1) & batch.graph_mask)).astype(energy.dtype)
+        # Only graphs with a stress label: periodic cells whose teacher gave one (not every teacher does).
+        periodic = (batch.stress_mask & batch.graph_mask).astype(energy.dtype)
         stress_mse = jnp.sum(periodic[:, None, None] * (stress - target_stress) ** 2) / jnp.maximum(9.0 * periodic.sum(), 1.0)
         loss = loss + weights.stress_weight * stress_mse
         metrics["stress_rmse"] = jnp.sqrt(stress_mse)
@@ -77,83 +87,248 @@ def distillation_loss(energy, forces, stress, batch: Batch, target_energy, targe
     return loss, metrics
 
 
-@dataclasses.dataclass
-class Distillation:
-    """Everything a run needs that is not the training state: teacher, student, seeds, capacities."""
+class OnlineData:
+    """Online mode: seed structures are rattled and strained inside the step and labelled there by a JAX
+    teacher (FeNNol). One batch shape; capacities (neighbour list, teacher) grow when a step overflows."""
 
-    config: Experiment
-    teacher: Any
-    teacher_params: Any
-    model: Any
-    optimizer: optax.GradientTransformation
-    seeds: list[Structure]
-    shape: BatchShape
-    cutoff: float
-    nl_capacity: nl.NeighbourCapacity
-    teacher_capacity: Any
-
-    @classmethod
-    def create(cls, config: Experiment) -> "Distillation":
-        teacher, teacher_params = load_teacher(config.teacher)
-        seeds = [s for path in config.structures for s in read_structures(path)]
-        if not seeds:
-            raise ValueError(f"experiment {config.name!r} has no seed structures")
-        teacher.check(seeds)
-        model = build_model(config.student)
-        largest = sorted(seeds, key=lambda s: s.n_atoms)[-config.batch_size:]
+    def __init__(self, config: Experiment, teacher, teacher_params, cutoff: float):
+        self.config, self.teacher, self.teacher_params, self.cutoff = config, teacher, teacher_params, cutoff
+        if not hasattr(teacher, "apply"):
+            raise ValueError(f"teacher {config.teacher} cannot label inside the training step (no JAX `apply`); "
+                             f"label a dataset with `distiller label` and set `dataset` in the experiment")
+        self.seeds = [s for path in config.structures for s in read_structures(path)]
+        if not self.seeds:
+            raise ValueError(f"experiment {config.name!r} has no seed structures (set `structures`, or `dataset` "
+                             f"for offline training)")
+        teacher.check(self.seeds)
+        largest = sorted(self.seeds, key=lambda s: s.n_atoms)[-config.batch_size:]
         worst = [largest[-1]] * config.batch_size
-        shape = BatchShape(atoms=nl.round_up(worst[0].n_atoms * config.batch_size + 1), graphs=config.batch_size + 1)
-        cutoff = max(float(teacher.cutoff), float(config.student.cutoff))
-        self = cls(config, teacher, teacher_params, model, make_optimizer(config), seeds, shape, cutoff, None, None)
-        self.nl_capacity, self.teacher_capacity = self.measure_capacity(self.seed_batch(0), jax.random.key(0))
-        return self
+        self.shape = BatchShape(atoms=nl.round_up(worst[0].n_atoms * config.batch_size + 1), graphs=config.batch_size + 1)
+        self.nl_capacity = self.teacher_capacity = None
+        self.grow(self.inputs(0), step_key(config.seed, 0))
 
-    # --- data -------------------------------------------------------------------------------------
-    def seed_batch(self, step: int, seed: int | None = None) -> Batch:
+    def inputs(self, step: int, seed: int | None = None) -> Batch:
         """The seed structures of `step`: a function of (seed, step) only, so resumes replay exactly."""
         rng = np.random.default_rng([self.config.seed if seed is None else seed, step])
         chosen = [self.seeds[k] for k in rng.integers(0, len(self.seeds), self.config.batch_size)]
         return jax.tree_util.tree_map(jnp.asarray, pad_structures(chosen, self.shape))
 
-    def step_key(self, step: int, seed: int | None = None) -> jax.Array:
-        return jax.random.fold_in(jax.random.key(self.config.seed if seed is None else seed), step)
+    def batches(self, start: int):
+        step = start
+        while True:
+            yield self.inputs(step)
+            step += 1
 
     def sample(self, seeds: Batch, key: jax.Array) -> Batch:
         s = self.config.sampling
         return perturb(seeds, key, s.rattle, s.strain)
 
-    # --- capacities ---------------------------------------------------------------------------------
-    def measure_capacity(self, seeds: Batch, key: jax.Array):
-        batch = self.sample(seeds, key)
+    # --- capacities: static, a function of what the run has seen so far --------------------------------
+    def capacity(self, inputs: Batch):
+        return self.nl_capacity, self.teacher_capacity
+
+    def grow(self, inputs: Batch, key: jax.Array) -> None:
+        """Capacities that fit the step of (inputs, key) and everything they fitted before."""
+        batch = self.sample(inputs, key)
         nl_capacity = allocate_neighbours(batch, self.cutoff)
         if self.nl_capacity is not None:
             nl_capacity = nl.NeighbourCapacity(*(max(a, b) for a, b in zip(nl_capacity, self.nl_capacity)))
         batch, _ = with_neighbours(batch, self.cutoff, nl_capacity)
         if self.teacher_capacity is None:
-            return nl_capacity, self.teacher.capacity_for(batch)
-        return nl_capacity, self.teacher.grow(self.teacher_capacity, batch)
+            self.nl_capacity, self.teacher_capacity = nl_capacity, self.teacher.capacity_for(batch)
+        else:
+            self.nl_capacity, self.teacher_capacity = nl_capacity, self.teacher.grow(self.teacher_capacity, batch)
 
-    # --- the step -------------------------------------------------------------------------------------
-    def labelled(self, seeds: Batch, key: jax.Array, nl_capacity, teacher_capacity, teacher_params):
-        """Sample, build edges and ask the teacher: the part of the step before the student."""
-        batch = self.sample(seeds, key)
+    def capacity_state(self):
+        return self.nl_capacity, self.teacher_capacity
+
+    def restore_capacity(self, state) -> None:
+        self.nl_capacity, self.teacher_capacity = state
+
+    # --- inside the step --------------------------------------------------------------------------------
+    def labelled(self, capacity, teacher_params, inputs: Batch, key: jax.Array) -> tuple[Batch, jax.Array]:
+        """Sample, build edges and ask the teacher (energy, forces; stress only if the loss weighs it)."""
+        nl_capacity, teacher_capacity = capacity
+        batch = self.sample(inputs, key)
         batch, neighbours = with_neighbours(batch, self.cutoff, nl_capacity)
-        labels = self.teacher.apply(teacher_params, batch, teacher_capacity)
+        if self.config.loss.stress_weight > 0:
+            labels, stress = self.teacher.apply_with_stress(teacher_params, batch, teacher_capacity)
+            periodic = jnp.any(batch.pbc, axis=-1) & batch.graph_mask
+            batch = batch._replace(stress=jax.lax.stop_gradient(stress), stress_mask=periodic)
+        else:
+            labels = self.teacher.apply(teacher_params, batch, teacher_capacity)
         batch = batch._replace(energy=jax.lax.stop_gradient(labels.energy),
                                forces=jax.lax.stop_gradient(labels.forces))
         return batch, neighbours.overflow | labels.overflow
 
-    def step_fn(self):
-        """The jitted training step for the current capacities."""
-        nl_capacity, teacher_capacity, weights = self.nl_capacity, self.teacher_capacity, self.config.loss
+    def reference_data(self, label) -> tuple[list[np.ndarray], np.ndarray, Batch]:
+        """Per-structure atomic numbers and teacher energies of the first steps' structures, and a batch."""
+        numbers, energies = [], []
+        for step in range(max(4, 32 // self.config.batch_size)):
+            inputs, key = self.inputs(step), step_key(self.config.seed, step)
+            batch, overflow = label(self.capacity(inputs), inputs, key)
+            if bool(overflow):
+                self.grow(inputs, key)
+                batch, _ = label(self.capacity(inputs), inputs, key)
+            numbers += _graph_numbers(batch)
+            energies += list(np.asarray(batch.energy)[np.asarray(batch.graph_mask)])
+        return numbers, np.asarray(energies), batch
+
+    def held_out(self, count: int) -> list[Structure]:
+        """Structures drawn like the training ones but from another seed."""
+        sample = jax.jit(self.sample)
+        seed = self.config.seed + 10_007
+        out: list[Structure] = []
+        step = 0
+        while len(out) < count:
+            out += structures_from_batch(sample(self.inputs(step, seed=seed), step_key(seed, step)), name=f"held-out {step}")
+            step += 1
+        return out[:count]
+
+
+class OfflineData:
+    """Offline mode: labelled structures from a dataset (any teacher), batched by the grain loader.
+
+    `held_out` structures (a seeded choice) are kept out of training for evaluation. The loader's batches
+    have a few shapes (size buckets); each gets its own neighbour-list capacity, measured the first time
+    the shape appears and grown on overflow, so the step compiles once per bucket.
+    """
+
+    def __init__(self, config: Experiment, cutoff: float):
+        from distiller.data.dataset import open_dataset
+        from distiller.data.loader import Loader
+
+        self.config, self.cutoff = config, cutoff
+        if config.structures:
+            raise ValueError(f"experiment {config.name!r} sets both `structures` (online training) and `dataset` "
+                             f"(offline training); set one")
+        self.dataset = open_dataset(config.dataset)
+        if self.dataset.teacher != config.teacher:
+            raise ValueError(f"experiment {config.name!r} names teacher {config.teacher!r} but dataset "
+                             f"{config.dataset} was labelled by {self.dataset.teacher!r}; set teacher to the "
+                             f"dataset's (evaluation compares the student with it)")
+        if config.held_out >= len(self.dataset):
+            raise ValueError(f"held_out={config.held_out} leaves nothing to train on in {config.dataset} "
+                             f"({len(self.dataset)} structures)")
+        order = np.random.default_rng([config.seed, 1]).permutation(len(self.dataset))
+        self.held_out_indices, self.train_indices = np.sort(order[:config.held_out]), np.sort(order[config.held_out:])
+        lc = config.loader
+        self.loader = Loader(self.dataset, config.batch_size, seed=config.seed, max_atoms=lc.max_atoms or None,
+                             indices=self.train_indices, threads=lc.threads, prefetch=lc.prefetch)
+        self.capacities: dict[BatchShape, nl.NeighbourCapacity] = {}
+
+    def inputs(self, step: int, seed: int | None = None) -> Batch:
+        if seed is not None and seed != self.config.seed:
+            raise ValueError("offline training draws batches from its dataset with the run's seed only")
+        return jax.tree_util.tree_map(jnp.asarray, self.loader.batch(step))
+
+    def batches(self, start: int):
+        return self.loader.iterator(start)
+
+    def capacity(self, inputs: Batch) -> nl.NeighbourCapacity:
+        shape = BatchShape(atoms=inputs.positions.shape[0], graphs=inputs.graph_mask.shape[0])
+        if shape not in self.capacities:
+            self.capacities[shape] = allocate_neighbours(jax.tree_util.tree_map(jnp.asarray, inputs), self.cutoff)
+        return self.capacities[shape]
+
+    def grow(self, inputs: Batch, key: jax.Array) -> None:
+        old = self.capacity(inputs)
+        new = allocate_neighbours(jax.tree_util.tree_map(jnp.asarray, inputs), self.cutoff)
+        shape = BatchShape(atoms=inputs.positions.shape[0], graphs=inputs.graph_mask.shape[0])
+        self.capacities[shape] = nl.NeighbourCapacity(*(max(a, b) for a, b in zip(old, new)))
+
+    def capacity_state(self):
+        return dict(self.capacities)
+
+    def restore_capacity(self, state) -> None:
+        self.capacities = dict(state)
+
+    def labelled(self, capacity, teacher_params, inputs: Batch, key: jax.Array) -> tuple[Batch, jax.Array]:
+        """Edges for the dataset's structures; their labels came with them."""
+        batch, neighbours = with_neighbours(inputs, self.cutoff, capacity)
+        return batch, neighbours.overflow
+
+    def reference_data(self, label) -> tuple[list[np.ndarray], np.ndarray, Batch]:
+        """Atomic numbers and energies of (up to 512) training structures, and the first step's batch."""
+        # Spread over the whole training set: a dataset is ordered by its labelling job's inputs (often one
+        # system after another), so its first 512 structures can miss whole systems and their elements.
+        spread = np.linspace(0, len(self.train_indices) - 1, min(512, len(self.train_indices))).astype(int)
+        structures = self.dataset.get(self.train_indices[spread])
+        inputs = self.inputs(0)
+        batch, overflow = label(self.capacity(inputs), inputs, step_key(self.config.seed, 0))
+        if bool(overflow):
+            self.grow(inputs, None)
+            batch, _ = label(self.capacity(inputs), inputs, step_key(self.config.seed, 0))
+        return [s.numbers for s in structures], np.array([s.energy for s in structures], np.float64), batch
+
+    def held_out(self, count: int) -> list[Structure]:
+        return self.dataset.get(self.held_out_indices[:count])
+
+
+def step_key(seed: int, step: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def _graph_numbers(batch: Batch) -> list[np.ndarray]:
+    gi, z, atoms = np.asarray(batch.graph_index), np.asarray(batch.numbers), np.asarray(batch.atom_mask)
+    return [z[(gi == g) & atoms] for g in np.flatnonzero(np.asarray(batch.graph_mask))]
+
+
+@dataclasses.dataclass
+class Distillation:
+    """Everything a run needs that is not the training state: teacher, student, data and capacities.
+
+    The data object is the only difference between the modes: `OnlineData` labels inside the step with the
+    teacher, `OfflineData` reads labels from a dataset. Both give `labelled(capacity, teacher_params,
+    inputs, key) -> (batch with edges and labels, overflow)`, and one jitted step does the rest.
+    """
+
+    config: Experiment
+    teacher: Any  # None offline: the labels are in the dataset
+    teacher_params: Any
+    model: Any
+    optimizer: optax.GradientTransformation
+    data: Any  # OnlineData | OfflineData
+    cutoff: float
+
+    @classmethod
+    def create(cls, config: Experiment) -> "Distillation":
+        model = build_model(config.student)
+        if config.dataset:
+            cutoff = float(config.student.cutoff)
+            data, teacher, teacher_params = OfflineData(config, cutoff), None, None
+        else:
+            teacher, teacher_params = load_teacher(config.teacher)
+            cutoff = max(float(teacher.cutoff), float(config.student.cutoff))
+            data = OnlineData(config, teacher, teacher_params, cutoff)
+        return cls(config, teacher, teacher_params, model, make_optimizer(config), data, cutoff)
+
+    @property
+    def offline(self) -> bool:
+        return isinstance(self.data, OfflineData)
+
+    # --- data -------------------------------------------------------------------------------------
+    def seed_batch(self, step: int, seed: int | None = None) -> Batch:
+        """The inputs of `step` (seed structures online, the loader's batch offline)."""
+        return self.data.inputs(step, seed)
+
+    def step_key(self, step: int, seed: int | None = None) -> jax.Array:
+        return step_key(self.config.seed if seed is None else seed, step)
+
+    # --- the step -------------------------------------------------------------------------------------
+    @functools.cached_property
+    def train_step(self):
+        """step(capacity, state, teacher_params, inputs, key) -> (state, metrics, overflow), jitted; the
+        capacity is static (one compilation per capacity and input shape)."""
+        weights = self.config.loss
 
         def loss_fn(params, batch):
             energy, forces, stress = energy_forces_stress(self.model, params, batch)
             return distillation_loss(energy, forces, stress, batch, batch.energy, batch.forces, batch.stress, weights)
 
-        @jax.jit
-        def step(state: TrainState, teacher_params, seeds: Batch, key):
-            batch, overflow = self.labelled(seeds, key, nl_capacity, teacher_capacity, teacher_params)
+        @functools.partial(jax.jit, static_argnums=0)
+        def step(capacity, state: TrainState, teacher_params, inputs: Batch, key):
+            batch, overflow = self.data.labelled(capacity, teacher_params, inputs, key)
             (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
             updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
             new = TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
@@ -163,61 +338,65 @@ class Distillation:
 
         return step
 
+    def step_fn(self):
+        """step(state, teacher_params, inputs, key) at the capacities current when it is called."""
+        def step(state, teacher_params, inputs, key):
+            return self.train_step(self.data.capacity(inputs), state, teacher_params, inputs, key)
+
+        return step
+
+    def apply_step(self, state: TrainState, inputs: Batch, key) -> tuple[TrainState, dict, bool]:
+        """One training step; on overflow, grow the capacities and recompute the same step. grew: whether
+        capacities changed."""
+        new_state, metrics, overflow = self.train_step(self.data.capacity(inputs), state, self.teacher_params,
+                                                       inputs, key)
+        grew = False
+        while bool(overflow):
+            self.data.grow(inputs, key)
+            grew = True
+            new_state, metrics, overflow = self.train_step(self.data.capacity(inputs), state, self.teacher_params,
+                                                           inputs, key)
+        return new_state, metrics, grew
+
     # --- initial state ----------------------------------------------------------------------------------
     def initial_state(self) -> TrainState:
-        """Student params with reference energies fitted by least squares on the teacher's first labels."""
-        label = jax.jit(self.labelled, static_argnums=(2, 3))
-        numbers, energies = [], []
-        for step in range(max(4, 32 // self.config.batch_size)):
-            batch, overflow = label(self.seed_batch(step), self.step_key(step), self.nl_capacity,
-                                    self.teacher_capacity, self.teacher_params)
-            if bool(overflow):
-                self.nl_capacity, self.teacher_capacity = self.measure_capacity(self.seed_batch(step), self.step_key(step))
-                batch, _ = label(self.seed_batch(step), self.step_key(step), self.nl_capacity,
-                                 self.teacher_capacity, self.teacher_params)
-            mask = np.asarray(batch.graph_mask)
-            gi = np.asarray(batch.graph_index)
-            z = np.asarray(batch.numbers)
-            numbers += [z[(gi == g) & np.asarray(batch.atom_mask)] for g in np.flatnonzero(mask)]
-            energies += list(np.asarray(batch.energy)[mask])
-        reference = fit_reference_energies(numbers, np.asarray(energies), self.config.student.elements)
+        """Student params with reference energies fitted by least squares on the first labels."""
+        label = jax.jit(self.data.labelled, static_argnums=0)
+        numbers, energies, batch = self.data.reference_data(
+            lambda capacity, inputs, key: label(capacity, self.teacher_params, inputs, key))
+        reference = fit_reference_energies(numbers, energies, self.config.student.elements)
         params = init_student(self.config.student, jax.random.key(self.config.seed), batch, reference)
         return TrainState(params, self.optimizer.init(params), jnp.zeros((), jnp.int32))
 
 
-def run(config: Experiment, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> TrainState:
+def run(config: Experiment, resume: bool = False, progress: bool = True, stop_after: int | None = None,
+        job: Distillation | None = None) -> TrainState:
     """Train (or continue training) the run in `config.run_dir`; returns the final state.
 
     `stop_after` ends the job after that many steps of this call, as a kill would (after a checkpoint).
+    `job`: a Distillation of `config` already made (its teacher loaded), to use again afterwards.
     """
     os.makedirs(config.run_dir, exist_ok=True)
     save_config(config, os.path.join(config.run_dir, "config.json"))
-    job = Distillation.create(config)
-    state = job.initial_state()
+    job = job or Distillation.create(config)
     mgr = checkpoint.manager(config.run_dir)
     metrics_path = os.path.join(config.run_dir, "metrics.jsonl")
     start = 0
     if resume and checkpoint.latest_step(config.run_dir) is not None:
-        start, state = checkpoint.restore(config.run_dir, state)
+        start, state = checkpoint.restore(config.run_dir, state_template(config))
         _truncate_metrics(metrics_path, start)
-        _load_capacity(job)
-    elif os.path.exists(metrics_path):
-        os.remove(metrics_path)
-    _save_capacity(job)
-    step_fn = job.step_fn()
+        _load_capacity(job, start)
+    else:
+        state = job.initial_state()
+        if os.path.exists(metrics_path):
+            os.remove(metrics_path)
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=config.name,
                disable=not progress, dynamic_ncols=True)
+    inputs_iter = job.data.batches(start)
     with open(metrics_path, "a") as log:
         t0 = time.perf_counter()
         for step in bar:
-            seeds, key = job.seed_batch(step), job.step_key(step)
-            new_state, metrics, overflow = step_fn(state, job.teacher_params, seeds, key)
-            while bool(overflow):
-                job.nl_capacity, job.teacher_capacity = job.measure_capacity(seeds, key)
-                _save_capacity(job)
-                step_fn = job.step_fn()
-                new_state, metrics, overflow = step_fn(state, job.teacher_params, seeds, key)
-            state = new_state
+            state, metrics, _ = job.apply_step(state, next(inputs_iter), job.step_key(step))
             done = step + 1
             if done % config.log_every == 0 or done == config.steps:
                 row = {"step": done, **{k: float(v) for k, v in metrics.items()},
@@ -226,9 +405,13 @@ def run(config: Experiment, resume: bool = False, progress: bool = True, stop_af
                 log.flush()
                 bar.set_postfix(loss=f"{row['loss']:.4g}", F_rmse=f"{row['forces_rmse']:.3f}")
             if done % config.checkpoint_every == 0 or done == config.steps:
+                # Capacities first: a checkpoint on disk always has the capacities it was trained with.
+                _save_capacity(job, done)
                 checkpoint.save(mgr, done, state)
             if stop_after is not None and done - start >= stop_after:
                 break
+    if job.offline:
+        write_json_atomic(os.path.join(config.run_dir, "loader.json"), job.data.loader.report())
     return state
 
 
@@ -238,39 +421,39 @@ def _truncate_metrics(path: str, step: int) -> None:
         return
     with open(path) as f:
         rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(rows)
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(rows))
 
 
-# Capacities are kept with the run so that a resumed run pads exactly as the original did (padding changes
-# reduction shapes, hence float rounding); they are small static pytrees of ints, pickled atomically.
-def _save_capacity(job: Distillation) -> None:
-    path = os.path.join(job.config.run_dir, "capacity.pkl")
-    with open(path + ".tmp", "wb") as f:
-        pickle.dump((job.nl_capacity, job.teacher_capacity), f)
-    os.replace(path + ".tmp", path)
+# Capacities are kept with every checkpoint so that a resumed run pads exactly as the original did at that
+# step (padding changes reduction shapes, hence float rounding); they are small static pytrees of ints,
+# pickled atomically, one file per checkpointed step (the newest few are kept, like the checkpoints).
+def _capacity_path(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, "capacity", f"{step}.pkl")
 
 
-def _load_capacity(job: Distillation) -> None:
-    path = os.path.join(job.config.run_dir, "capacity.pkl")
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            job.nl_capacity, job.teacher_capacity = pickle.load(f)
+def _save_capacity(job: Distillation, step: int, keep: int = 4) -> None:
+    path = _capacity_path(job.config.run_dir, step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_bytes_atomic(path, pickle.dumps(job.data.capacity_state()))
+    saved = sorted(int(n[:-4]) for n in os.listdir(os.path.dirname(path)) if n.endswith(".pkl"))
+    for old in saved[:-keep]:
+        os.remove(_capacity_path(job.config.run_dir, old))
+
+
+def _load_capacity(job: Distillation, step: int) -> None:
+    path = _capacity_path(job.config.run_dir, step)
+    legacy = os.path.join(job.config.run_dir, "capacity.pkl")  # runs from before per-step capacities
+    for candidate in (path, legacy):
+        if os.path.exists(candidate):
+            with open(candidate, "rb") as f:
+                job.data.restore_capacity(pickle.load(f))
+            return
 
 
 def held_out_structures(job: Distillation, count: int) -> list[Structure]:
-    """Structures drawn like the training ones but from another seed: the run's held-out set."""
-    sample = jax.jit(job.sample)
-    out: list[Structure] = []
-    step = 0
-    while len(out) < count:
-        seeds = job.seed_batch(step, seed=job.config.seed + 10_007)
-        batch = sample(seeds, job.step_key(step, seed=job.config.seed + 10_007))
-        out += structures_from_batch(batch, name=f"held-out {step}")
-        step += 1
-    return out[:count]
+    """The run's held-out structures: drawn like the training ones from another seed (online), or the
+    dataset's structures kept out of training (offline)."""
+    return job.data.held_out(count)
 
 
 def structures_from_batch(batch: Batch, name: str = "") -> list[Structure]:
@@ -298,13 +481,16 @@ def load_student(run_dir: str, step: int | None = None):
 
     with open(os.path.join(run_dir, "config.json")) as f:
         config = from_dict(json.load(f))
-    model = build_model(config.student)
-    # Any batch gives the parameter shapes; one atom of the student's first element will do.
+    _, state = checkpoint.restore(run_dir, state_template(config), step)
+    return config.student, build_model(config.student), state.params
+
+
+def state_template(config: Experiment) -> TrainState:
+    """A TrainState of the run's structure (shapes and dtypes) to restore a checkpoint into, made without the
+    teacher: any batch gives the parameter shapes, and one atom of the student's first element will do."""
     z = config.student.elements[0]
     atom = Structure(np.array([z]), np.zeros((1, 3)), np.zeros((3, 3)), np.zeros(3, bool), name="probe")
     probe = jax.tree_util.tree_map(jnp.asarray, pad_structures([atom]))
     probe, _ = with_neighbours(probe, config.student.cutoff, nl.NeighbourCapacity(edges=1, bins=1, bin_size=2, reach=1))
     params = init_student(config.student, jax.random.key(0), probe)
-    like = TrainState(params, make_optimizer(config).init(params), jnp.zeros((), jnp.int32))
-    _, state = checkpoint.restore(run_dir, like, step)
-    return config.student, model, state.params
+    return TrainState(params, make_optimizer(config).init(params), jnp.zeros((), jnp.int32))

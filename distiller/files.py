@@ -1,0 +1,72 @@
+"""Files that are either whole or absent: atomic writes, and checksums.
+
+Long jobs (labelling, training, MD) are killed; a reader must then see the old file or the new one, never a
+part. Every write goes to a hidden temporary beside its destination (named after it and this process, so a
+restarted job recognises its own leftovers), is flushed to disk and renamed over the destination.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from typing import Any, Iterator
+
+TEMPORARY_MARK = ".tmp-"
+
+
+def temporary_path(path: str | os.PathLike) -> str:
+    """Where `path` is written before it is renamed into place."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{name}{TEMPORARY_MARK}{os.getpid()}")
+
+
+def is_temporary(name: str) -> bool:
+    return name.startswith(".") and TEMPORARY_MARK in name
+
+
+def fsync_directory(path: str | os.PathLike) -> None:
+    """Make a rename in `path` durable (the directory entry, not only the file's bytes)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def replaced(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path to write; on success it replaces `path` durably, on failure it is removed."""
+    path = os.fspath(path)
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with replaced(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, indent: int | None = 2) -> None:
+    write_text_atomic(path, json.dumps(data, indent=indent, ensure_ascii=False))
+
+
+def sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

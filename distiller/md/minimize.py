@@ -1,0 +1,153 @@
+"""Geometry relaxation (JAX-MD's FIRE) and Hessians for any distiller model, at a fixed cell.
+
+`Relaxer` compiles FIRE once for a structure (the step count is traced) and reuses it for any positions and
+(periodic) cell of the same atoms, which is what rattle-relax-repeat needs: many short relaxations, one
+compilation. Positions are not wrapped during relaxation (the energy is exact either way, see
+`distiller.md.potential`), and every atom's step is capped at `max_step` Å, as ASE's FIRE does, so a strongly
+rattled structure cannot jump apart.
+
+Units: JAX-MD's FIRE with unit masses, time in ASE's unit (10.18 fs), ASE's FIRE defaults (dt 0.1, dt_max 1.0).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import jax_md
+import numpy as np
+
+from distiller.md.model import as_model
+from distiller.md.potential import DEFAULT_SKIN, memoised, potential
+from distiller.md.simulate import MAX_REALLOCATIONS
+from distiller.structure import Structure
+
+
+def capped_shift(max_step: float):
+    """A JAX-MD shift_fn, R + dR with each atom's dR shortened to at most `max_step` Å."""
+    def shift_fn(R, dR, **unused_kwargs):
+        norm = jnp.sqrt(jnp.sum(dR**2, axis=-1, keepdims=True) + 1e-30)
+        return R + dR * jnp.minimum(1.0, max_step / norm)
+
+    return shift_fn
+
+
+def _fire(model, structure: Structure, dt_start: float, dt_max: float, max_step: float, dr_threshold: float):
+    """(neighbor_fn, init, run, force) of FIRE for a structure: the functions jit compiles, built once."""
+    neighbor_fn, energy_fn = potential(model, structure, dr_threshold)
+    init_fn, apply_fn = jax_md.minimize.fire_descent(energy_fn, capped_shift(max_step), dt_start=dt_start,
+                                                     dt_max=dt_max)
+    init = jax.jit(lambda R, nbrs, cell: init_fn(R, neighbor=nbrs, cell=cell))
+    force = jax.jit(lambda R, nbrs, cell: jax_md.quantity.force(energy_fn)(R, neighbor=nbrs, cell=cell))
+
+    @jax.jit
+    def run(state, nbrs, cell, steps):
+        """`steps` FIRE steps (a traced count: one compilation serves every length)."""
+        def one_step(_, carry):
+            state, nbrs = carry
+            state = apply_fn(state, neighbor=nbrs, cell=cell)
+            return state, nbrs.update(state.position, cell=cell)
+
+        return jax.lax.fori_loop(0, steps, one_step, (state, nbrs))
+
+    return neighbor_fn, init, run, force
+
+
+class Relaxer:
+    """FIRE relaxation of one structure's atoms (any positions, any cell of the same atoms), compiled once."""
+
+    def __init__(self, model, structure: Structure, *, chunk: int = 50, dt_start: float = 0.1, dt_max: float = 1.0,
+                 max_step: float = 0.2, dr_threshold: float = DEFAULT_SKIN):
+        self.model = as_model(model)
+        self.structure = structure.validated()
+        self.chunk = int(chunk)
+        settings = (float(dt_start), float(dt_max), float(max_step), float(dr_threshold))
+        self.neighbor_fn, self._init, self._run, self._force = memoised(
+            "fire", self.model, self.structure, settings, lambda: _fire(self.model, self.structure, *settings))
+        self._nbrs = None
+
+    def _cell(self, cell):
+        return jnp.asarray(self.structure.cell if cell is None else cell, jnp.float32) if self.structure.periodic \
+            else None
+
+    def __call__(self, positions, cell=None, *, steps: int | None = None, fmax: float | None = None):
+        """Relax `positions` (N, 3) Å at `cell` for at most `steps` FIRE steps (default: one chunk), stopping
+        after the first chunk whose largest force is below `fmax` eV/Å. Returns (positions (N, 3) float64,
+        largest force eV/Å at them, steps taken)."""
+        steps = self.chunk if steps is None else int(steps)
+        cell = self._cell(cell)
+        R = jnp.asarray(positions, jnp.float32)
+        if self._nbrs is None:
+            self._nbrs = self.neighbor_fn.allocate(R, cell=cell)
+        nbrs = self._nbrs.update(R, cell=cell)
+        if bool(nbrs.did_buffer_overflow):
+            nbrs = self.neighbor_fn.allocate(R, cell=cell, previous=nbrs)
+        state = self._init(R, nbrs, cell)
+        done = 0
+        largest = _largest_force(state.force)
+        while done < steps and not (fmax is not None and largest < fmax):
+            n = min(self.chunk, steps - done)
+            for attempt in range(MAX_REALLOCATIONS + 1):
+                new_state, new_nbrs = self._run(state, nbrs, cell, n)
+                if not bool(new_nbrs.did_buffer_overflow):
+                    break
+                if attempt == MAX_REALLOCATIONS:
+                    raise RuntimeError(f"{self.structure.name}: capacities still overflow after {attempt} "
+                                       f"re-allocations")
+                nbrs = self.neighbor_fn.allocate(state.position, cell=cell, previous=new_nbrs,
+                                                 margin=1.25 + 0.25 * attempt, also=[new_state.position])
+                state = state.set(force=self._force(state.position, nbrs, cell))
+            state, nbrs, done = new_state, new_nbrs, done + n
+            largest = _largest_force(state.force)
+            if not np.isfinite(largest):
+                raise FloatingPointError(f"{self.structure.name}: relaxation with {self.model.name} became non-finite")
+        self._nbrs = nbrs  # its capacities serve the next call
+        return np.asarray(state.position, np.float64), largest, done
+
+
+def _largest_force(force) -> float:
+    return float(np.sqrt(np.max(np.sum(np.asarray(force, np.float64) ** 2, axis=-1))))
+
+
+def relax(model, structure: Structure, *, fmax: float = 0.01, steps: int = 2000, chunk: int = 50) -> Structure:
+    """The structure relaxed (positions only, cell fixed) until the largest force is below `fmax` eV/Å or
+    `steps` FIRE steps have run; `info["relax"]` records the steps and the final largest force."""
+    relaxer = Relaxer(model, structure, chunk=chunk)
+    positions, largest, done = relaxer(structure.positions, steps=steps, fmax=fmax)
+    return structure.replace(positions=positions, energy=None, forces=None, stress=None,
+                             info={**structure.info, "relax": {"steps": done, "fmax": largest}})
+
+
+def _hessian_columns(model, structure: Structure, block: int):
+    # The default skin: the list is valid at R whatever the skin, and the potential (with its compilations) is
+    # then the one relaxation used.
+    neighbor_fn, energy_fn = potential(model, structure)
+    n = structure.n_atoms
+    grad = jax.grad(energy_fn)
+
+    @jax.jit
+    def columns(R, nbrs):
+        def hvp(v):
+            return jax.jvp(lambda x: grad(x, neighbor=nbrs), (R,), (v,))[1]
+
+        basis = jnp.eye(3 * n, dtype=R.dtype).reshape(3 * n, n, 3)
+        return jax.lax.map(hvp, basis, batch_size=min(block, 3 * n))
+
+    return neighbor_fn, columns
+
+
+def hessian(model, structure: Structure, block: int = 64) -> np.ndarray:
+    """(3N, 3N) Hessian of the model's energy at the structure's positions, eV/Å², symmetrised (float64).
+
+    Columns are Hessian-vector products (forward over reverse), `block` at a time, so memory stays at `block`
+    gradients whatever the size.
+    """
+    model = as_model(model)
+    structure = structure.validated()
+    neighbor_fn, columns = memoised("hessian", model, structure, (int(block),),
+                                    lambda: _hessian_columns(model, structure, int(block)))
+    R = jnp.asarray(structure.positions, jnp.float32)
+    n = structure.n_atoms
+    H = np.asarray(columns(R, neighbor_fn.allocate(R)), np.float64).reshape(3 * n, 3 * n)
+    if not np.all(np.isfinite(H)):
+        raise FloatingPointError(f"{structure.name}: the Hessian of {model.name} is not finite")
+    return 0.5 * (H + H.T)

@@ -1,0 +1,240 @@
+"""Molecular dynamics with JAX-MD's integrators, in `lax.scan` chunks, for any distiller model.
+
+    for records in simulate(model, structure, Dynamics(ensemble="nvt", temperature=300), steps=10_000):
+        ...  # one `Records` per chunk (the first holds step 0 alone)
+
+Inside a chunk there is no Python per step: `lax.scan` over logged steps, each a `lax.scan` over `log_every`
+integrator steps (JAX-MD's `apply_fn(state, neighbor=nbrs)` then `nbrs.update(position)`). Between chunks
+the host checks the neighbour list's (sticky) overflow flag; on overflow it re-allocates with larger
+capacities and redoes the chunk from its start, so an accepted chunk never used a truncated list.
+
+Units are ASE's: eV, Å, amu, and time in ASE's unit (Å sqrt(amu/eV) = 10.18 fs): `dt = dt_fs * ase.units.fs`,
+`kT = ase.units.kB * T`, and JAX-MD momenta are ASE's momenta (amu Å / ASE time unit). Masses are ASE's
+(`ase.data.atomic_masses`). Temperature counts 3N degrees of freedom (JAX-MD's and ASE's convention). Initial
+velocities are Maxwell-Boltzmann without centre-of-mass motion, scaled so that T(0) is the requested temperature.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import warnings
+from typing import Iterator, NamedTuple
+
+import ase.data
+import jax
+import jax.numpy as jnp
+import jax_md
+import numpy as np
+from ase import units
+
+from distiller.md.model import Model, as_model
+from distiller.md.potential import DEFAULT_SKIN, memoised, potential, space
+from distiller.structure import Structure
+
+ENSEMBLES = ("nve", "nvt")
+THERMOSTATS = ("langevin", "nose-hoover")
+MAX_REALLOCATIONS = 8
+
+
+@contextlib.contextmanager
+def _quiet():
+    """JAX-MD's kinetic energy asks for float64 sums, which JAX without x64 truncates with a warning each trace."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Explicitly requested dtype float64", category=UserWarning)
+        yield
+
+
+@dataclasses.dataclass(frozen=True)
+class Dynamics:
+    """How to integrate: ensemble, temperature, time step (fs), thermostat."""
+
+    ensemble: str = "nve"  # "nve" or "nvt"
+    temperature: float = 300.0  # K: initial Maxwell-Boltzmann velocities, and the thermostat's target (nvt)
+    dt: float = 0.5  # fs
+    thermostat: str = "langevin"  # nvt: "langevin" (JAX-MD's BAOAB) or "nose-hoover" (JAX-MD's chain)
+    friction: float = 0.01  # 1/fs, Langevin
+    tau: float = 100.0  # fs, Nose-Hoover chain time constant
+    dr_threshold: float = DEFAULT_SKIN  # Å, neighbour-list skin
+
+    def __post_init__(self):
+        if self.ensemble not in ENSEMBLES:
+            raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {self.ensemble!r}")
+        if self.thermostat not in THERMOSTATS:
+            raise ValueError(f"thermostat must be one of {THERMOSTATS}, got {self.thermostat!r}")
+        if not self.temperature >= 0 or not self.dt > 0 or not self.friction > 0 or not self.tau > 0:
+            raise ValueError(f"invalid dynamics: temperature={self.temperature} K (>= 0), dt={self.dt} fs (> 0), "
+                             f"friction={self.friction} /fs (> 0), tau={self.tau} fs (> 0)")
+
+
+class Records(NamedTuple):
+    """Logged steps of one chunk, on the host (numpy). Positions in Å, momenta in ASE units, energies in eV."""
+
+    step: np.ndarray  # (R,) int
+    position: np.ndarray  # (R, N, 3)
+    momentum: np.ndarray  # (R, N, 3)
+    force: np.ndarray  # (R, N, 3) eV/Å
+    potential: np.ndarray  # (R,) eV
+    kinetic: np.ndarray  # (R,) eV
+    redone: int = 0  # times the chunk was redone after a capacity overflow
+
+
+THERMO_COLUMNS = ("step", "time_fs", "temperature_K", "potential_eV", "kinetic_eV", "total_eV")
+
+
+def thermo(records: Records, n_atoms: int, dt_fs: float) -> np.ndarray:
+    """(R, 6) rows of THERMO_COLUMNS."""
+    temperature = 2.0 * records.kinetic / (3 * n_atoms * units.kB)
+    return np.stack([records.step, records.step * dt_fs, temperature, records.potential, records.kinetic,
+                     records.potential + records.kinetic], axis=1)
+
+
+def energy_drift(rows: np.ndarray, n_atoms: int) -> float:
+    """Slope of the total energy against time (least squares), in meV/atom/ps, from thermo rows."""
+    rows = np.asarray(rows, np.float64)
+    if rows.shape[0] < 2:
+        raise ValueError("energy drift needs at least two logged steps")
+    time_ps = rows[:, 1] / 1000.0
+    slope = np.polyfit(time_ps, rows[:, 5] - rows[0, 5], 1)[0]  # eV/ps; relative to the start for precision
+    return float(slope * 1000.0 / n_atoms)
+
+
+def masses(structure: Structure) -> np.ndarray:
+    return np.asarray(ase.data.atomic_masses[np.asarray(structure.numbers)], np.float64)
+
+
+def maxwell_boltzmann(key: jax.Array, mass: jax.Array, temperature: float) -> jax.Array:
+    """(N, 3) momenta (ASE units) drawn at `temperature` K, without centre-of-mass motion, then scaled so that
+    the kinetic temperature (3N degrees of freedom) is exactly `temperature`: a run's starting temperature does
+    not depend on the seed's luck (81 atoms alone give +-30 K)."""
+    kT = units.kB * temperature
+    p = jnp.sqrt(mass[:, None] * kT) * jax.random.normal(key, (mass.shape[0], 3), jnp.float32)
+    if mass.shape[0] > 1:
+        p = p - jnp.mean(p, axis=0)
+    kinetic = 0.5 * jnp.sum(p**2 / mass[:, None])
+    target = 1.5 * mass.shape[0] * kT
+    return p * jnp.where(kinetic > 0, jnp.sqrt(target / jnp.where(kinetic > 0, kinetic, 1.0)), 0.0)
+
+
+def integrator(energy_fn, shift_fn, dynamics: Dynamics):
+    """JAX-MD's (init_fn, apply_fn) for the dynamics, with one calling convention: init(key, R, mass, **kw)."""
+    dt = dynamics.dt * units.fs
+    kT = units.kB * dynamics.temperature
+    if dynamics.ensemble == "nve":
+        init_fn, apply_fn = jax_md.simulate.nve(energy_fn, shift_fn, dt)
+        return (lambda key, R, mass, **kw: init_fn(key, R, kT, mass=mass, **kw)), apply_fn
+    if dynamics.thermostat == "langevin":
+        init_fn, apply_fn = jax_md.simulate.nvt_langevin(energy_fn, shift_fn, dt, kT,
+                                                         gamma=dynamics.friction / units.fs)
+    else:
+        init_fn, apply_fn = jax_md.simulate.nvt_nose_hoover(energy_fn, shift_fn, dt, kT, tau=dynamics.tau * units.fs)
+    return (lambda key, R, mass, **kw: init_fn(key, R, mass=mass, **kw)), apply_fn
+
+
+def _integration(model: Model, structure: Structure, dynamics: Dynamics, log_every: int):
+    """(neighbor_fn, init_fn, run_chunk, force_fn) for a structure: the functions jit compiles, built once."""
+    _, shift_fn = space(structure)
+    neighbor_fn, energy_fn = potential(model, structure, dynamics.dr_threshold)
+    init_fn, apply_fn = integrator(energy_fn, shift_fn, dynamics)
+    force_fn = jax.jit(jax_md.quantity.force(energy_fn))
+
+    def observe(state, nbrs):
+        kinetic = jax_md.quantity.kinetic_energy(momentum=state.momentum, mass=state.mass)
+        return state.position, state.momentum, state.force, energy_fn(state.position, neighbor=nbrs), kinetic
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def run_chunk(state, nbrs, n_logged: int):
+        """n_logged * log_every steps; the observables at the start and at every logged step."""
+        def one_step(carry, _):
+            state, nbrs = carry
+            state = apply_fn(state, neighbor=nbrs)
+            return (state, nbrs.update(state.position)), None
+
+        def logged_step(carry, _):
+            carry, _ = jax.lax.scan(one_step, carry, None, length=log_every)
+            return carry, observe(*carry)
+
+        start = observe(state, nbrs)
+        carry, logged = jax.lax.scan(logged_step, (state, nbrs), None, length=n_logged)
+        return carry, start, logged
+
+    return neighbor_fn, init_fn, run_chunk, force_fn
+
+
+def simulate(model, structure: Structure, dynamics: Dynamics, steps: int, *, log_every: int = 10,
+             chunk: int = 100, key: int | jax.Array = 0, capacity=None, model_capacity=None) -> Iterator[Records]:
+    """Integrate `steps` steps from `structure`; yield the logged steps chunk by chunk (step 0 first).
+
+    model: a Model, teacher spec, student run directory or (teacher, params) pair. key: seed of the initial
+    velocities and of the Langevin noise. chunk: steps per compiled `lax.scan` (rounded up to a multiple of
+    log_every). capacity, model_capacity: the neighbour list's and the model's starting capacities (default:
+    measured at the start); too small ones are grown when a chunk overflows, and the chunk is redone.
+    """
+    model = as_model(model)
+    structure = structure.validated()
+    if steps < 0 or log_every < 1 or steps % log_every:
+        raise ValueError(f"steps ({steps}) must be a non-negative multiple of log_every ({log_every})")
+    chunk = max(log_every, -(-int(chunk) // log_every) * log_every)
+    key = jax.random.key(key) if isinstance(key, (int, np.integer)) else key
+
+    neighbor_fn, init_fn, run_chunk, force_fn = memoised("simulate", model, structure, (dynamics, log_every),
+                                                         lambda: _integration(model, structure, dynamics, log_every))
+    mass = jnp.asarray(masses(structure), jnp.float32)
+    R = jnp.asarray(structure.positions, jnp.float32)
+    nbrs = neighbor_fn.allocate(R, capacity=capacity, model_capacity=model_capacity)
+    key_velocities, key_noise = jax.random.split(key)
+    with _quiet():
+        state = init_fn(key_noise, R, mass, momenta=maxwell_boltzmann(key_velocities, mass, dynamics.temperature),
+                        neighbor=nbrs)
+    done = 0
+    while True:
+        n = min(chunk, steps - done)
+        for attempt in range(MAX_REALLOCATIONS + 1):
+            with _quiet():
+                (new_state, new_nbrs), start, logged = run_chunk(state, nbrs, n // log_every)
+            if not bool(new_nbrs.did_buffer_overflow):
+                break
+            if attempt == MAX_REALLOCATIONS:
+                raise RuntimeError(f"{structure.name}: capacities still overflow after {attempt} re-allocations "
+                                   f"(neighbours {new_nbrs.capacity}, model {new_nbrs.model_capacity})")
+            # Redo the chunk from its start with capacities that fit what it needed; the model's are measured
+            # at both ends of the chunk, with a margin that widens on every retry. The start's forces were
+            # computed with the old list, so they are recomputed too.
+            nbrs = neighbor_fn.allocate(state.position, previous=new_nbrs, margin=1.25 + 0.25 * attempt,
+                                        also=[new_state.position])
+            state = state.set(force=force_fn(state.position, neighbor=nbrs))
+        if done == 0:  # step 0, logged once its list is known to be good
+            yield _records(np.zeros(1, np.int64), [np.asarray(x)[None] for x in start], 0, structure, model,
+                           dynamics)
+        if n == 0:
+            return
+        step = done + log_every * np.arange(1, n // log_every + 1)
+        state, nbrs, done = new_state, new_nbrs, done + n
+        yield _records(step, [np.asarray(x) for x in logged], attempt, structure, model, dynamics)
+        if done == steps:
+            return
+
+
+def _records(step, arrays, redone, structure, model, dynamics) -> Records:
+    records = Records(step, *arrays, redone=redone)
+    finite = np.isfinite(records.potential) & np.all(np.isfinite(records.position), axis=(1, 2))
+    if not np.all(finite):
+        raise FloatingPointError(f"{structure.name}: MD with {model.name} became non-finite at step "
+                                 f"{int(step[np.argmin(finite)])} (time step {dynamics.dt} fs too large, or an "
+                                 f"unphysical structure?)")
+    return records
+
+
+def frames(structure: Structure, records: Records, dt_fs: float, every: int = 1) -> list[Structure]:
+    """The logged steps whose step is a multiple of `every`, as Structures labelled with the MD model's energy
+    and forces; `info` gains `step` and `time_fs`."""
+    out = []
+    for k, step in enumerate(np.asarray(records.step).tolist()):
+        if step % every:
+            continue
+        out.append(structure.replace(
+            positions=np.asarray(records.position[k], np.float64), name=f"{structure.name}@{step}",
+            energy=float(records.potential[k]), forces=np.asarray(records.force[k], np.float64), stress=None,
+            info={**structure.info, "step": step, "time_fs": step * dt_fs}))
+    return out
