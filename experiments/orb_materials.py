@@ -1,16 +1,18 @@
 """Issue 4: an Orb teacher (PyTorch) distilled offline into one student for periodic materials and water.
 
     python experiments/orb_materials.py                 # sample, label, train, evaluate (a GPU job, minutes)
-    python experiments/orb_materials.py --tiny          # the same pipeline at toy sizes (CPU, ~2 min on 2 cores)
+    python experiments/orb_materials.py --scale cpu     # smaller seeds and sets (2 CPU cores, ~15 min)
+    python experiments/orb_materials.py --scale tiny    # toy sizes: a smoke run of the pipeline (~2 min)
     python experiments/orb_materials.py --teacher orb:orb-v3-conservative-inf-omat \
         --weights-path orb-v3-conservative-inf-omat-20250404.ckpt --work runs/orb_materials_omat
     distiller distill experiments/orb_materials.py      # training only (the dataset must exist)
 
-Stages, all under runs/orb_materials/ (runs/orb_materials_tiny/ with --tiny; each resumes: sampled sets are
-kept, labelling continues where a kill stopped it, training resumes from its checkpoints):
+Stages, all under runs/orb_materials/ (runs/orb_materials_SCALE/ for another scale; each resumes: sampled sets
+are kept, labelling continues where a kill stopped it, training resumes from its checkpoints):
 
 1. Candidates by rattling three seeds with `distiller.data.sampling.sample`: fcc Cu (3x3x3 cubic supercell,
-   108 atoms), diamond Si (2x2x2 cubic, 64 atoms) and liquid water (watersmall, 648 atoms). Every copy gets
+   108 atoms; 2x2x2, 32 atoms, at the smaller scales), diamond Si (2x2x2 cubic, 64 atoms) and liquid water
+   (watersmall, 648 atoms; watertiny, 81 atoms, at the smaller scales). Every copy gets
    Gaussian displacements and a random symmetric cell strain: strained cells are what teach the student the
    stress, which is in the loss.
 2. Labelling with the Orb teacher (`distiller.label.label_dataset`, resumable): energy, forces and stress.
@@ -40,14 +42,28 @@ from distiller.students import StudentConfig  # noqa: E402
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SHARED = os.environ.get("DISTILLER_SHARED", os.path.join(ROOT, "..", "shared"))
 WORK = os.path.join(ROOT, "runs", "orb_materials")
-TINY_WORK = os.path.join(ROOT, "runs", "orb_materials_tiny")
 TEACHER = "orb:random/orb-v3-conservative"
 SYSTEMS = ("cu", "si", "water")
 
-# Training structures and fresh test structures per system; --tiny uses TINY_COUNTS for both.
-COUNTS = {"cu": 480, "si": 480, "water": 120}
-TEST_COUNTS = {"cu": 32, "si": 32, "water": 8}
-TINY_COUNTS = {"cu": 3, "si": 3, "water": 2}
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """How big a run is: training and test structures per system, seed sizes, training steps and batch."""
+
+    counts: dict
+    test_counts: dict
+    small_seeds: bool  # Cu 2x2x2 and watertiny instead of Cu 3x3x3 and watersmall
+    steps: int
+    batch_size: int
+    held_out: int
+
+
+SCALES = {
+    "gpu": Scale({"cu": 480, "si": 480, "water": 120}, {"cu": 32, "si": 32, "water": 8}, False, 5000, 8, 32),
+    # Orb costs ~0.3 ms per edge on a 2-core CPU: ~1 s per structure here.
+    "cpu": Scale({"cu": 64, "si": 64, "water": 32}, {"cu": 12, "si": 12, "water": 6}, True, 2000, 4, 8),
+    "tiny": Scale({"cu": 3, "si": 3, "water": 2}, {"cu": 3, "si": 3, "water": 2}, True, 40, 8, 2),
+}
 
 config = Experiment(
     name="orb-materials",
@@ -68,18 +84,18 @@ config = Experiment(
 )
 
 
-def seed_structure(system: str, tiny: bool):
+def seed_structure(system: str, small: bool):
     """The seed of a system: ideal crystals from ase.build (lattice constants of experiment), or the shared
-    periodic water box. --tiny takes a 2x2x2 Cu cell (32 atoms) and the 81-atom water box."""
+    periodic water box; `small`: a 2x2x2 Cu cell (32 atoms) and the 81-atom water box."""
     from ase.build import bulk
 
     from distiller.structure import Structure, read_structures
 
     if system == "cu":
-        return Structure.from_ase(bulk("Cu", "fcc", a=3.615, cubic=True).repeat(2 if tiny else 3), name="fcc Cu")
+        return Structure.from_ase(bulk("Cu", "fcc", a=3.615, cubic=True).repeat(2 if small else 3), name="fcc Cu")
     if system == "si":
         return Structure.from_ase(bulk("Si", "diamond", a=5.431, cubic=True).repeat(2), name="diamond Si")
-    water = "watertiny" if tiny else "watersmall"
+    water = "watertiny" if small else "watersmall"
     return read_structures(os.path.join(SHARED, "structures", f"{water}.extxyz"))[0]
 
 
@@ -93,14 +109,14 @@ def rattling(system: str, count: int):
     return RattleConfig(count=count, stdev=0.1, strain=0.03)
 
 
-def candidates(work: str, system: str, count: int, key: int, tiny: bool) -> str:
+def candidates(work: str, system: str, count: int, key: int, small: bool) -> str:
     """`count` rattled copies of the system's seed drawn with `key`, as an unlabelled dataset (cached); its path."""
     from distiller.data.dataset import is_dataset, write_dataset
     from distiller.data.sampling import sample
 
     path = os.path.join(work, "candidates", f"{system}-{count}-key{key}")
     if not is_dataset(path):
-        structures = sample([seed_structure(system, tiny)], rattling(system, count), None, key=key)
+        structures = sample([seed_structure(system, small)], rattling(system, count), None, key=key)
         write_dataset(path, structures, description=f"rattled {system}, key {key}")
     return path
 
@@ -116,7 +132,7 @@ def load(spec: str, weights_path: str | None):
     return load_teacher(spec)
 
 
-def main(tiny: bool = False, teacher_spec: str = TEACHER, weights_path: str | None = None,
+def main(scale: str = "gpu", teacher_spec: str = TEACHER, weights_path: str | None = None,
          work: str | None = None) -> dict:
     from distiller.data.dataset import open_dataset
     from distiller.evaluate import evaluate_run
@@ -125,25 +141,25 @@ def main(tiny: bool = False, teacher_spec: str = TEACHER, weights_path: str | No
     from distiller.structure import write_structures
     from distiller.train.trainer import run
 
-    work = work or (TINY_WORK if tiny else WORK)
-    counts = TINY_COUNTS if tiny else COUNTS
-    test_counts = TINY_COUNTS if tiny else TEST_COUNTS
+    size = SCALES[scale]
+    work = work or (WORK if scale == "gpu" else f"{WORK}_{scale}")
+    tiny = scale == "tiny"
     os.makedirs(work, exist_ok=True)
     teacher, params = load(teacher_spec, weights_path)
 
     # 1. Candidates: training sets (key 1) and test sets (key 99) per system.
-    train = {s: candidates(work, s, counts[s], 1, tiny) for s in SYSTEMS}
-    test = {s: candidates(work, s, test_counts[s], 99, tiny) for s in SYSTEMS}
+    train = {s: candidates(work, s, size.counts[s], 1, size.small_seeds) for s in SYSTEMS}
+    test = {s: candidates(work, s, size.test_counts[s], 99, size.small_seeds) for s in SYSTEMS}
 
     # 2. Labelling (resumable; on a cluster the same job runs as `distiller label --shard i/n` array jobs).
     dataset = os.path.join(work, "data")
     labelling = label_dataset((teacher, params), [train[s] for s in SYSTEMS], dataset, chunk=64, progress=not tiny)
 
     # 3. Training: one student for the three systems.
-    steps = 40 if tiny else config.steps
+    steps = size.steps
     run_config = dataclasses.replace(
         config, teacher=teacher.spec, dataset=dataset, run_dir=os.path.join(work, "student"), steps=steps,
-        held_out=2 if tiny else config.held_out, checkpoint_every=min(config.checkpoint_every, steps),
+        batch_size=size.batch_size, held_out=size.held_out, checkpoint_every=min(config.checkpoint_every, steps),
         log_every=min(config.log_every, steps))
     t0 = time.perf_counter()
     run(run_config, resume=True, progress=not tiny)
@@ -167,12 +183,12 @@ def main(tiny: bool = False, teacher_spec: str = TEACHER, weights_path: str | No
         results[name] = {k: report["summary"][k] for k in keys if k in report["summary"]}
 
     data = open_dataset(dataset)
-    seeds = {s: seed_structure(s, tiny) for s in SYSTEMS}
-    seeds = {s: {"name": seed.name, "atoms": seed.n_atoms, "rattle": dataclasses.asdict(rattling(s, counts[s]))}
+    seeds = {s: seed_structure(s, size.small_seeds) for s in SYSTEMS}
+    seeds = {s: {"name": seed.name, "atoms": seed.n_atoms, "rattle": dataclasses.asdict(rattling(s, size.counts[s]))}
              for s, seed in seeds.items()}
     retained = {name: f"{100 * r['accuracy_retained']:.1f} %" for name, r in results.items()}
     note = {
-        "teacher": teacher.spec, "weights_path": weights_path, "tiny": tiny, "seeds": seeds,
+        "teacher": teacher.spec, "weights_path": weights_path, "scale": scale, "seeds": seeds,
         "student": dataclasses.asdict(run_config.student), "loss": dataclasses.asdict(run_config.loss),
         "steps": steps, "dataset": {"structures": len(data), "atoms": int(data.n_atoms.sum()), "path": dataset},
         "labelling": labelling, "training": {"seconds": round(training_seconds, 1), "last_logged": last},
@@ -191,9 +207,10 @@ def main(tiny: bool = False, teacher_spec: str = TEACHER, weights_path: str | No
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="toy sizes: a CPU smoke run of the whole pipeline")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="gpu",
+                        help="gpu (default, minutes on one GPU), cpu (~15 min on 2 cores), tiny (a smoke run)")
     parser.add_argument("--teacher", default=TEACHER, help=f"teacher spec (default {TEACHER})")
     parser.add_argument("--weights-path", help="a local Orb checkpoint (.ckpt) for the --teacher architecture")
-    parser.add_argument("--work", help=f"working directory (default {WORK}, or {TINY_WORK} with --tiny)")
+    parser.add_argument("--work", help=f"working directory (default {WORK}, or {WORK}_SCALE)")
     args = parser.parse_args()
-    main(tiny=args.tiny, teacher_spec=args.teacher, weights_path=args.weights_path, work=args.work)
+    main(scale=args.scale, teacher_spec=args.teacher, weights_path=args.weights_path, work=args.work)
