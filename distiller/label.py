@@ -78,7 +78,7 @@ class Inputs:
                 sizes.append(np.array([s.n_atoms for s in structures], np.int64))
                 self.sources.append({"file": os.path.basename(path), "kind": "file", "sha256": sha256(path),
                                      "structures": len(structures)})
-        self.n_atoms = np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
+        self.n_atoms = np.concatenate(sizes)
         self._offsets = np.cumsum([0] + [len(s) for s in sizes])
 
     def __len__(self) -> int:
@@ -92,7 +92,8 @@ class Inputs:
             where = np.flatnonzero(which == p)
             local = (indices[where] - self._offsets[p]).tolist()
             part = self._parts[p]
-            got = part.get(local) if isinstance(part, Dataset) else [part[k] for k in local]
+            # Files were validated when read; a dataset's structures are validated here, as they come in.
+            got = [x.validated() for x in part.get(local)] if isinstance(part, Dataset) else [part[k] for k in local]
             for j, k, s in zip(where, local, got):
                 info = {key: v for key, v in s.info.items() if key != "energy_spread"}  # a previous teacher's
                 info.setdefault("source", {"path": self.paths[p], "index": k})
@@ -193,8 +194,6 @@ class JaxLabeller:
         return BatchShape(atoms=nl.round_up(graphs * per + 1), graphs=graphs + 1)
 
     def __call__(self, structures: Sequence[Structure]) -> list[Structure]:
-        structures = [s.validated() for s in structures]
-        self.teacher.check(structures)
         # A chunk straddling two size buckets (the job sorts by size) is labelled bucket by bucket, so
         # small structures are not padded to the large ones' shape.
         buckets = np.array([nl.round_up(s.n_atoms) for s in structures])
@@ -202,7 +201,7 @@ class JaxLabeller:
         for bucket in np.unique(buckets):
             members = np.flatnonzero(buckets == bucket)
             group = [structures[k] for k in members]
-            shape = self.shape(max(s.n_atoms for s in group))
+            shape = self.shape(bucket)
             self.shapes_seen.add(shape)
             step = shape.graphs - 1
             # Every batch of the group is dispatched before the first result is read, so the host pads the
@@ -318,7 +317,10 @@ def label_dataset(teacher, structures: Sequence[str | os.PathLike], out: str | o
         for k, indices in enumerate(chunks):
             if k in done:
                 continue
-            labels = labeller(inputs.get(indices))
+            structures = inputs.get(indices)
+            if everything is None:  # datasets among the inputs: checked chunk by chunk
+                teacher.check(structures)
+            labels = labeller(structures)
             writer.commit(k, labels, indices, labeller.state())
             labelled_now += len(indices)
             bar.update(len(indices))

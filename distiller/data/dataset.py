@@ -46,7 +46,7 @@ import msgpack
 import numpy as np
 from ase.data import chemical_symbols
 
-from distiller.files import replaced, sha256, write_json_atomic
+from distiller.files import is_temporary, replaced, sha256, write_json_atomic
 from distiller.structure import Structure
 
 FORMAT = "distiller-dataset"
@@ -75,7 +75,7 @@ def _json_default(value):
         return value.tolist()
     if isinstance(value, np.generic):
         return value.item()
-    if isinstance(value, (set, frozenset, tuple)):
+    if isinstance(value, (set, frozenset)):
         return list(value)
     return repr(value)  # provenance must never stop a labelling job; keep what it says
 
@@ -225,7 +225,7 @@ class ShardWriter:
         prefix = f"part-{self.shard:05d}-of-{self.shards:05d}-"
         committed = {p["file"] for p in self.manifest["parts"]}
         for name in os.listdir(self.path):
-            stale_tmp = name.startswith("." + prefix) or name.startswith(f".{manifest_name(self.shard, self.shards)}.tmp")
+            stale_tmp = is_temporary(name) and name[1:].startswith((prefix, manifest_name(self.shard, self.shards)))
             orphan = name.startswith(prefix) and name not in committed
             if stale_tmp or orphan:
                 os.remove(os.path.join(self.path, name))
@@ -259,7 +259,7 @@ class ShardWriter:
         if state is not None:
             # Pickled host state travels inside the manifest so that it changes in the same atomic rename.
             manifest["state"] = base64.b64encode(state).decode("ascii")
-        write_json_atomic(self.manifest_path, manifest)
+        write_json_atomic(self.manifest_path, manifest, indent=None)  # rewritten every commit: compact
         self.manifest = manifest
 
     def finish(self) -> bool:
@@ -270,7 +270,7 @@ class ShardWriter:
             raise DatasetError(f"{self.manifest_path}: {done} structures committed, the shard has {expected}")
         if not self.manifest["complete"]:
             self.manifest = {**self.manifest, "complete": True}
-            write_json_atomic(self.manifest_path, self.manifest)
+            write_json_atomic(self.manifest_path, self.manifest, indent=None)
         try:
             write_metadata(self.path)
             return True
@@ -620,6 +620,6 @@ def merge_datasets(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) 
                 if sha256(tmp) != part["sha256"]:
                     raise DatasetError(f"{source}: sha256 differs from its manifest's record: corrupt, not merged")
         manifest = {k: v for k, v in manifest.items() if k != "_file"}
-        write_json_atomic(os.path.join(out, manifest_name(*manifest["shard"])), manifest)
+        write_json_atomic(os.path.join(out, manifest_name(*manifest["shard"])), manifest, indent=None)
     write_metadata(out)
     return open_dataset(out)
