@@ -111,12 +111,13 @@ class Structure:
         return self
 
 
-def closest_pair(structure: Structure) -> tuple[int, int, float]:
-    """The two closest atoms (periodic images included) and their distance; (-1, -1, inf) for one atom."""
+def closest_pair(structure: Structure, cutoff: float = MIN_DISTANCE * 1.01) -> tuple[int, int, float]:
+    """The two closest atoms (periodic images included) and their distance if below `cutoff`; (-1, -1, inf)
+    if none is."""
     from ase.neighborlist import neighbor_list
 
     atoms = ase.Atoms(numbers=structure.numbers, positions=structure.positions, cell=structure.cell, pbc=structure.pbc)
-    i, j, d = neighbor_list("ijd", atoms, MIN_DISTANCE * 1.01)
+    i, j, d = neighbor_list("ijd", atoms, cutoff)
     if len(d) == 0:
         return -1, -1, float("inf")
     k = int(np.argmin(d))

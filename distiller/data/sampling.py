@@ -32,14 +32,13 @@ import os
 import warnings
 from typing import Any, ClassVar
 
-import ase.data
 import jax
 import jax.numpy as jnp
 import numpy as np
 from ase import units
 
 from distiller import batch as batching
-from distiller.structure import Structure, StructureError, read_structures
+from distiller.structure import Structure, StructureError, closest_pair, read_structures
 from distiller.train.sampling import perturb
 
 MIN_DISTANCE = 0.5  # Å
@@ -196,25 +195,17 @@ def _candidate(seed: Structure, source: dict, config, key, sample: int, position
                      name=f"{seed.name}|{config.method}:{sample}", info={**info, "provenance": provenance})
 
 
-def closest_distance(structure: Structure, cutoff: float) -> float:
-    """Shortest interatomic distance (periodic images included) if below `cutoff`, else inf."""
-    from ase.neighborlist import neighbor_list
-
-    d = neighbor_list("d", structure.to_ase(), cutoff)
-    return float(d.min()) if len(d) else float("inf")
-
-
 def is_valid(structure: Structure, min_distance: float = MIN_DISTANCE) -> bool:
     try:
-        structure.validated()
+        _require_valid(structure, min_distance, "structure")
     except StructureError:
         return False
-    return closest_distance(structure, min_distance) >= min_distance
+    return True
 
 
 def _require_valid(structure: Structure, min_distance: float, what: str) -> Structure:
     structure.validated()
-    d = closest_distance(structure, min_distance)
+    d = closest_pair(structure, min_distance)[2]
     if d < min_distance:
         raise StructureError(f"{structure.name}: {what} has atoms {d:.3f} Å apart (< {min_distance} Å)")
     return structure
@@ -296,7 +287,9 @@ def vibrational_modes(structure: Structure, hessian: np.ndarray) -> tuple[np.nda
         n_zero = 5 if n > 1 and singular[1] < 1e-2 else 6
     if 3 * n <= n_zero:
         raise StructureError(f"{structure.name}: {n} atom(s) have no vibrational modes")
-    scale = 1.0 / np.sqrt(np.repeat(ase.data.atomic_masses[np.asarray(structure.numbers)], 3))
+    from distiller.md.simulate import masses
+
+    scale = 1.0 / np.sqrt(np.repeat(masses(structure), 3))
     eigenvalues, vectors = np.linalg.eigh(hessian * scale[:, None] * scale[None, :])
     keep = np.sort(np.argsort(np.abs(eigenvalues))[n_zero:])
     u = vectors[:, keep] * scale[:, None]

@@ -52,8 +52,7 @@ def from_teacher(teacher, params=None) -> Model:
         return jnp.mean(member, axis=0), overflow
 
     return Model(name=teacher.spec, cutoff=float(teacher.cutoff), params=params, energies=energies,
-                 capacity_for=lambda batch, margin=1.25: teacher.capacity_for(batch, margin),
-                 grow=lambda capacity, batch, margin=1.25: teacher.grow(capacity, batch, margin),
+                 capacity_for=teacher.capacity_for, grow=teacher.grow,
                  check=teacher.check, origin=teacher)
 
 

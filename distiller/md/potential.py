@@ -155,10 +155,11 @@ class _System:
         return nl.neighbour_list(self.positions(R), b.cell.at[0].set(cell), b.pbc, b.graph_index, b.atom_mask,
                                  n_graphs=2, cutoff=cutoff, capacity=capacity)
 
-    def allocate(self, R, cell, cutoff: float, margin: float) -> nl.NeighbourCapacity:
+    def allocate(self, R, cell, cutoff: float, margin: float,
+                 extra: nl.NeighbourCapacity | None = None) -> nl.NeighbourCapacity:
         b = self.batch
         return nl.allocate(self.positions(R), b.cell.at[0].set(cell), b.pbc, b.graph_index, b.atom_mask,
-                           n_graphs=2, cutoff=cutoff, margin=margin)
+                           n_graphs=2, cutoff=cutoff, margin=margin, extra=extra)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,9 +265,8 @@ def _potential(model: Model, structure: Structure, dr_threshold: float, capacity
         margin = capacity_multiplier if margin is None else float(margin)
         cell = system.cell(cell)
         R = jnp.asarray(R, system.batch.positions.dtype)
-        fits = system.allocate(R, cell, cutoff, margin)
-        if previous is not None:
-            fits = nl.NeighbourCapacity(*map(max, fits, nl.grow(previous.capacity, previous.needed, margin)))
+        fits = system.allocate(R, cell, cutoff, margin,
+                               extra=None if previous is None else nl.grow(previous.capacity, previous.needed, margin))
         if extra_capacity:
             fits = fits._replace(edges=nl.round_up(fits.edges + int(extra_capacity)))
         capacity = fits if capacity is None else capacity

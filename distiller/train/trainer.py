@@ -442,12 +442,9 @@ def _save_capacity(job: Distillation, step: int, keep: int = 4) -> None:
 
 def _load_capacity(job: Distillation, step: int) -> None:
     path = _capacity_path(job.config.run_dir, step)
-    legacy = os.path.join(job.config.run_dir, "capacity.pkl")  # runs from before per-step capacities
-    for candidate in (path, legacy):
-        if os.path.exists(candidate):
-            with open(candidate, "rb") as f:
-                job.data.restore_capacity(pickle.load(f))
-            return
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            job.data.restore_capacity(pickle.load(f))
 
 
 def held_out_structures(job: Distillation, count: int) -> list[Structure]:
