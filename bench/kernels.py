@@ -21,10 +21,11 @@ Steps (each one guarded: a failure is recorded in the JSON and the run goes on):
      of repeated runs after warm-up;
   4. counted bytes and FLOPs of the layer against the measured copy bandwidth and the time.
 
-The student is StudentConfig(features=64, layers=2, n_rbf=16, cutoff=5 Å), its cfconv a dispatcher entry
-(registered in KERNELS) that is cfconv_pallas with the tuned config: it builds the edge orders inside the
-step (two sorts, shared by the layers inside one jit), as the student's "pallas" kernel does; the layer rows
-are timed with the edge orders built once, as a caller that keeps them per neighbour update does.
+The student is StudentConfig(features=64, layers=2, n_rbf=16, cutoff=5 Å), its cfconv the dispatcher's
+"pallas" entry with the tuned config: it takes the neighbour list's receiver order as it is and runs the
+symmetric transpose, so energy+forces sort nothing and a training step sorts once (the sender order of its
+second derivatives), inside the step. The layer rows are timed with the edge orders built once, as a caller
+that keeps them per neighbour update does. "graph_build_ms" is a full build (both sorts) for reference.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ import numpy as np  # noqa: E402
 from distiller.batch import make_batch  # noqa: E402
 from distiller.structure import read_structures  # noqa: E402
 from distiller.students import StudentConfig, build_model, edge_lengths, energy_forces, init_student  # noqa: E402
-from pallas_kernels.cfconv import KERNELS, cfconv_reference, rbf_centers  # noqa: E402
+from distiller.precision import full_precision  # noqa: E402
+from pallas_kernels.cfconv import KERNELS, cfconv_reference  # noqa: E402
 from pallas_kernels.cfconv.edge_op import KernelConfig  # noqa: E402
 from pallas_kernels.cfconv.graph import edge_graph  # noqa: E402
 from pallas_kernels.cfconv.pallas import PallasConfig, cfconv_pallas  # noqa: E402
@@ -57,14 +59,14 @@ SIZES = ("watersmall", "waterbox", "waterbig", "waterhuge")
 STUDENT = dict(features=64, layers=2, n_rbf=16, cutoff=5.0)
 
 # Candidates per derivative depth (block_edges, block_atoms, num_warps, num_stages, layout); the first is
-# DEFAULT_CONFIG's. Left out after the H200 runs: 128-edge blocks for the first VJP and 64-edge blocks for the
-# second (they asked for more than the 227 KB of shared memory).
+# DEFAULT_CONFIG's. A candidate that asks for more shared memory than the GPU has fails to compile and is
+# recorded under "errors" (with the Gaussian/MLP filter, 128-edge blocks did for the VJP passes).
 SWEEP = {
-    0: [(64, 16, 4, 2, "flat"), (64, 16, 4, 3, "flat"), (32, 16, 4, 2, "flat"), (128, 16, 8, 2, "flat"),
-        (64, 8, 4, 1, "atom")],
-    1: [(32, 16, 4, 2, "flat"), (16, 16, 4, 2, "flat"), (32, 16, 4, 3, "flat"), (64, 16, 4, 2, "flat"),
-        (64, 8, 8, 1, "atom")],
-    2: [(32, 16, 4, 1, "flat"), (16, 16, 4, 1, "flat"), (32, 16, 4, 2, "flat"), (32, 16, 8, 1, "atom")],
+    0: [(64, 16, 4, 2, "flat"), (128, 16, 4, 2, "flat"), (128, 32, 8, 2, "flat"), (64, 16, 4, 3, "flat"),
+        (32, 16, 4, 2, "flat")],
+    1: [(32, 16, 4, 2, "flat"), (64, 16, 4, 2, "flat"), (64, 16, 8, 2, "flat"), (128, 16, 8, 2, "flat"),
+        (16, 16, 4, 2, "flat")],
+    2: [(32, 16, 4, 1, "flat"), (64, 16, 4, 1, "flat"), (16, 16, 4, 1, "flat"), (32, 16, 8, 1, "flat")],
 }
 
 
@@ -136,22 +138,21 @@ def load_problem(structures_dir, name):
     batch, _ = make_batch(structures, STUDENT["cutoff"])
     lengths = jax.jit(lambda b: edge_lengths(b.edge_vectors(), b.edge_mask))(batch)
     n_atoms = batch.numbers.shape[0]
-    graph = jax.jit(edge_graph, static_argnums=3)(batch.senders, batch.receivers, batch.edge_mask, n_atoms)
+    graph = jax.jit(functools.partial(edge_graph, sorted_by_receiver=True), static_argnums=3)(
+        batch.senders, batch.receivers, batch.edge_mask, n_atoms)
     return Problem(name, sum(s.n_atoms for s in structures), batch, lengths, graph, int(np.sum(batch.edge_mask)))
 
 
 def layer_inputs(problem, seed, features=64, n_rbf=16, dtype=jnp.float32):
     rng = np.random.default_rng(seed)
     n_atoms = problem.batch.numbers.shape[0]
-    params = {"centers": rbf_centers(STUDENT["cutoff"], n_rbf).astype(dtype),
-              "w1": jnp.asarray(rng.normal(size=(n_rbf, features)) / np.sqrt(n_rbf), dtype),
-              "b1": jnp.asarray(rng.normal(size=features) * 0.3, dtype),
-              "w2": jnp.asarray(rng.normal(size=(features, features)) / np.sqrt(features), dtype),
-              "b2": jnp.asarray(rng.normal(size=features) * 0.3, dtype)}
+    params = {"coefficients": jnp.asarray(rng.normal(size=(n_rbf, features)), dtype)}
     x = jnp.asarray(rng.normal(size=(n_atoms, features)), dtype)
-    # Real geometry, jittered so every check sees lengths it has not seen before.
-    r = problem.lengths + jnp.asarray(rng.uniform(-0.05, 0.05, problem.lengths.shape), dtype)
-    r = jnp.where(problem.batch.edge_mask, r, 0.0)
+    # Real geometry with jittered atoms, so every check sees lengths it has not seen before. The atoms move,
+    # not the edges: both directions of a pair keep one length, as the symmetric transpose requires.
+    b = problem.batch
+    moved = b.positions + jnp.asarray(rng.uniform(-0.03, 0.03, b.positions.shape), dtype)
+    r = jax.jit(lambda p: edge_lengths(b.edge_vectors(p), b.edge_mask))(moved)
     ct = jnp.asarray(rng.normal(size=(n_atoms, features)), dtype)
     return x, r, params, ct
 
@@ -161,11 +162,12 @@ def layer_fns(problem, config: PallasConfig | None):
     b = problem.batch
     graph = problem.graph
 
+    @full_precision  # the XLA path at full float32, as the student runs it (not TF32)
     def conv(x, r, p):
         if config is None:
             return cfconv_reference(x, r, b.senders, b.receivers, b.edge_mask, p, cutoff=STUDENT["cutoff"])
         return cfconv_pallas(x, r, b.senders, b.receivers, b.edge_mask, p, cutoff=STUDENT["cutoff"],
-                             graph=graph, config=config)
+                             graph=graph, config=config, symmetric=True)
 
     def vjp(x, r, p, ct):
         out, pull = jax.vjp(conv, x, r, p)
@@ -219,28 +221,36 @@ def correctness(problem, config, seed, second_order=True):
 # ---------------------------------------------------------------------------------------------- counting
 
 
-def counted_bytes(problem, features=64, n_rbf=16, n_prog_glob=0):
-    """Fewest bytes through HBM: each input read once, each output written once (4-byte words).
+def counted_bytes(problem, features=64, n_rbf=16):
+    """Bytes of the layer's passes, counted two ways (4-byte words).
 
-    forward: offsets, per real edge its position->edge id, far atom and length; features; output.
-    backward (sender pass): the same index/length words again, features and the output cotangent, the
-    features' cotangent and one length cotangent per edge. Gathered rows count once (they hit L2).
+    unique: the fewest bytes through HBM, each input read once and each output written once.
+      forward: offsets, per real edge its position->edge id, far atom and length; features; output.
+      backward (sender pass): the same index/length words again, features and the output cotangent, the
+      features' cotangent and one length cotangent per edge.
+    issued: what the kernels ask the memory system for: as unique, but every gathered feature row counted
+      once per edge (the far end's row of each edge; in the backward pass the features' and the cotangent's).
+      Gathers mostly hit L2, so this can exceed HBM bandwidth; it is the traffic the kernel cannot avoid.
     """
     a, e, f = problem.batch.numbers.shape[0], problem.n_edges_real, features
-    params = 4 * (n_rbf * f + f * f + 2 * f + n_rbf)
+    params = 4 * n_rbf * f
     fwd = 4 * (a + 1) + 12 * e + 4 * a * f * 2 + params
     bwd = 4 * (a + 1) + 12 * e + 4 * a * f * 3 + 4 * e + params
-    return {"forward": fwd, "forward_backward": fwd + bwd}
+    gathered = 4 * e * f  # one feature row per edge
+    return {"forward": fwd, "forward_backward": fwd + bwd,
+            "issued_forward": fwd + gathered, "issued_forward_backward": fwd + bwd + 3 * gathered}
 
 
 def counted_flops(problem, features=64, n_rbf=16):
-    """Multiply-adds of the filter (2 flops each) per real edge: forward; forward+backward (x, r only)."""
-    e, f, r = problem.n_edges_real, features, n_rbf
-    dots = 2 * (r * f + f * f)
-    elementwise = 3 * r + 6 * f + 20
-    fwd = e * (dots + elementwise)
-    # backward recomputes the filter, and the length cotangent runs the two products once more transposed.
-    bwd = e * (2 * dots + 2 * elementwise)
+    """Flops per real edge of the dense-basis formulation the kernels run: forward; forward+backward (x, r).
+
+    Per edge: K basis values (~12 flops each), the (K) x (K, F) product, envelope (~20), weight x feature and
+    the one-hot reduction row (~4 F). The backward pass recomputes the filter and runs the product once more
+    for the basis' derivative.
+    """
+    e, f, k = problem.n_edges_real, features, n_rbf
+    fwd = e * (12 * k + 2 * k * f + 20 + 4 * f)
+    bwd = e * (2 * (12 * k + 2 * k * f) + 40 + 8 * f)
     return {"forward": fwd, "forward_backward": fwd + bwd}
 
 
@@ -338,7 +348,7 @@ def bench_size(problem, config: PallasConfig, bandwidth, report, repeats):
     row["counted_flops"] = flops
     # A kernel name for this size's tuned config, registered the public way (the dispatcher's table).
     kernel_name = f"pallas-bench-{problem.name}"
-    KERNELS[kernel_name] = functools.partial(cfconv_pallas, config=config)
+    KERNELS[kernel_name] = functools.partial(KERNELS["pallas"], config=config)
     for path, cfg, kernel in (("pallas", config, kernel_name), ("xla", None, "xla")):
         fwd, vjp, _ = layer_fns(problem, cfg)
         res = {}
@@ -348,6 +358,7 @@ def bench_size(problem, config: PallasConfig, bandwidth, report, repeats):
                 res[key] = {"ms": t[0] * 1e3, "p10_ms": t[1] * 1e3, "p90_ms": t[2] * 1e3, "compile_s": t[3]}
                 kind = "forward" if key == "layer_forward" else "forward_backward"
                 res[key]["hbm_fraction"] = nbytes[kind] / t[0] / bandwidth
+                res[key]["issued_fraction"] = nbytes[f"issued_{kind}"] / t[0] / bandwidth
                 res[key]["tflops"] = flops[kind] / t[0] / 1e12
             if path == "xla" and key == "layer_forward":
                 ca = guarded(report, f"{problem.name}/xla/cost", lambda: fn.lower(*args).compile().cost_analysis())
@@ -381,7 +392,7 @@ def bench_size(problem, config: PallasConfig, bandwidth, report, repeats):
 
 def table(report):
     lines = [f"{'size':<11} {'atoms':>6} | {'what':<22} | {'pallas ms':>10} {'xla ms':>10} {'speedup':>8} | "
-             f"{'pallas us/at':>12} {'xla us/at':>10} | {'hbm% pal':>8} {'hbm% xla':>8}"]
+             f"{'pallas us/at':>12} {'xla us/at':>10} | {'hbm% pal':>8} {'hbm% xla':>8} {'issued% pal':>11}"]
     for name, row in report.get("sizes", {}).items():
         for key in ("layer_forward", "layer_forward_backward", "energy_forces", "train_step"):
             pa, xa = row.get("pallas", {}).get(key), row.get("xla", {}).get(key)
@@ -390,9 +401,10 @@ def table(report):
             pm = pa["ms"] if pa else float("nan")
             xm = xa["ms"] if xa else float("nan")
             per = lambda d: d["ms"] * 1e3 / row["atoms"] if d else float("nan")  # noqa: E731
-            hb = lambda d: 100 * d.get("hbm_fraction", float("nan")) if d else float("nan")  # noqa: E731
+            hb = lambda d, k="hbm_fraction": 100 * d.get(k, float("nan")) if d else float("nan")  # noqa: E731
             lines.append(f"{name:<11} {row['atoms']:>6} | {key:<22} | {pm:>10.3f} {xm:>10.3f} {xm / pm:>8.2f} | "
-                         f"{per(pa):>12.4f} {per(xa):>10.4f} | {hb(pa):>8.1f} {hb(xa):>8.1f}")
+                         f"{per(pa):>12.4f} {per(xa):>10.4f} | {hb(pa):>8.1f} {hb(xa):>8.1f} "
+                         f"{hb(pa, 'issued_fraction'):>11.1f}")
     return "\n".join(lines)
 
 

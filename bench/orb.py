@@ -21,8 +21,9 @@ c. Orb against a student of the quickstart's size (StudentConfig(cutoff=5.0, fea
    n_rbf=24), elements H O Si Cu, fresh weights) on one structure each: waterbox (1500 atoms), Si 4x4x4 cubic
    (512) and Cu 6x6x6 cubic (864). Orb: energy, forces and stress per call as a user gets them
    (`label_arrays([s])`: graph built on the host, predict, results to JAX), and the model alone on a graph
-   already on the device (`model.predict`). Student: one jitted call, neighbour list included (as
-   `distiller.speed.student_timer`), energy+forces and energy+forces+stress. Ratio = Orb ms / student ms.
+   already on the device (`OrbTeacher.predict_graphs`, orb's `predict`). Student: one jitted call, neighbour
+   list included (as `distiller.speed.student_timer`), energy+forces and energy+forces+stress. Ratio = Orb ms /
+   student ms.
    --tiny: watertiny (81 atoms), Si and Cu cubic unit cells (8 and 4 atoms).
 """
 
@@ -48,7 +49,7 @@ from distiller.files import write_json_atomic  # noqa: E402
 from distiller.speed import device_name, median_seconds, student_timer, versions  # noqa: E402
 from distiller.structure import Structure, read_structures  # noqa: E402
 from distiller.students import StudentConfig, build_model, init_student  # noqa: E402
-from distiller.teachers.orb import load_orb, to_jax, torch_settings  # noqa: E402
+from distiller.teachers.orb import load_orb, to_jax  # noqa: E402
 
 TEACHER = "orb:random/orb-v3-conservative"
 PRECISIONS = ("float32-highest", "float32-high")
@@ -158,15 +159,10 @@ def handover(teacher, sets: dict[str, list[Structure]], sizes: list[int], repeat
 
 
 def orb_model_timer(teacher, structure: Structure):
-    """Orb's model alone: energy, forces and stress of a graph already on the device."""
+    """Orb's model alone: energy, forces and stress of a graph already on the device (orb's own `predict`,
+    through the bridge, which knows the orb-models version)."""
     graph = teacher.graphs([structure])
-    matmul = "high" if teacher.precision == "float32-high" else "highest"
-
-    def call():
-        with torch_settings(teacher.dtype, matmul), torch.enable_grad():
-            return teacher.model.predict(graph)
-
-    return call
+    return lambda: teacher.predict_graphs(graph)
 
 
 def orb_against_student(teachers: dict, structures: list[Structure], repeats: int) -> list[dict]:
@@ -211,19 +207,25 @@ def main() -> None:
         "student": {k: getattr(STUDENT, k) for k in ("cutoff", "features", "layers", "n_rbf", "elements", "kernel")},
         "labelling": {}, "handover": None, "orb_vs_student": None,
     }
+
+    def save():  # after every section: a run cut short keeps what it measured
+        if args.out:
+            write_json_atomic(args.out, report)
+
     for precision, teacher in teachers.items():
         print(f"a. labelling, {precision}", flush=True)
         report["labelling"][precision] = labelling(teacher, sets, repeats)
+        save()
     print("b. handover to JAX", flush=True)
     sizes = [81, 1500] if args.tiny else [1500, 12000, 120000]
     report["handover"] = handover(teachers[args.precisions[0]], sets, sizes, repeats)
+    save()
     print("c. Orb against the student", flush=True)
     report["orb_vs_student"] = orb_against_student(teachers, comparison_structures(args.structures_dir, args.tiny),
                                                    repeats)
+    save()
     if args.out:
-        write_json_atomic(args.out, report)
         print(f"written {args.out}")
-
 
 if __name__ == "__main__":
     main()

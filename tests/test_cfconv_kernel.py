@@ -17,7 +17,7 @@ from jax.test_util import check_grads
 from distiller.batch import make_batch
 from distiller.structure import read_structures
 from distiller.students import StudentConfig, build_model, energy_forces, init_student
-from pallas_kernels.cfconv import KERNELS, cfconv, cfconv_reference, rbf_centers
+from pallas_kernels.cfconv import KERNELS, cfconv, cfconv_reference
 from pallas_kernels.cfconv.edge_op import KernelConfig
 from pallas_kernels.cfconv.graph import edge_graph
 from pallas_kernels.cfconv.pallas import PallasConfig, cfconv_pallas
@@ -32,7 +32,7 @@ CONFIG_ATOM = PallasConfig(forward=TINY_ATOM, first=TINY_ATOM, second=TINY_ATOM,
 def random_problem(seed, n_atoms=9, n_edges=48, features=12, n_rbf=6, dtype=jnp.float32):
     """A padded, unsorted edge list: one crowded atom, atoms with no edges, padding edges anywhere.
 
-    Features (12) and Gaussians (6) are not powers of two, so the kernel's zero padding is exercised too.
+    Features (12) and basis functions (6) are not powers of two, so the kernel's zero padding is exercised too.
     """
     rng = np.random.default_rng(seed)
     receivers = rng.integers(0, n_atoms - 3, n_edges)  # the last 3 atoms receive nothing...
@@ -44,11 +44,7 @@ def random_problem(seed, n_atoms=9, n_edges=48, features=12, n_rbf=6, dtype=jnp.
     perm = rng.permutation(n_edges)  # unsorted
     lengths = rng.uniform(0.3, CUTOFF * 1.15, n_edges)  # some beyond the cutoff: exactly zero weight
     lengths[~edge_mask] = 0.0
-    params = {"centers": rbf_centers(CUTOFF, n_rbf).astype(dtype),
-              "w1": rng.normal(size=(n_rbf, features)) / np.sqrt(n_rbf),
-              "b1": rng.normal(size=features) * 0.3,
-              "w2": rng.normal(size=(features, features)) / np.sqrt(features),
-              "b2": rng.normal(size=features) * 0.3}
+    params = {"coefficients": rng.normal(size=(n_rbf, features))}
     params = {k: jnp.asarray(v, dtype) for k, v in params.items()}
     return dict(features=jnp.asarray(rng.normal(size=(n_atoms, features)), dtype),
                 lengths=jnp.asarray(lengths[perm], dtype), senders=jnp.asarray(senders[perm], jnp.int32),
@@ -107,10 +103,73 @@ def test_forward_matches_reference(config):
     np.testing.assert_array_equal(call(pallas, p, graph=graph, config=config), out)
 
 
-def test_dispatcher_runs_the_kernel():
-    p = random_problem(3)
-    assert "pallas" in KERNELS
-    assert_close(call(cfconv, p, kernel="pallas"), call(cfconv_reference, p))
+def neighbour_list_problem(seed, n_atoms=9, n_pairs=24, features=12, n_rbf=6, n_padding=7, dtype=jnp.float32):
+    """An edge list laid out as distiller's neighbour lists are: every pair in both directions with one length,
+    real edges sorted by receiver, padding edges after them pointing at the last atom. One crowded atom,
+    atoms with no edges, self-image pairs (i <- i). Lengths are per pair (`pair_lengths`, indexed by `pair`),
+    so derivatives perturb both directions of a pair alike, as moving atoms does.
+    """
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, n_atoms - 3, n_pairs), rng.integers(0, n_atoms - 3, n_pairs)
+    a[: n_pairs // 2] = 1  # atom 1 has far more edges than a block holds
+    receivers, senders = np.concatenate([a, b]), np.concatenate([b, a])
+    pair = np.concatenate([np.arange(n_pairs)] * 2)
+    order = np.argsort(receivers, kind="stable")
+    receivers, senders, pair = receivers[order], senders[order], pair[order]
+    pad = np.full(n_padding, n_atoms - 1)
+    return dict(features=jnp.asarray(rng.normal(size=(n_atoms, features)), dtype),
+                pair_lengths=jnp.asarray(rng.uniform(0.3, CUTOFF * 1.15, n_pairs), dtype),
+                pair=jnp.asarray(np.concatenate([pair, np.zeros(n_padding, int)]), jnp.int32),
+                senders=jnp.asarray(np.concatenate([senders, pad]), jnp.int32),
+                receivers=jnp.asarray(np.concatenate([receivers, pad]), jnp.int32),
+                edge_mask=jnp.asarray(np.arange(2 * n_pairs + n_padding) < 2 * n_pairs),
+                params={"coefficients": jnp.asarray(rng.normal(size=(n_rbf, features)), dtype)})
+
+
+def call_pairs(fn, p, features, pair_lengths, params):
+    lengths = jnp.where(p["edge_mask"], pair_lengths[p["pair"]], 0.0)
+    return fn(features, lengths, p["senders"], p["receivers"], p["edge_mask"], params, cutoff=CUTOFF)
+
+
+def symmetric_pallas(*args, **kwargs):
+    """The student's path: receiver order taken as it is, first derivative by the symmetric transpose."""
+    senders, receivers, edge_mask = args[2:5]
+    graph = edge_graph(senders, receivers, edge_mask, args[0].shape[0], sorted_by_receiver=True)
+    return cfconv_pallas(*args, graph=graph, config=CONFIG, symmetric=True, **kwargs)
+
+
+def test_symmetric_transpose_matches_reference_to_second_order():
+    p = neighbour_list_problem(7)
+    args = (p["features"], p["pair_lengths"], p["params"])
+    assert "pallas" in KERNELS  # the dispatcher's entry is this path with launch defaults
+    assert_close(call_pairs(functools.partial(cfconv, kernel="pallas"), p, *args),
+                 call_pairs(cfconv_reference, p, *args))
+    assert_close(call_pairs(symmetric_pallas, p, *args), call_pairs(cfconv_reference, p, *args))
+
+    def scalar(fn, *a):
+        out = call_pairs(fn, p, *a)
+        return jnp.sum(out * jnp.sin(out))
+
+    def force_loss(fn, features, pair_lengths, params):
+        d_features, d_lengths = jax.grad(lambda f, r: jnp.sum(jnp.tanh(call_pairs(fn, p, f, r, params))),
+                                         argnums=(0, 1))(features, pair_lengths)
+        return jnp.sum(d_lengths**2) + jnp.sum(jnp.cos(d_features))
+
+    for quantity, rtol in ((scalar, 2e-5), (force_loss, 5e-5)):
+        grads = [jax.jit(jax.grad(functools.partial(quantity, fn), argnums=(0, 1, 2)))(*args)
+                 for fn in (symmetric_pallas, cfconv_reference)]
+        assert_close(grads[0], grads[1], rtol=rtol)
+    # Energy and forces (first derivatives only) walk the receiver order alone: no sort in the program.
+    hlo = jax.jit(jax.grad(functools.partial(scalar, symmetric_pallas), argnums=(0, 1))).lower(
+        *args).compile().as_text()
+    assert "sort" not in hlo.lower()  # (the general path, edge_graph without the promise, has two)
+
+
+def test_symmetric_transpose_check_grads_to_second_order():
+    with jax.enable_x64(True):
+        p = neighbour_list_problem(8, n_atoms=6, n_pairs=7, features=4, n_rbf=5, n_padding=3, dtype=jnp.float64)
+        f = jax.jit(functools.partial(call_pairs, symmetric_pallas, p))
+        check_grads(f, (p["features"], p["pair_lengths"], p["params"]), order=2, modes=("rev",))
 
 
 def first_order(fn, p):
@@ -146,16 +205,13 @@ def test_first_and_second_order_match_reference():
 
 
 def test_check_grads_to_second_order():
-    # float64 so finite differences are sharp. The Gaussians' centers are held fixed: their spacing sets
-    # the width under stop_gradient (in the reference too), so finite differences would see a different
-    # function than the derivative describes.
+    # float64 so finite differences are sharp.
     with jax.enable_x64(True):
-        p = random_problem(5, n_atoms=5, n_edges=14, features=4, n_rbf=3, dtype=jnp.float64)
-        centers = p["params"].pop("centers")
+        p = random_problem(5, n_atoms=5, n_edges=14, features=4, n_rbf=5, dtype=jnp.float64)
 
         @jax.jit  # compiled once: check_grads evaluates it and its derivatives many times
         def f(features, lengths, params):
-            return call(pallas, p, features, lengths, dict(params, centers=centers))
+            return call(pallas, p, features, lengths, params)
 
         check_grads(f, (p["features"], p["lengths"], p["params"]), order=2, modes=("rev",))
 

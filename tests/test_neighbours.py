@@ -46,8 +46,14 @@ def test_matches_ase_on_random_batches(trial):
     ours, count = edge_set(batch)
     assert count == len(ours), "an edge appears twice"
     assert ours == ase_set(structures, cutoff)
-    receivers = np.asarray(batch.receivers)[np.asarray(batch.edge_mask)]
+    # The layout the student's Pallas kernel relies on (pallas_kernels.cfconv.graph): real edges sorted by
+    # receiver and before every padding edge, and the list closed under reversal (i <- j with shift S has
+    # j <- i with shift -S).
+    mask = np.asarray(batch.edge_mask)
+    receivers = np.asarray(batch.receivers)[mask]
     assert np.all(np.diff(receivers) >= 0), "edges must be sorted by receiver"
+    assert not np.any(mask[mask.sum():]), "padding edges must come after every real edge"
+    assert ours == {(j, i, *(-np.asarray(c)).tolist()) for i, j, *c in ours}, "list not closed under reversal"
 
 
 def test_cell_much_smaller_than_cutoff_gives_every_image():

@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 from ase.calculators.calculator import Calculator, all_changes
 from ase.calculators.fd import calculate_numerical_stress
+from scipy.interpolate import BSpline
 
 from distiller import neighbours as nl
 from distiller.batch import BatchShape, binning_cell, make_batch
 from distiller.structure import Structure, StructureError, closest_pair, read_structures
 from distiller.students import (StudentConfig, build_model, check, energy, energy_forces, energy_forces_stress,
                                 fit_reference_energies, init_student)
-from pallas_kernels.cfconv import cfconv, cfconv_reference, envelope, rbf_centers
+from pallas_kernels.cfconv import cfconv, cfconv_reference, envelope, spline_basis
 
 CONFIG = StudentConfig(cutoff=5.0, features=32, layers=2, n_rbf=16, elements=(1, 6, 7, 8))
 MODEL = build_model(CONFIG)
@@ -154,9 +155,11 @@ def test_envelope_is_one_at_zero_and_c2_zero_at_cutoff():
 
 
 def _numpy_cfconv(features, lengths, senders, receivers, mask, fp, cutoff):
-    """The docstring's formula, atom by atom and edge by edge, in float64 numpy."""
-    centers = np.asarray(fp["centers"], np.float64)
-    gamma = 0.5 / ((centers[-1] - centers[0]) / (len(centers) - 1)) ** 2
+    """The docstring's formula, atom by atom and edge by edge, in float64 numpy (scipy's B-splines)."""
+    coefficients = np.asarray(fp["coefficients"], np.float64)
+    n_basis = coefficients.shape[0]
+    h = cutoff / (n_basis - 3)
+    basis = [BSpline.basis_element(h * (np.arange(5) + k - 3), extrapolate=False) for k in range(n_basis)]
     out = np.zeros(features.shape, np.float64)
     for e in range(len(lengths)):
         r = float(lengths[e])
@@ -164,11 +167,26 @@ def _numpy_cfconv(features, lengths, senders, receivers, mask, fp, cutoff):
             continue
         x = r / cutoff
         env = 1 - 28 * x**6 + 48 * x**7 - 21 * x**8  # p = 6
-        rbf = np.exp(-gamma * (r - centers) ** 2)
-        hidden = rbf @ fp["w1"] + fp["b1"]
-        w = (hidden / (1 + np.exp(-hidden))) @ fp["w2"] + fp["b2"]
+        w = np.nan_to_num([b(r) for b in basis]) @ coefficients
         out[receivers[e]] += env * w * features[senders[e]]
     return out
+
+
+def test_spline_basis_is_a_local_partition_of_unity():
+    # Why the filter can be any smooth function of r at its knot resolution: on [0, cutoff] the basis sums
+    # to 1, is nonnegative, and at most 4 functions are nonzero at any r (what keeps the kernel's work small).
+    with jax.enable_x64(True):
+        r = jnp.linspace(0.0, 4.0, 2001)
+        b = np.asarray(spline_basis(r, 4.0, 11))
+        db, d2b = (np.asarray(jax.vmap(jax.jacfwd(f))(r)) for f in (
+            lambda x: spline_basis(x[None], 4.0, 11)[0],
+            jax.jacfwd(lambda x: spline_basis(x[None], 4.0, 11)[0])))
+    np.testing.assert_allclose(b.sum(axis=1), 1.0, atol=1e-12)
+    assert b.min() >= 0.0 and (b > 0).sum(axis=1).max() <= 4
+    # C2: first and second derivatives have no jumps between neighbouring sample points (h = 0.5 here).
+    assert np.abs(np.diff(db, axis=0)).max() < 0.05 and np.abs(np.diff(d2b, axis=0)).max() < 0.1
+    with pytest.raises(ValueError, match="at least 4"):
+        spline_basis(r, 4.0, 3)
 
 
 def test_cfconv_reference_matches_the_formula_and_masks_padding():
@@ -181,8 +199,7 @@ def test_cfconv_reference_matches_the_formula_and_masks_padding():
     mask = rng.random(E) < 0.8
     lengths[~mask] = 0.0  # padding edges: zero length, pointing at the last atom
     senders[~mask] = receivers[~mask] = A - 1
-    fp = {"centers": np.asarray(rbf_centers(rc, R)), "w1": rng.normal(size=(R, F)), "b1": rng.normal(size=F),
-          "w2": rng.normal(size=(F, F)) / 2, "b2": rng.normal(size=F)}
+    fp = {"coefficients": rng.normal(size=(R, F))}
     fp32 = {k: jnp.asarray(v, jnp.float32) for k, v in fp.items()}
     args = (jnp.asarray(features), jnp.asarray(lengths), jnp.asarray(senders), jnp.asarray(receivers),
             jnp.asarray(mask))

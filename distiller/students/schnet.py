@@ -5,7 +5,8 @@
     E_i     = Dense(silu(Dense(h_i^L))) + reference_energy[element(i)]
 
 The network only ever sees interatomic distances, so the energy is exactly invariant under rotations,
-reflections, translations and permutations; the envelope in cfconv makes it C2 at the cutoff, and
+reflections, translations and permutations; each cfconv filter is a learned cubic spline of the distance
+(see pallas_kernels.cfconv.reference), the envelope in cfconv makes it C2 at the cutoff, and
 forces/stress come from differentiating it (see `energy.py`). The module maps a graph (numbers, edge
 lengths) to per-atom energies; geometry (positions, cell, strain) stays outside, in `energy.py`.
 """
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distiller.structure import Structure, StructureError
-from pallas_kernels.cfconv import cfconv, check_kernel, rbf_centers
+from pallas_kernels.cfconv import MIN_BASIS, cfconv, check_kernel
 
 MAX_Z = 118
 
@@ -32,7 +33,7 @@ class StudentConfig:
     cutoff: float = 5.0  # Å; the neighbour list given to the student must reach at least this far
     features: int = 64
     layers: int = 2  # interaction blocks
-    n_rbf: int = 16  # Gaussians on [0, cutoff]
+    n_rbf: int = 16  # cubic B-splines spanning [0, cutoff] (the filter's radial basis), at least 4
     elements: tuple[int, ...] = (1, 6, 7, 8)  # atomic numbers the student knows (H, C, N, O: ANI-1x's)
     kernel: str = "xla"  # cfconv implementation, see pallas_kernels.cfconv.KERNELS
     avg_neighbours: float = 10.0  # messages are divided by this fixed constant so initial layers stay O(1)
@@ -45,7 +46,7 @@ class StudentConfig:
             raise ValueError(f"StudentConfig.elements must be distinct atomic numbers in 1..{MAX_Z}, got {elements}")
         if not self.cutoff > 0:
             raise ValueError(f"StudentConfig.cutoff must be positive, got {self.cutoff}")
-        if self.features < 1 or self.layers < 0 or self.n_rbf < 2 or not self.avg_neighbours > 0:
+        if self.features < 1 or self.layers < 0 or self.n_rbf < MIN_BASIS or not self.avg_neighbours > 0:
             raise ValueError(f"invalid StudentConfig sizes: features={self.features}, layers={self.layers}, "
                              f"n_rbf={self.n_rbf}, avg_neighbours={self.avg_neighbours}")
         check_kernel(self.kernel)
@@ -75,14 +76,9 @@ class InteractionBlock(nn.Module):
     @nn.compact
     def __call__(self, h, lengths, senders, receivers, edge_mask):
         c = self.config
-        init = nn.initializers.lecun_normal()
-        filter_params = {
-            "centers": rbf_centers(c.cutoff, c.n_rbf).astype(lengths.dtype),  # fixed, not a parameter
-            "w1": self.param("filter_w1", init, (c.n_rbf, c.features)),
-            "b1": self.param("filter_b1", nn.initializers.zeros, (c.features,)),
-            "w2": self.param("filter_w2", init, (c.features, c.features)),
-            "b2": self.param("filter_b2", nn.initializers.zeros, (c.features,)),
-        }
+        # The basis sums to 1 with ~4 nonzero terms of size <= 2/3, so unit-variance coefficients give filters
+        # of about unit size at every r, like a freshly initialised MLP filter.
+        filter_params = {"coefficients": self.param("filter", nn.initializers.normal(1.0), (c.n_rbf, c.features))}
         x = nn.Dense(c.features, use_bias=False, name="in2f")(h)
         x = cfconv(x, lengths, senders, receivers, edge_mask, filter_params, cutoff=c.cutoff, kernel=c.kernel)
         x = x / c.avg_neighbours

@@ -4,18 +4,21 @@
     load_orb("orb:orb-v3-direct-20-omat", weights_path=...)  a local checkpoint in that architecture
     load_orb("orb:random/orb-v3-conservative?seed=1")        the real architecture, seeded random weights
 
-Offline labelling (`OrbTeacher.label`) turns many structures into orb's own atom graphs
-(`atomic_system.ase_atoms_to_atom_graphs`), concatenates them (`base.batch_graphs`) and runs one `predict` per
-batch; energy (eV), forces (eV/Å) and, for periodic cells, stress (eV/Å³, ASE's sign: (1/V) dE/dε) come back.
-Conservative models give gradient forces and stress (orb's keys "grad_forces" / "grad_stress"), direct
-models their heads' "forces" / "stress". Stress is returned as a (3, 3) matrix.
+Offline labelling (`OrbTeacher.label`) turns many structures into orb's own atom graphs, concatenates them and
+runs one `predict` per batch; energy (eV), forces (eV/Å) and, for periodic cells, stress (eV/Å³, ASE's sign:
+(1/V) dE/dε) come back. Conservative models give gradient forces and stress (orb's keys "grad_forces" /
+"grad_stress"), direct models their heads' "forces" / "stress". Stress is returned as a (3, 3) matrix.
 
 Orb sets process-wide torch state when it loads a model (default dtype, float32 matmul precision, i.e. TF32).
 Every entry point here runs inside `torch_settings`, which sets what this teacher needs and restores the
 caller's default dtype, TF32 flags and matmul precision afterwards.
 
+orb-models versions. 0.5.x (Python 3.11) and 0.6.x / 0.7.x (Python >= 3.12) differ in how models are built and
+loaded, how graphs are built and batched and where the calculator lives; every such call goes through
+`orb_api()` (`Orb05` or `Orb06`, chosen once). docs/design.md lists the differences.
+
 Neighbours. Orb builds k-nearest-neighbour graphs within its cutoff, capped at `max_num_neighbors` per atom.
-For the "-20-" models and orb-v2 the cap of 20 *is* the model (it was trained on truncated graphs), so it is
+For the "-20-" models and orb-v2 (cap 20) the cap *is* the model (it was trained on truncated graphs), so it is
 kept ("truncate"). For the others the cap (120) stands for "every neighbour"; an atom with more neighbours
 within the cutoff than the cap would silently lose the farthest ones, so the cap is raised for that structure
 ("grow", the default for them) or the structure is refused with a StructureError ("error"). Neighbours are
@@ -41,8 +44,10 @@ water box's energy by ~0.05 eV against the CPU, noise a student would learn. "fl
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
+import importlib.util
 import warnings
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
@@ -198,6 +203,124 @@ def from_jax(array: jax.Array, device: str | torch.device | None = None) -> torc
 
 
 # --------------------------------------------------------------------------------------------------
+# orb-models versions: every call whose form depends on the version goes through `orb_api()`.
+# Both classes have the same methods, taking and returning the same things; `config` is orb's graph settings
+# (radius, max_num_neighbors): a SystemConfig in 0.5, a ForcefieldAtomsAdapter from 0.6 on.
+
+
+class Orb05:
+    """orb-models 0.5.x: a model carries its SystemConfig; `atomic_system` builds graphs (scipy kd-tree on the
+    host); AtomGraphs is a NamedTuple, batched by `base.batch_graphs`."""
+
+    @staticmethod
+    def random_model(function: str, kwargs: dict, radius: float, cap: int):
+        """(model, config): orb's architecture function with weights from torch's global RNG."""
+        from orb_models.forcefield import pretrained
+        from orb_models.forcefield.atomic_system import SystemConfig
+
+        model = getattr(pretrained, function)(device="cpu", system_config=SystemConfig(radius, cap), **kwargs)
+        return model, model.system_config
+
+    @staticmethod
+    def pretrained_model(loader: Callable, **kwargs):
+        """(model, config) from one of orb's pretrained loaders."""
+        model = loader(**kwargs)
+        return model, model.system_config
+
+    @staticmethod
+    def atom_graph(atoms: Atoms, config, cap: int, dtype: torch.dtype):
+        """orb's AtomGraphs of one structure, built on the host with at most `cap` neighbours per atom."""
+        from orb_models.forcefield.atomic_system import ase_atoms_to_atom_graphs
+
+        return ase_atoms_to_atom_graphs(atoms, config, max_num_neighbors=cap, device=torch.device("cpu"),
+                                        output_dtype=dtype, graph_construction_dtype=dtype)
+
+    @staticmethod
+    def with_cap(graph, cap: int):
+        """The graph, recording `cap` as its max_num_neighbors."""
+        return graph._replace(max_num_neighbors=torch.tensor([cap]))
+
+    @staticmethod
+    def batch(graphs: list, config):
+        from orb_models.forcefield.base import batch_graphs
+
+        return batch_graphs(graphs)
+
+    @staticmethod
+    def calculator(model, config, **kwargs):
+        from orb_models.forcefield.calculator import ORBCalculator
+
+        return ORBCalculator(model, system_config=config, **kwargs)
+
+    @staticmethod
+    def charge_spin_conditioner() -> type:
+        from orb_models.forcefield.nn_util import ChargeSpinConditioner
+
+        return ChargeSpinConditioner
+
+
+class Orb06:
+    """orb-models 0.6.x and 0.7.x: a ForcefieldAtomsAdapter builds (and batches) graphs and comes back from the
+    pretrained loaders next to the model; architecture functions take no system config; AtomGraphs is a plain
+    class; ORBCalculator lives in `inference.calculator` and needs the adapter."""
+
+    # orb's default and recommended graph builder (nvalchemi-toolkit-ops, warp kernels), named here so that a
+    # change of orb's default cannot change the graphs. It runs on the CPU too (warp compiles its CPU kernels
+    # once and caches them); "knn_scipy", 0.5's CPU builder, is deprecated (a warning on every call).
+    EDGE_METHOD = "knn_alchemi"
+
+    @staticmethod
+    def random_model(function: str, kwargs: dict, radius: float, cap: int):
+        from orb_models.forcefield import pretrained
+        from orb_models.forcefield.forcefield_adapter import ForcefieldAtomsAdapter
+
+        model = getattr(pretrained, function)(device="cpu", **kwargs)
+        if function == "orb_v3_conservative_architecture":
+            # 0.7 made the ZBL pair energy a per-graph sum for new models; its loaders of the published orb-v3
+            # conservative models set back the mean they were trained with (0.5 and 0.6 only have the mean).
+            # The random architecture is the published one.
+            model.pair_repulsion_fn.node_aggregation = "mean"
+        return model, ForcefieldAtomsAdapter(radius=radius, max_num_neighbors=cap)
+
+    @staticmethod
+    def pretrained_model(loader: Callable, **kwargs):
+        return loader(**kwargs)  # already (model, adapter)
+
+    @classmethod
+    def atom_graph(cls, atoms: Atoms, config, cap: int, dtype: torch.dtype):
+        return config.from_ase_atoms(atoms, max_num_neighbors=cap, edge_method=cls.EDGE_METHOD,
+                                     device=torch.device("cpu"), output_dtype=dtype, graph_construction_dtype=dtype)
+
+    @staticmethod
+    def with_cap(graph, cap: int):
+        graph = copy.copy(graph)  # AtomGraphs is mutable now: leave the given one alone
+        graph.max_num_neighbors = torch.tensor([cap])
+        return graph
+
+    @staticmethod
+    def batch(graphs: list, config):
+        return config.batch(graphs)
+
+    @staticmethod
+    def calculator(model, config, **kwargs):
+        from orb_models.forcefield.inference.calculator import ORBCalculator
+
+        return ORBCalculator(model, config, **kwargs)
+
+    @staticmethod
+    def charge_spin_conditioner() -> type:
+        from orb_models.common.models.nn_util import ChargeSpinConditioner
+
+        return ChargeSpinConditioner
+
+
+@functools.cache
+def orb_api() -> type:
+    """Orb05 or Orb06 for the installed orb-models, by feature: 0.6 added `forcefield.forcefield_adapter`."""
+    return Orb06 if importlib.util.find_spec("orb_models.forcefield.forcefield_adapter") else Orb05
+
+
+# --------------------------------------------------------------------------------------------------
 # Specs
 
 
@@ -228,10 +351,11 @@ RANDOM_ARCHITECTURES: dict[str, tuple[str, dict, tuple[float, int]]] = {
 
 
 def pretrained_models() -> dict[str, Callable]:
-    """orb's pretrained loaders by name, without the deprecated (v1) ones, which only raise."""
+    """orb's pretrained loaders by name, without the deprecated (v1) ones, which only raise. Told apart by the
+    loader's name: 0.7's "orbmol-v1-*" are aliases of the orb-v3 OMol loaders and do load."""
     from orb_models.forcefield.pretrained import ORB_PRETRAINED_MODELS
 
-    return {name: fn for name, fn in ORB_PRETRAINED_MODELS.items() if "v1" not in name}
+    return {name: fn for name, fn in ORB_PRETRAINED_MODELS.items() if "v1" not in fn.__name__}
 
 
 def valid_specs() -> list[str]:
@@ -273,9 +397,10 @@ def parse_spec(spec: str) -> OrbSpec:
                    precision=options.get("precision", OrbSpec.precision), neighbours=options.get("neighbours"))
 
 
-def _default_policy(name: str) -> str:
-    """kNN-20 models (the "-20-" ones and the orb-v2 family) are defined by their truncated graphs."""
-    return "truncate" if ("-20-" in name or name.endswith("v2")) else "grow"
+def _default_policy(cap: int) -> str:
+    """kNN-20 models (cap 20: the "-20-" ones and the orb-v2 family) are defined by their truncated graphs; the
+    others' cap (120) stands for every neighbour. By the cap, not the name: 0.7's "orbmol-v2" has cap 120."""
+    return "truncate" if cap <= 20 else "grow"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,23 +408,22 @@ def _default_policy(name: str) -> str:
 
 
 def _random_model(name: str, seed: int):
-    from orb_models.forcefield import pretrained
-    from orb_models.forcefield.atomic_system import SystemConfig
-
+    """(model, config) of a random/ architecture."""
     function, kwargs, (radius, cap) = RANDOM_ARCHITECTURES[name]
     # fork_rng: seeding must not move the caller's global torch RNG.
     with torch.random.fork_rng(devices=[]), torch_settings(torch.float32):
         torch.manual_seed(seed)
-        return getattr(pretrained, function)(device="cpu", system_config=SystemConfig(radius, cap), **kwargs)
+        return orb_api().random_model(function, kwargs, radius, cap)
 
 
 def _pretrained_model(spec: str, name: str, weights_path: str | None, device: str, precision: str):
+    """(model, config) from orb's loader of `name`."""
     loader = pretrained_models()[name]
     kwargs = {} if weights_path is None else {"weights_path": str(weights_path)}
     try:
         with warnings.catch_warnings():  # orb warns that it sets the global dtype; torch_settings undoes it
             warnings.simplefilter("ignore")
-            return loader(device=device, precision=precision, compile=False, **kwargs)
+            return orb_api().pretrained_model(loader, device=device, precision=precision, compile=False, **kwargs)
     except Exception as err:  # cached_path, torch.load, load_state_dict...: all mean "no usable weights"
         where = weights_path or "orb's download (cached under ~/.cache/cached_path)"
         raise RuntimeError(f"{spec}: cannot load the weights of {name} from {where}: {type(err).__name__}: {err}. "
@@ -320,29 +444,35 @@ def load_orb(spec: str, weights_path: str | None = None, device: str | None = No
     dtype = PRECISIONS[parsed.precision]
     with torch_settings():  # orb's loader sets global torch state: undo it
         if parsed.random:
-            model = _random_model(parsed.name, parsed.seed)
+            model, config = _random_model(parsed.name, parsed.seed)
         else:
-            model = _pretrained_model(spec, parsed.name, weights_path, device, parsed.precision)
+            model, config = _pretrained_model(spec, parsed.name, weights_path, device, parsed.precision)
         model = model.to(device=device, dtype=dtype).eval()
         for p in model.parameters():
             p.requires_grad_(False)
     conservative = hasattr(model, "grad_forces_name")  # what ORBCalculator tests too
     conditioner = getattr(model.model, "conditioner", None)
-    from orb_models.forcefield.nn_util import ChargeSpinConditioner
-
+    cap = int(config.max_num_neighbors)
     return OrbTeacher(
         spec=spec,
-        cutoff=float(model.system_config.radius),
+        cutoff=float(config.radius),
         elements=ORB_ELEMENTS,
-        max_neighbours=int(model.system_config.max_num_neighbors),
-        neighbours=parsed.neighbours or _default_policy(parsed.name),
+        max_neighbours=cap,
+        neighbours=parsed.neighbours or _default_policy(cap),
         conservative=conservative,
         has_stress=bool(model.has_stress),
-        charge_spin=isinstance(conditioner, ChargeSpinConditioner),
+        charge_spin=isinstance(conditioner, orb_api().charge_spin_conditioner()),
         precision=parsed.precision,
         device=device,
         model=model,
+        config=config,
     )
+
+
+def orb_calculator(teacher: "OrbTeacher", **kwargs):
+    """orb's own ASE calculator (ORBCalculator) on the teacher's model and graph settings, for cross-checks;
+    kwargs (device, max_num_neighbors, ...) go to it."""
+    return orb_api().calculator(teacher.model, teacher.config, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,6 +494,7 @@ class OrbTeacher:
     precision: str
     device: str
     model: Any = dataclasses.field(default=None, compare=False, repr=False)
+    config: Any = dataclasses.field(default=None, compare=False, repr=False)  # orb's graph settings (orb_api)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -411,13 +542,9 @@ class OrbTeacher:
         return atoms
 
     def _orb_graph(self, s: Structure, cap: int):
-        from orb_models.forcefield.atomic_system import ase_atoms_to_atom_graphs
-
-        # Built on the host (orb's scipy kd-tree path) and batched there, as orb's own data pipeline does.
+        # Built on the host and batched there, as orb's own data pipeline does.
         with torch_settings(self.dtype):
-            return ase_atoms_to_atom_graphs(self._atoms(s), self.model.system_config, max_num_neighbors=cap,
-                                            device=torch.device("cpu"), output_dtype=self.dtype,
-                                            graph_construction_dtype=self.dtype)
+            return orb_api().atom_graph(self._atoms(s), self.config, cap, self.dtype)
 
     def graph(self, s: Structure):
         """orb's AtomGraphs of one (checked) structure under the teacher's neighbour policy.
@@ -443,13 +570,17 @@ class OrbTeacher:
                 f"structure '{s.name}': atom {atom} has {most} neighbours within {self.cutoff} Å, more than "
                 f"teacher {self.spec}'s cap of {cap} (orb's max_num_neighbors), so orb would drop the farthest; "
                 f"use the neighbours=grow policy to raise the cap")
-        return graph._replace(max_num_neighbors=torch.tensor([max(cap, most)]))
+        return orb_api().with_cap(graph, max(cap, most))
 
     def graphs(self, structures: Sequence[Structure]):
         """orb's batched AtomGraphs of (checked) structures, on the teacher's device."""
-        from orb_models.forcefield.base import batch_graphs
+        return orb_api().batch([self.graph(s) for s in structures], self.config).to(self.device)
 
-        return batch_graphs([self.graph(s) for s in structures]).to(self.device)
+    def predict_graphs(self, graphs) -> dict[str, torch.Tensor]:
+        """orb's own `predict` on batched graphs (from `graphs`) at the teacher's precision: its raw output
+        dict (orb's keys, Voigt stress; energy in float64 from orb 0.7 on)."""
+        with torch_settings(self.dtype, self._matmul_precision), torch.set_grad_enabled(self.conservative):
+            return self.model.predict(graphs)
 
     def _keys(self) -> tuple[str, str, str | None]:
         if self.conservative:
@@ -461,8 +592,7 @@ class OrbTeacher:
         """(energy (G,), forces (A, 3), stress (G, 3, 3), zero where not periodic) as detached tensors on the
         teacher's device."""
         energy_key, forces_key, stress_key = self._keys()
-        with torch_settings(self.dtype, self._matmul_precision), torch.set_grad_enabled(self.conservative):
-            out = self.model.predict(self.graphs(chunk))
+        out = self.predict_graphs(self.graphs(chunk))
         energy = out[energy_key].detach().reshape(-1)
         forces = out[forces_key].detach()
         n_atoms = sum(s.n_atoms for s in chunk)
@@ -472,7 +602,7 @@ class OrbTeacher:
                                f"{tuple(energy.shape)} and forces {tuple(forces.shape)}")
         periodic = torch.tensor([s.periodic for s in chunk], device=energy.device)
         if stress_key is None:
-            stress = torch.zeros((len(chunk), 3, 3), dtype=energy.dtype, device=energy.device)
+            stress = torch.zeros((len(chunk), 3, 3), dtype=forces.dtype, device=forces.device)
         else:
             voigt = out[stress_key].detach().reshape(len(chunk), 6)
             xx, yy, zz, yz, xz, xy = voigt.unbind(-1)  # orb's Voigt order is ASE's

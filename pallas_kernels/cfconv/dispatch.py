@@ -7,11 +7,19 @@ import jax
 from pallas_kernels.cfconv.reference import cfconv_reference
 
 
-def _pallas(features, lengths, senders, receivers, edge_mask, filter_params, *, cutoff):
+def _pallas(features, lengths, senders, receivers, edge_mask, filter_params, *, cutoff, config=None):
+    """The fused kernels for distiller's neighbour lists: real edges sorted by receiver and before the padding,
+    closed under reversal (tests/test_neighbours.py checks that layout). Energy and forces then need no sort
+    at all; `cfconv_pallas` itself takes any edge list.
+    """
     # Imported on first use: Pallas' Triton pieces stay out of plain CPU imports.
+    from pallas_kernels.cfconv.graph import edge_graph
     from pallas_kernels.cfconv.pallas import cfconv_pallas
 
-    return cfconv_pallas(features, lengths, senders, receivers, edge_mask, filter_params, cutoff=cutoff)
+    # Built per layer; inside one jit XLA computes the identical graphs of the layers once.
+    graph = edge_graph(senders, receivers, edge_mask, features.shape[0], sorted_by_receiver=True)
+    return cfconv_pallas(features, lengths, senders, receivers, edge_mask, filter_params, cutoff=cutoff,
+                         graph=graph, config=config, symmetric=True)
 
 
 # name -> implementation with exactly cfconv_reference's signature. A kernel that imports GPU-only

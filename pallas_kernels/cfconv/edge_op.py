@@ -158,7 +158,7 @@ def vjp_op(op: EdgeOp, wanted: tuple, present: tuple) -> EdgeOp:
 
 
 @jax.tree_util.register_pytree_node_class
-class _Static:
+class StaticValue:
     """Static data carried through custom_vjp residuals (a pytree with no leaves)."""
 
     def __init__(self, value):
@@ -187,7 +187,7 @@ def _differentiable(op: EdgeOp, launch: Launch):
         graph, glob, nodes, edges = value(graph), value(glob), value(nodes), value(edges)
         # Through `run`, not `_run`: when an outer derivative differentiates this rule, the kernel it meets
         # is again the custom_vjp function (Pallas kernels have no JVP of their own here).
-        return run(graph, glob, nodes, edges), (graph, glob, nodes, edges, _Static(perturbed))
+        return run(graph, glob, nodes, edges), (graph, glob, nodes, edges, StaticValue(perturbed))
 
     def bwd(res, cts):
         graph, glob, nodes, edges, perturbed = res

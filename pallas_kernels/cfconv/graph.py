@@ -60,8 +60,13 @@ def edge_order(centres: jax.Array, far: jax.Array, edge_mask: jax.Array, n_atoms
     return EdgeOrder(csr_offsets(centres, edge_mask, n_atoms), perm, far[perm].astype(jnp.int32))
 
 
-def edge_graph(senders: jax.Array, receivers: jax.Array, edge_mask: jax.Array, n_atoms: int) -> EdgeGraph:
+def edge_graph(senders: jax.Array, receivers: jax.Array, edge_mask: jax.Array, n_atoms: int, *,
+               sorted_by_receiver: bool = False) -> EdgeGraph:
     """Both walks of an edge list in any order (jittable; `n_atoms` static). Call once per neighbour update.
+
+    sorted_by_receiver: the caller promises that the real edges are sorted by receiver and come before every
+      padding edge (distiller's neighbour lists are built so, tests/test_neighbours.py checks it): the
+      receiver walk is then the list itself and costs no sort. A broken promise gives wrong sums.
 
     Raises ValueError when the index arrays disagree in length; out-of-range indices on real edges are the
     caller's bug (as for `jax.ops.segment_sum`), padding edges may hold anything.
@@ -73,6 +78,11 @@ def edge_graph(senders: jax.Array, receivers: jax.Array, edge_mask: jax.Array, n
     # Padding edges may point anywhere (even out of range): clamp them so every gather stays in bounds.
     senders = jnp.where(edge_mask, senders, 0)
     receivers = jnp.where(edge_mask, receivers, 0)
-    return EdgeGraph(edge_mask,
-                     by_receiver=edge_order(receivers, senders, edge_mask, n_atoms),
-                     by_sender=edge_order(senders, receivers, edge_mask, n_atoms))
+    if sorted_by_receiver:
+        by_receiver = EdgeOrder(csr_offsets(receivers, edge_mask, n_atoms),
+                                jnp.arange(edge_mask.shape[0], dtype=jnp.int32), senders.astype(jnp.int32))
+    else:
+        by_receiver = edge_order(receivers, senders, edge_mask, n_atoms)
+    # Built lazily by XLA: a program whose passes never walk the sender order (energy and forces through
+    # the symmetric transpose, see pallas.py) drops this sort as dead code.
+    return EdgeGraph(edge_mask, by_receiver=by_receiver, by_sender=edge_order(senders, receivers, edge_mask, n_atoms))

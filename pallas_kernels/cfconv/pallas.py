@@ -4,8 +4,8 @@
                   graph=None, config=None) -> (A, F)
 
 Computes `reference.cfconv_reference`. Walking the edges grouped by receiver (CSR, see `graph.py`), per
-block of edges the kernel evaluates the Gaussian basis, the envelope and the filter MLP (its weights held
-on chip), gathers the senders' feature rows, multiplies, and sums into the receiving atoms' rows: no (E, F)
+block of edges the kernel evaluates the spline basis, the envelope and the filter (its (K, F) coefficients
+held on chip), gathers the senders' feature rows, multiplies, and sums into the receiving atoms' rows: no (E, F)
 array is ever written. Gradients are `edge_op`'s: the cotangent for the features walks the edges grouped
 by sender (the transpose pass), edge lengths and filter weights get theirs in the same pass, and each pass
 recomputes the filter instead of storing it. The VJP of that pass is again an edge op, which is what
@@ -17,13 +17,15 @@ On CPU the same kernels run through Pallas' interpreter (tests); on GPU they low
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
-from pallas_kernels.cfconv.edge_op import EdgeOp, KernelConfig, Launch, apply, dot_precision
+from pallas_kernels.cfconv.edge_op import EdgeOp, KernelConfig, Launch, StaticValue, apply, dot_precision
 from pallas_kernels.cfconv.graph import EdgeGraph, edge_graph
-from pallas_kernels.cfconv.reference import envelope
+from pallas_kernels.cfconv.reference import cubic_bspline, envelope, spline_spacing
 
 PRECISIONS = ("ieee", "tf32x3")
 
@@ -77,35 +79,111 @@ def default_config(n_features: int) -> PallasConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FilterConvBody:
-    """Per edge: envelope(r) * filter(rbf(r)) * features[sender], summed into the receiver (EdgeOp body).
+    """Per edge: envelope(r) * (spline_basis(r) @ coefficients) * features[sender], summed into the receiver.
 
-    Globals (w1, b1, w2, b2, centers, gamma); nodes (features,) read at the sender; edges (lengths,).
+    Globals (coefficients,); nodes (features,) read at the sender; edges (lengths,).
     """
 
     cutoff: float
+    spacing: float  # the spline's knot spacing h (reference.spline_spacing)
     precision: str  # "highest"/"ieee" (exact float32) or "tf32x3"
+
+    def weight(self, coefficients: jax.Array, r: jax.Array) -> jax.Array:
+        """(B,) lengths -> (B, F) envelope(r) * filter(r)."""
+        k = jnp.arange(coefficients.shape[0], dtype=jnp.int32).astype(r.dtype)
+        basis = cubic_bspline(r[:, None] * (1.0 / self.spacing) + 1.0 - k[None, :])
+        return envelope(r, self.cutoff)[:, None] * jnp.dot(basis, coefficients, precision=dot_precision(self.precision))
 
     def __call__(self, glob, nodes, edges, valid, want):
         del valid  # every output is per edge: the kernel masks them
         if not want[0][0]:
             return (None,), (), ()
-        w1, b1, w2, b2, centers, gamma = glob
-        (x,), (r,) = nodes, edges
-        prec = dot_precision(self.precision)
-        rbf = jnp.exp(-gamma * (r[:, None] - centers[None, :]) ** 2)
-        hidden = jax.nn.silu(jnp.dot(rbf, w1, precision=prec) + b1)
-        weight = envelope(r, self.cutoff)[:, None] * (jnp.dot(hidden, w2, precision=prec) + b2)
-        return (weight * x,), (), ()
+        (coefficients,), (x,), (r,) = glob, nodes, edges
+        return (self.weight(coefficients, r) * x,), (), ()
+
+
+@dataclasses.dataclass(frozen=True)
+class SymmetricTransposeBody:
+    """The first-order VJP of `FilterConvBody` in one receiver-order pass, for edge lists closed under reversal.
+
+    The features' cotangent lands on senders: dx[j] = sum over edges e with sender j of w(r_e) ct[receiver e].
+    When every edge i <- j has a twin j <- i of the same length (a full neighbour list), that is the sum over
+    the edges e' with *receiver* j of w(r_e') ct[sender e']: the forward pass with ct for x. So the pass that
+    computes the lengths' and coefficients' cotangents (which need ct at the receiver and x at the sender) also
+    computes dx, walking the receiver order, and energy+forces never need the sender sort. (Twins' lengths
+    agree to float32 rounding, so dx does too.) Deeper derivatives of this body are `edge_op`'s generic ones.
+
+    Globals (coefficients,); nodes (x at the sender, ct at the sender, ct at the receiver); edges (lengths,).
+    Outputs, each only if `wanted`: node dx (at the receiver), edge dr, global dcoefficients.
+    """
+
+    conv: FilterConvBody
+    wanted: tuple[bool, bool, bool]  # cotangents of (coefficients, features, lengths)
+
+    def __call__(self, glob, nodes, edges, valid, want):
+        (coefficients,), (x_far, ct_far, ct_self), (r,) = glob, nodes, edges
+        want_c, want_x, want_r = self.wanted
+        node_out = edge_out = glob_out = ()
+        if want_x:
+            node_out = (self.conv.weight(coefficients, r) * ct_far if want[0][0] else None,)
+        need_r = want_r and want[1][0]
+        need_c = want_c and want[2][0]
+        dc = dr = None
+        if need_r or need_c:
+            ct = jnp.where(valid[:, None], ct_self, 0.0)  # lanes past the run add nothing to dc
+            _, pull = jax.vjp(lambda c, r: self.conv.weight(c, r) * x_far, coefficients, r)
+            dc, dr = pull(ct)
+        if want_r:
+            edge_out = (dr if need_r else None,)
+        if want_c:
+            glob_out = (dc if need_c else None,)
+        return node_out, edge_out, glob_out
+
+
+@functools.lru_cache(maxsize=None)
+def _symmetric(op: EdgeOp, launch: Launch):
+    """`op` (the forward cfconv) with `SymmetricTransposeBody` as its VJP, as a function (graph, c, x, r)."""
+
+    @jax.custom_vjp
+    def conv(graph, coefficients, x, lengths):
+        (out,), _, _ = apply(op, launch, graph, (coefficients,), (x,), (lengths,))
+        return out
+
+    def fwd(graph, coefficients, x, lengths):
+        perturbed = (coefficients.perturbed, x.perturbed, lengths.perturbed)
+        value = lambda a: a.value  # noqa: E731
+        graph = jax.tree_util.tree_map(value, graph, is_leaf=lambda a: isinstance(a, CustomVJPPrimal))
+        coefficients, x, lengths = value(coefficients), value(x), value(lengths)
+        # Through `conv`: an outer derivative of this rule meets the symmetric VJP again.
+        return conv(graph, coefficients, x, lengths), (graph, coefficients, x, lengths, StaticValue(perturbed))
+
+    def bwd(res, ct):
+        graph, coefficients, x, lengths, perturbed = res
+        wanted = perturbed.value
+        if isinstance(ct, SymbolicZero) or not any(wanted):
+            return None, None, None, None
+        want_c, want_x, want_r = wanted
+        transpose = EdgeOp(SymmetricTransposeBody(op.body, wanted), node_sides=("s", "s", "r"),
+                           out_sides=("r",) if want_x else (), n_glob=1, n_edge=1, n_edge_out=int(want_r),
+                           n_glob_out=int(want_c), depth=op.depth + 1)
+        dn, de, dg = apply(transpose, launch, graph, (coefficients,), (x, ct, ct), (lengths,))
+        return (None, dg[0] if want_c else None, dn[0] if want_x else None, de[0] if want_r else None)
+
+    conv.defvjp(fwd, bwd, symbolic_zeros=True)
+    return conv
 
 
 def cfconv_pallas(features: jax.Array, lengths: jax.Array, senders: jax.Array, receivers: jax.Array,
                   edge_mask: jax.Array, filter_params: dict, *, cutoff: float, graph: EdgeGraph | None = None,
-                  config: PallasConfig | None = None) -> jax.Array:
+                  config: PallasConfig | None = None, symmetric: bool = False) -> jax.Array:
     """`cfconv_reference` (same arguments, same result to float32 rounding) as fused Pallas kernels.
 
     graph: `edge_graph(senders, receivers, edge_mask, n_atoms)`, computed once per neighbour-list update and
       shared by all layers; built here when None (any edge order is fine then).
     config: launch settings (`PallasConfig`); None uses `default_config(features)`.
+    symmetric: the caller promises the edge list is closed under reversal with equal lengths (every real
+      edge i <- j has a real twin j <- i), as distiller's neighbour lists are; the first derivative then walks
+      the receiver order only (`SymmetricTransposeBody`). A broken promise gives wrong gradients.
     """
     n_atoms, n_features = features.shape
     config = default_config(n_features) if config is None else config
@@ -116,25 +194,21 @@ def cfconv_pallas(features: jax.Array, lengths: jax.Array, senders: jax.Array, r
     elif graph.n_atoms != n_atoms or graph.n_edges != lengths.shape[0]:
         raise ValueError(f"graph is for {graph.n_atoms} atoms and {graph.n_edges} edges, the inputs have "
                          f"{n_atoms} and {lengths.shape[0]}")
-    p = filter_params
-    centers = p["centers"]
-    n_rbf = centers.shape[0]
-    # The Gaussians' width comes from the centers' spacing, as in the reference, and is not differentiated.
-    spacing = jax.lax.stop_gradient((centers[-1] - centers[0]) / (n_rbf - 1))
-    gamma = jnp.reshape(0.5 / spacing**2, (1,))
-    # Triton blocks have power-of-two sides (and dots at least 16): pad features and Gaussians with zeros,
-    # which contribute exactly nothing (silu(0) = 0 hidden units, zero feature columns, zero w1 rows).
-    f_pad, r_pad = _block_size(n_features), _block_size(n_rbf)
-    w1 = _pad(p["w1"], (r_pad, f_pad))
-    b1, b2 = _pad(p["b1"], (f_pad,)), _pad(p["b2"], (f_pad,))
-    w2 = _pad(p["w2"], (f_pad, f_pad))
-    centers = jnp.concatenate([centers, jnp.broadcast_to(centers[-1:], (r_pad - n_rbf,))])
+    coefficients = filter_params["coefficients"]
+    n_basis = coefficients.shape[0]
+    spacing = spline_spacing(cutoff, n_basis)
+    # Triton blocks have power-of-two sides (and dots at least 16): pad features and basis functions with
+    # zeros, which contribute exactly nothing (zero coefficient rows and feature columns).
+    f_pad, k_pad = _block_size(n_features), _block_size(n_basis)
+    coefficients = _pad(coefficients, (k_pad, f_pad))
     x = _pad(features, (n_atoms, f_pad))
     launch = config.launch()
-    body = FilterConvBody(float(cutoff), launch.precision)
-    op = EdgeOp(body, node_sides=("s",), out_sides=("r",), n_glob=6, n_edge=1, n_edge_out=0, n_glob_out=0)
-    (out,), _, _ = apply(op, launch, graph, (w1, b1, w2, b2, centers, gamma.astype(lengths.dtype)), (x,),
-                         (lengths,))
+    body = FilterConvBody(float(cutoff), spacing, launch.precision)
+    op = EdgeOp(body, node_sides=("s",), out_sides=("r",), n_glob=1, n_edge=1, n_edge_out=0, n_glob_out=0)
+    if symmetric:
+        out = _symmetric(op, launch)(graph, coefficients, x, lengths)
+    else:
+        (out,), _, _ = apply(op, launch, graph, (coefficients,), (x,), (lengths,))
     return out[:, :n_features]
 
 
