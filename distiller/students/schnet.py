@@ -76,8 +76,8 @@ class InteractionBlock(nn.Module):
     @nn.compact
     def __call__(self, h, lengths, senders, receivers, edge_mask):
         c = self.config
-        # The basis sums to 1 with ~4 nonzero terms of size <= 2/3, so unit-variance coefficients give filters
-        # of about unit size at every r, like a freshly initialised MLP filter.
+        # The basis sums to 1 with ~4 nonzero terms of size <= 2/3, so unit-variance coefficients start every
+        # filter at about unit size at every r.
         filter_params = {"coefficients": self.param("filter", nn.initializers.normal(1.0), (c.n_rbf, c.features))}
         x = nn.Dense(c.features, use_bias=False, name="in2f")(h)
         x = cfconv(x, lengths, senders, receivers, edge_mask, filter_params, cutoff=c.cutoff, kernel=c.kernel)

@@ -83,6 +83,6 @@ def edge_graph(senders: jax.Array, receivers: jax.Array, edge_mask: jax.Array, n
                                 jnp.arange(edge_mask.shape[0], dtype=jnp.int32), senders.astype(jnp.int32))
     else:
         by_receiver = edge_order(receivers, senders, edge_mask, n_atoms)
-    # Built lazily by XLA: a program whose passes never walk the sender order (energy and forces through
-    # the symmetric transpose, see pallas.py) drops this sort as dead code.
+    # In a program whose passes never walk the sender order (energy and forces through the symmetric
+    # transpose, see pallas.py), XLA drops this sort as dead code.
     return EdgeGraph(edge_mask, by_receiver=by_receiver, by_sender=edge_order(senders, receivers, edge_mask, n_atoms))
