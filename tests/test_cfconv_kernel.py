@@ -141,8 +141,8 @@ def symmetric_pallas(*args, **kwargs):
 def test_symmetric_transpose_matches_reference_to_second_order():
     p = neighbour_list_problem(7)
     args = (p["features"], p["pair_lengths"], p["params"])
-    assert "pallas" in KERNELS  # the dispatcher's entry is this path with launch defaults
-    assert_close(call_pairs(functools.partial(cfconv, kernel="pallas"), p, *args),
+    # The dispatcher's entry is this path; on the CPU it is the reference unless asked to interpret.
+    assert_close(call_pairs(functools.partial(KERNELS["pallas"], config=PallasConfig(interpret=True)), p, *args),
                  call_pairs(cfconv_reference, p, *args))
     assert_close(call_pairs(symmetric_pallas, p, *args), call_pairs(cfconv_reference, p, *args))
 
@@ -216,6 +216,14 @@ def test_check_grads_to_second_order():
         check_grads(f, (p["features"], p["lengths"], p["params"]), order=2, modes=("rev",))
 
 
+def test_student_pallas_kernel_is_the_reference_on_cpu():
+    # Not the interpreter (orders of magnitude slower): the reference itself, bit for bit.
+    p = neighbour_list_problem(9)
+    args = (p["features"], p["pair_lengths"], p["params"])
+    np.testing.assert_array_equal(call_pairs(functools.partial(cfconv, kernel="pallas"), p, *args),
+                                  call_pairs(cfconv_reference, p, *args))
+
+
 def test_bad_inputs_raise():
     p = random_problem(6)
     with pytest.raises(ValueError, match="precision"):
@@ -234,10 +242,13 @@ def aspirin(structures_dir):
     return read_structures(str(structures_dir / "aspirin.extxyz"))
 
 
-def test_student_with_pallas_kernel_matches_xla(aspirin):
+def test_student_with_pallas_kernel_matches_xla(aspirin, monkeypatch):
     """Energies, forces and training gradients (forces inside the loss: second order) agree."""
     results = {}
-    for kernel in ("xla", "pallas"):
+    # The student's "pallas" entry with the kernels interpreted (on the CPU it would otherwise be the reference).
+    monkeypatch.setitem(KERNELS, "pallas-interpreted",
+                        functools.partial(KERNELS["pallas"], config=PallasConfig(interpret=True)))
+    for kernel in ("xla", "pallas-interpreted"):
         config = StudentConfig(features=16, n_rbf=8, layers=2, cutoff=4.0, kernel=kernel)
         batch, _ = make_batch(aspirin, config.cutoff)
         model = build_model(config)
@@ -249,7 +260,7 @@ def test_student_with_pallas_kernel_matches_xla(aspirin):
 
         energy, forces = jax.jit(lambda params: energy_forces(model, params, batch))(params)
         results[kernel] = (energy, forces, jax.jit(jax.grad(loss))(params))
-    xla, pal = results["xla"], results["pallas"]
+    xla, pal = results["xla"], results["pallas-interpreted"]
     assert_close(pal[0], xla[0], rtol=1e-6)
     assert_close(pal[1], xla[1], rtol=1e-5)
     assert np.abs(np.asarray(xla[1])).max() > 1e-3  # forces are not trivially zero

@@ -11,7 +11,13 @@ def _pallas(features, lengths, senders, receivers, edge_mask, filter_params, *, 
     """The fused kernels for distiller's neighbour lists: real edges sorted by receiver and before the padding,
     closed under reversal (tests/test_neighbours.py checks that layout). Energy and forces then need no sort
     at all; `cfconv_pallas` itself takes any edge list.
+
+    On a CPU backend this is the reference (the same numbers): a student trained with kernel="pallas" on a GPU
+    runs at full speed on a laptop, not in Pallas' interpreter. A `config` with interpret=True runs the
+    kernels in the interpreter anyway (the tests do).
     """
+    if jax.default_backend() == "cpu" and not (config is not None and config.interpret):
+        return cfconv_reference(features, lengths, senders, receivers, edge_mask, filter_params, cutoff=cutoff)
     # Imported on first use: Pallas' Triton pieces stay out of plain CPU imports.
     from pallas_kernels.cfconv.graph import edge_graph
     from pallas_kernels.cfconv.pallas import cfconv_pallas
