@@ -62,6 +62,13 @@ def shape_for(structures: Sequence[Structure]) -> BatchShape:
     return BatchShape(atoms=nl.round_up(sum(s.n_atoms for s in structures) + 1), graphs=len(structures) + 1)
 
 
+def bucket_shape(atoms_per_graph: int, most_graphs: int, max_atoms: int | None = None) -> BatchShape:
+    """The shape of batches of up to `most_graphs` structures of at most `atoms_per_graph` atoms each, with at most
+    `max_atoms` atoms in all (None: no limit) but always room for one: it holds shape.graphs - 1 structures."""
+    graphs = most_graphs if max_atoms is None else max(1, min(most_graphs, max_atoms // atoms_per_graph))
+    return BatchShape(atoms=nl.round_up(graphs * atoms_per_graph + 1), graphs=graphs + 1)
+
+
 def group_by_atoms(structures: Sequence[Structure], max_atoms: int) -> list[list[Structure]]:
     """Consecutive groups of at most `max_atoms` atoms (a larger structure goes alone)."""
     groups, current, count = [], [], 0

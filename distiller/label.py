@@ -30,7 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from distiller import neighbours as nl
-from distiller.batch import BatchShape, allocate_neighbours, pad_structures, unpad_atoms, with_neighbours
+from distiller.batch import (BatchShape, allocate_neighbours, bucket_shape, pad_structures, unpad_atoms,
+                            with_neighbours)
 from distiller.data.dataset import Dataset, ShardWriter, is_dataset, merge_datasets, open_dataset
 from distiller.files import sha256
 from distiller.structure import Structure, StructureError, read_structures
@@ -189,9 +190,7 @@ class JaxLabeller:
         self.grown = 0  # capacity growths (each one a recompilation), for the job's summary
 
     def shape(self, largest: int) -> BatchShape:
-        per = nl.round_up(largest)
-        graphs = max(1, min(self.chunk, self.max_atoms // per))
-        return BatchShape(atoms=nl.round_up(graphs * per + 1), graphs=graphs + 1)
+        return bucket_shape(nl.round_up(largest), self.chunk, self.max_atoms)
 
     def __call__(self, structures: Sequence[Structure]) -> list[Structure]:
         # A chunk straddling two size buckets (the job sorts by size) is labelled bucket by bucket, so

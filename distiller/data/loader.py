@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from distiller import neighbours as nl
-from distiller.batch import Batch, BatchShape, pad_structures
+from distiller.batch import Batch, BatchShape, bucket_shape, pad_structures
 from distiller.data.dataset import Dataset, DatasetError
 
 
@@ -62,20 +62,14 @@ class Loader:
         # Bucket b: its atom bound, its members (fixed order), structures per batch and the padded shape.
         self.buckets = sorted(set(bucket_of.tolist()))
         self._members = [self.indices[bucket_of == b] for b in self.buckets]
-        self._per_batch = [self._graphs(b) for b in self.buckets]
-        self.shapes = [BatchShape(atoms=nl.round_up(g * b + 1), graphs=g + 1)
-                       for b, g in zip(self.buckets, self._per_batch)]
+        self.shapes = [bucket_shape(b, self.batch_size, self.max_atoms) for b in self.buckets]
+        self._per_batch = [shape.graphs - 1 for shape in self.shapes]
         batches = sum(-(-len(m) // g) for m, g in zip(self._members, self._per_batch))
         self.batches_per_epoch = batches  # over all processes
         self.steps_per_epoch = -(-batches // process_count)
         self.shapes_seen: set[BatchShape] = set()
         self._lock = threading.Lock()
         self._epochs: dict[int, list[tuple[int, np.ndarray]]] = {}
-
-    def _graphs(self, bucket: int) -> int:
-        if self.max_atoms is None:
-            return self.batch_size
-        return max(1, min(self.batch_size, self.max_atoms // bucket))
 
     # -- the order ------------------------------------------------------------------------------------
     def epoch(self, epoch: int) -> list[tuple[int, np.ndarray]]:

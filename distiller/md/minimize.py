@@ -129,8 +129,10 @@ def _hessian_columns(model, structure: Structure, block: int):
         def hvp(v):
             return jax.jvp(lambda x: grad(x, neighbor=nbrs), (R,), (v,))[1]
 
-        basis = jnp.eye(3 * n, dtype=R.dtype).reshape(3 * n, n, 3)
-        return jax.lax.map(hvp, basis, batch_size=min(block, 3 * n))
+        def column(k):  # the k-th unit vector made inside the map: no (3N, 3N) identity in memory
+            return hvp(jax.nn.one_hot(k, 3 * n, dtype=R.dtype).reshape(n, 3))
+
+        return jax.lax.map(column, jnp.arange(3 * n), batch_size=min(block, 3 * n))
 
     return neighbor_fn, columns
 
