@@ -97,13 +97,14 @@ class MDConfig:
     dt: float = 0.5  # fs
     thermostat: str = "langevin"  # or "nose-hoover"
     friction: float = 0.01  # 1/fs (Langevin)
+    tau: float = 100.0  # fs, Nose-Hoover chain time constant
     chunk: int = 500  # steps per compiled lax.scan
     replicas: int = 1  # trajectories per seed
     method: ClassVar[str] = "md"
 
     def __post_init__(self):
         _check_positive(self, count=self.count, interval=self.interval, dt=self.dt, chunk=self.chunk,
-                        replicas=self.replicas)
+                        replicas=self.replicas, friction=self.friction, tau=self.tau)
         _check_non_negative(self, temperature=self.temperature, equilibration=self.equilibration)
         if self.equilibration % self.interval:
             raise ValueError(f"MDConfig: equilibration ({self.equilibration}) must be a multiple of interval "
@@ -113,7 +114,7 @@ class MDConfig:
         from distiller.md.simulate import Dynamics
 
         return Dynamics(ensemble="nvt", temperature=self.temperature, dt=self.dt, thermostat=self.thermostat,
-                        friction=self.friction)
+                        friction=self.friction, tau=self.tau)
 
 
 @dataclasses.dataclass(frozen=True)
