@@ -18,7 +18,7 @@ import numpy as np
 
 from distiller.md.model import as_model
 from distiller.md.potential import DEFAULT_SKIN, memoised, potential
-from distiller.md.simulate import MAX_REALLOCATIONS
+from distiller.md.simulate import run_regrowing
 from distiller.structure import Structure
 
 
@@ -86,17 +86,10 @@ class Relaxer:
         largest = _largest_force(state.force)
         while done < steps and not (fmax is not None and largest < fmax):
             n = min(self.chunk, steps - done)
-            for attempt in range(MAX_REALLOCATIONS + 1):
-                new_state, new_nbrs = self._run(state, nbrs, cell, n)
-                if not bool(new_nbrs.did_buffer_overflow):
-                    break
-                if attempt == MAX_REALLOCATIONS:
-                    raise RuntimeError(f"{self.structure.name}: capacities still overflow after {attempt} "
-                                       f"re-allocations")
-                nbrs = self.neighbor_fn.allocate(state.position, cell=cell, previous=new_nbrs,
-                                                 margin=1.25 + 0.25 * attempt, also=[new_state.position])
-                state = state.set(force=self._force(state.position, nbrs, cell))
-            state, nbrs, done = new_state, new_nbrs, done + n
+            state, nbrs, _, _ = run_regrowing(lambda s, nb: (*self._run(s, nb, cell, n), None), state, nbrs,
+                                              self.neighbor_fn, lambda R, nb: self._force(R, nb, cell),
+                                              self.structure.name, cell=cell)
+            done += n
             largest = _largest_force(state.force)
             if not np.isfinite(largest):
                 raise FloatingPointError(f"{self.structure.name}: relaxation with {self.model.name} became non-finite")

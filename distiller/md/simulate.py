@@ -162,6 +162,27 @@ def _integration(model: Model, structure: Structure, dynamics: Dynamics, log_eve
     return neighbor_fn, init_fn, run_chunk, force_fn
 
 
+def run_regrowing(run, state, nbrs, neighbor_fn, force, name: str, **allocate_kwargs):
+    """One chunk `run(state, nbrs) -> (new_state, new_nbrs, rest)`, redone while its neighbour list overflowed.
+
+    Each redo starts again from `state` with capacities that fit what the chunk needed (the model's measured
+    at both ends of the chunk, with a margin that widens on every retry: `neighbor_fn.allocate(...,
+    **allocate_kwargs)`); the start's forces were computed with the old list, so `force(position, nbrs)`
+    recomputes them. Returns (new_state, new_nbrs, rest, redos); RuntimeError naming `name` after
+    MAX_REALLOCATIONS redos.
+    """
+    for attempt in range(MAX_REALLOCATIONS + 1):
+        new_state, new_nbrs, rest = run(state, nbrs)
+        if not bool(new_nbrs.did_buffer_overflow):
+            return new_state, new_nbrs, rest, attempt
+        if attempt == MAX_REALLOCATIONS:
+            raise RuntimeError(f"{name}: capacities still overflow after {attempt} re-allocations "
+                               f"(neighbours {new_nbrs.capacity}, model {new_nbrs.model_capacity})")
+        nbrs = neighbor_fn.allocate(state.position, previous=new_nbrs, margin=1.25 + 0.25 * attempt,
+                                    also=[new_state.position], **allocate_kwargs)
+        state = state.set(force=force(state.position, nbrs))
+
+
 def simulate(model, structure: Structure, dynamics: Dynamics, steps: int, *, log_every: int = 10,
              chunk: int = 100, key: int | jax.Array = 0, capacity=None, model_capacity=None) -> Iterator[Records]:
     """Integrate `steps` steps from `structure`; yield the logged steps chunk by chunk (step 0 first).
@@ -190,20 +211,14 @@ def simulate(model, structure: Structure, dynamics: Dynamics, steps: int, *, log
     done = 0
     while True:
         n = min(chunk, steps - done)
-        for attempt in range(MAX_REALLOCATIONS + 1):
+
+        def chunk_of(state, nbrs):
             with _quiet():
                 (new_state, new_nbrs), start, logged = run_chunk(state, nbrs, n // log_every)
-            if not bool(new_nbrs.did_buffer_overflow):
-                break
-            if attempt == MAX_REALLOCATIONS:
-                raise RuntimeError(f"{structure.name}: capacities still overflow after {attempt} re-allocations "
-                                   f"(neighbours {new_nbrs.capacity}, model {new_nbrs.model_capacity})")
-            # Redo the chunk from its start with capacities that fit what it needed; the model's are measured
-            # at both ends of the chunk, with a margin that widens on every retry. The start's forces were
-            # computed with the old list, so they are recomputed too.
-            nbrs = neighbor_fn.allocate(state.position, previous=new_nbrs, margin=1.25 + 0.25 * attempt,
-                                        also=[new_state.position])
-            state = state.set(force=force_fn(state.position, neighbor=nbrs))
+            return new_state, new_nbrs, (start, logged)
+
+        new_state, new_nbrs, (start, logged), attempt = run_regrowing(
+            chunk_of, state, nbrs, neighbor_fn, lambda R, nbrs: force_fn(R, neighbor=nbrs), structure.name)
         if done == 0:  # step 0, logged once its list is known to be good
             yield _records(np.zeros(1, np.int64), [np.asarray(x)[None] for x in start], 0, structure, model,
                            dynamics)
