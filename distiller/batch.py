@@ -57,6 +57,18 @@ class Batch(NamedTuple):
         return positions[self.senders] - positions[self.receivers] + offset
 
 
+def cell_determinant(cell: jax.Array) -> jax.Array:
+    """det of (..., 3, 3) cells as a triple product (jnp.linalg's LU costs ~1 s of compile time on CPU)."""
+    return jnp.sum(cell[..., 0, :] * jnp.cross(cell[..., 1, :], cell[..., 2, :]), axis=-1)
+
+
+def cell_inverse(cell: jax.Array) -> jax.Array:
+    """Inverse of (..., 3, 3) cells with lattice vectors as rows: column k is a_{k+1} x a_{k+2} / det."""
+    a0, a1, a2 = cell[..., 0, :], cell[..., 1, :], cell[..., 2, :]
+    columns = jnp.stack([jnp.cross(a1, a2), jnp.cross(a2, a0), jnp.cross(a0, a1)], axis=-1)
+    return columns / cell_determinant(cell)[..., None, None]
+
+
 def shape_for(structures: Sequence[Structure]) -> BatchShape:
     """The bucketed shape that holds these structures (always one spare atom and one padding graph)."""
     return BatchShape(atoms=nl.round_up(sum(s.n_atoms for s in structures) + 1), graphs=len(structures) + 1)

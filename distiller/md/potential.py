@@ -105,13 +105,6 @@ def space(structure: Structure):
     return full_precision(displacement_fn), full_precision(shift_fn)
 
 
-def _inverse(cell: jax.Array) -> jax.Array:
-    """Inverse of a (3, 3) cell with lattice vectors as rows (triple products: no LU to compile)."""
-    a0, a1, a2 = cell[0], cell[1], cell[2]
-    columns = jnp.stack([jnp.cross(a1, a2), jnp.cross(a2, a0), jnp.cross(a0, a1)], axis=-1)
-    return columns / jnp.sum(a0 * jnp.cross(a1, a2))
-
-
 class _System:
     """One structure padded as a distiller Batch (one real graph, one padding graph, one padding atom)."""
 
@@ -143,7 +136,7 @@ class _System:
         """(N, 3) integer lattice vectors each atom jumped by (wrapping) since `reference`; zeros for molecules."""
         if not self.periodic:
             return jnp.zeros_like(R)
-        frac = jnp.matmul(R - reference, _inverse(cell), precision=HIGHEST)
+        frac = jnp.matmul(R - reference, batching.cell_inverse(cell), precision=HIGHEST)
         return jax.lax.stop_gradient(jnp.round(frac))
 
     def with_edges(self, R, cell, receivers, senders, shifts, edge_mask) -> Batch:

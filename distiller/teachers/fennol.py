@@ -112,18 +112,6 @@ def _plain(value):
     return value
 
 
-def _determinant(cell: jax.Array) -> jax.Array:
-    """det of (..., 3, 3) as a triple product (jnp.linalg's LU costs ~1 s of compile time on CPU)."""
-    return jnp.sum(cell[..., 0, :] * jnp.cross(cell[..., 1, :], cell[..., 2, :]), axis=-1)
-
-
-def _inverse(cell: jax.Array) -> jax.Array:
-    """Inverse of (..., 3, 3) cells with lattice vectors as rows: column k is a_{k+1} x a_{k+2} / det."""
-    a0, a1, a2 = cell[..., 0, :], cell[..., 1, :], cell[..., 2, :]
-    columns = jnp.stack([jnp.cross(a1, a2), jnp.cross(a2, a0), jnp.cross(a0, a1)], axis=-1)
-    return columns / _determinant(cell)[..., None, None]
-
-
 # --------------------------------------------------------------------------------------------------
 # Loading
 
@@ -311,7 +299,7 @@ class FennolTeacher:
             "true_atoms": batch.atom_mask,
             "true_sys": batch.graph_mask,
             "cells": cell,
-            "reciprocal_cells": _inverse(cell),
+            "reciprocal_cells": batching.cell_inverse(cell),
             graph_key: graph,
         }
 
@@ -381,7 +369,7 @@ class FennolTeacher:
         grad_fn = jax.grad(self._mean_energy, argnums=(3, 4), has_aux=True)
         (de_dx, de_deps), (energies, overflow) = grad_fn(params, batch, capacity, batch.positions,
                                                          self._zero_strain(batch))
-        volume = jnp.abs(_determinant(batch.cell))
+        volume = jnp.abs(batching.cell_determinant(batch.cell))
         periodic = jnp.any(batch.pbc, axis=-1) & batch.graph_mask
         stress = 0.5 * (de_deps + jnp.swapaxes(de_deps, -1, -2)) / volume[:, None, None]
         stress = jnp.where(periodic[:, None, None], stress, 0.0)
