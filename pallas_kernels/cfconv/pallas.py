@@ -129,10 +129,14 @@ class SymmetricTransposeBody:
         need_r = want_r and want[1][0]
         need_c = want_c and want[2][0]
         dc = dr = None
-        if need_r or need_c:
+        if need_r and need_c:
             ct = jnp.where(valid[:, None], ct_self, 0.0)  # lanes past the run add nothing to dc
-            _, pull = jax.vjp(lambda c, r: self.conv.weight(c, r) * x_far, coefficients, r)
-            dc, dr = pull(ct)
+            dc, dr = jax.vjp(lambda c, r: self.conv.weight(c, r) * x_far, coefficients, r)[1](ct)
+        elif need_r:  # differentiate only what is asked for: forces never trace the coefficients' product
+            (dr,) = jax.vjp(lambda r: self.conv.weight(coefficients, r) * x_far, r)[1](ct_self)
+        elif need_c:
+            ct = jnp.where(valid[:, None], ct_self, 0.0)
+            (dc,) = jax.vjp(lambda c: self.conv.weight(c, r) * x_far, coefficients)[1](ct)
         if want_r:
             edge_out = (dr if need_r else None,)
         if want_c:
