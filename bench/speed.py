@@ -10,12 +10,12 @@ Without --run the student is a fresh one of the quickstart's size (speed does no
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from distiller.files import write_json_atomic  # noqa: E402
 from distiller.speed import add_student_arguments, compare_speed, student_from_arguments, table  # noqa: E402
 from distiller.structure import read_structures  # noqa: E402
 
@@ -27,7 +27,8 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", default=["aspirin", "aspirin*32", "watersmall", "waterbox"])
     parser.add_argument("--structures-dir", default=os.path.join(os.environ.get("DISTILLER_SHARED", "../shared"), "structures"))
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--out", help="JSON file to write")
+    parser.add_argument("--no-native", action="store_true", help="skip timing FeNNol's own API (faster runs)")
+    parser.add_argument("--out", help="JSON file to write (after every system)")
     args = parser.parse_args()
 
     systems = {}
@@ -36,12 +37,16 @@ def main() -> None:
         structures = read_structures(os.path.join(args.structures_dir, f"{base}.extxyz"))
         systems[name] = structures * int(copies or 1)
     student = student_from_arguments(args)
-    report = compare_speed(args.teacher, student, systems, repeats=args.repeats)
+
+    def save(report):
+        print(table(report).splitlines()[-1], flush=True)
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            write_json_atomic(args.out, report)
+
+    report = compare_speed(args.teacher, student, systems, repeats=args.repeats, native=not args.no_native,
+                           on_row=save)
     print(table(report))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":

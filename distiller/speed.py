@@ -114,10 +114,12 @@ def fennol_native_timer(teacher, structures: Sequence[Structure]):
 
 
 def compare_speed(teacher_spec: str, student, systems: Mapping[str, Sequence[Structure]], repeats: int = 20,
-                  native: bool = True) -> dict:
+                  native: bool = True, on_row: Callable[[dict], None] | None = None) -> dict:
     """Time teacher and student on each system (a name and its structures, batched together).
 
-    `student` is a run directory or a StudentConfig (random weights: speed does not depend on them).
+    `student` is a run directory or a StudentConfig (random weights: speed does not depend on them). native:
+    also time FeNNol's own API (one more compilation per system). on_row: called with the report so far after
+    each system (a long run cut short keeps what it measured).
     """
     from distiller.students import StudentConfig, build_model, init_student
     from distiller.teachers.registry import load_teacher
@@ -133,6 +135,15 @@ def compare_speed(teacher_spec: str, student, systems: Mapping[str, Sequence[Str
 
         config, model, params = load_student(student)
     rows = []
+    report = {
+        "device": device_name(),
+        "versions": versions(),
+        "command": " ".join(sys.argv),
+        "teacher": teacher_spec,
+        "student": {k: getattr(config, k) for k in ("cutoff", "features", "layers", "n_rbf", "kernel")},
+        "repeats": repeats,
+        "results": rows,
+    }
     for name, structures in systems.items():
         atoms = sum(s.n_atoms for s in structures)
         teacher_s = median_seconds(teacher_timer(teacher, teacher_params, structures), repeats)
@@ -149,15 +160,9 @@ def compare_speed(teacher_spec: str, student, systems: Mapping[str, Sequence[Str
                 best_teacher = min(best_teacher, native_s)
         row["speedup"] = best_teacher / student_s
         rows.append(row)
-    return {
-        "device": device_name(),
-        "versions": versions(),
-        "command": " ".join(sys.argv),
-        "teacher": teacher_spec,
-        "student": {k: getattr(config, k) for k in ("cutoff", "features", "layers", "n_rbf", "kernel")},
-        "repeats": repeats,
-        "results": rows,
-    }
+        if on_row is not None:
+            on_row(report)
+    return report
 
 
 def table(report: dict) -> str:
