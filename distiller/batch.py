@@ -160,9 +160,11 @@ def with_neighbours(batch: Batch, cutoff: float, capacity: nl.NeighbourCapacity)
     return batch, neighbours
 
 
-def allocate_neighbours(batch: Batch, cutoff: float, margin: float = 1.25) -> nl.NeighbourCapacity:
+def allocate_neighbours(batch: Batch, cutoff: float, margin: float = 1.25,
+                        extra: nl.NeighbourCapacity | None = None) -> nl.NeighbourCapacity:
+    """Capacities that hold the batch's neighbour list with `margin` (and at least `extra`, see nl.allocate)."""
     return nl.allocate(batch.positions, batch.cell, batch.pbc, batch.graph_index, batch.atom_mask,
-                       n_graphs=batch.n_graphs, cutoff=cutoff, margin=margin)
+                       n_graphs=batch.n_graphs, cutoff=cutoff, margin=margin, extra=extra)
 
 
 def make_batch(structures: Sequence[Structure], cutoff: float, shape: BatchShape | None = None,

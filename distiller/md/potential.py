@@ -139,20 +139,19 @@ class _System:
         frac = jnp.matmul(R - reference, batching.cell_inverse(cell), precision=HIGHEST)
         return jax.lax.stop_gradient(jnp.round(frac))
 
+    def at(self, R, cell) -> Batch:
+        """The padded batch at positions R (N, 3) and the real graph's cell."""
+        return self.batch._replace(positions=self.positions(R), cell=self.batch.cell.at[0].set(cell))
+
     def with_edges(self, R, cell, receivers, senders, shifts, edge_mask) -> Batch:
-        return self.batch._replace(positions=self.positions(R), cell=self.batch.cell.at[0].set(cell),
-                                   receivers=receivers, senders=senders, shifts=shifts, edge_mask=edge_mask)
+        return self.at(R, cell)._replace(receivers=receivers, senders=senders, shifts=shifts, edge_mask=edge_mask)
 
     def build(self, R, cell, cutoff: float, capacity: nl.NeighbourCapacity) -> nl.Neighbours:
-        b = self.batch
-        return nl.neighbour_list(self.positions(R), b.cell.at[0].set(cell), b.pbc, b.graph_index, b.atom_mask,
-                                 n_graphs=2, cutoff=cutoff, capacity=capacity)
+        return batching.with_neighbours(self.at(R, cell), cutoff, capacity)[1]
 
     def allocate(self, R, cell, cutoff: float, margin: float,
                  extra: nl.NeighbourCapacity | None = None) -> nl.NeighbourCapacity:
-        b = self.batch
-        return nl.allocate(self.positions(R), b.cell.at[0].set(cell), b.pbc, b.graph_index, b.atom_mask,
-                           n_graphs=2, cutoff=cutoff, margin=margin, extra=extra)
+        return batching.allocate_neighbours(self.at(R, cell), cutoff, margin, extra=extra)
 
 
 # --------------------------------------------------------------------------------------------------
