@@ -128,7 +128,6 @@ class Problem:
     name: str
     n_real: int
     batch: object
-    lengths: jax.Array
     graph: object
     n_edges_real: int
 
@@ -136,11 +135,10 @@ class Problem:
 def load_problem(structures_dir, name):
     structures = read_structures(os.path.join(structures_dir, f"{name}.extxyz"))
     batch, _ = make_batch(structures, STUDENT["cutoff"])
-    lengths = jax.jit(lambda b: edge_lengths(b.edge_vectors(), b.edge_mask))(batch)
     n_atoms = batch.numbers.shape[0]
     graph = jax.jit(functools.partial(edge_graph, sorted_by_receiver=True), static_argnums=3)(
         batch.senders, batch.receivers, batch.edge_mask, n_atoms)
-    return Problem(name, sum(s.n_atoms for s in structures), batch, lengths, graph, int(np.sum(batch.edge_mask)))
+    return Problem(name, sum(s.n_atoms for s in structures), batch, graph, int(np.sum(batch.edge_mask)))
 
 
 def layer_inputs(problem, seed, features=64, n_rbf=16, dtype=jnp.float32):
@@ -226,8 +224,8 @@ def counted_bytes(problem, features=64, n_rbf=16):
 
     unique: the fewest bytes through HBM, each input read once and each output written once.
       forward: offsets, per real edge its position->edge id, far atom and length; features; output.
-      backward (sender pass): the same index/length words again, features and the output cotangent, the
-      features' cotangent and one length cotangent per edge.
+      backward (one receiver-order pass, the symmetric transpose): the same index/length words again, features
+      and the output cotangent, the features' cotangent and one length cotangent per edge.
     issued: what the kernels ask the memory system for: as unique, but every gathered feature row counted
       once per edge (the far end's row of each edge; in the backward pass the features' and the cotangent's).
       Gathers mostly hit L2, so this can exceed HBM bandwidth; it is the traffic the kernel cannot avoid.

@@ -179,8 +179,7 @@ def _differentiable(op: EdgeOp, launch: Launch):
         return _run(op, launch, graph, glob, nodes, edges)
 
     def fwd(graph, glob, nodes, edges):
-        is_primal = lambda x: isinstance(x, CustomVJPPrimal)  # noqa: E731
-        value = lambda t: jax.tree_util.tree_map(lambda p: p.value, t, is_leaf=is_primal)  # noqa: E731
+        value = primal_values
         # Which inputs are being differentiated: the VJP computes cotangents for those alone (with symbolic
         # zeros, e.g. forces in MD never compute filter-weight gradients).
         perturbed = tuple(tuple(p.perturbed for p in group) for group in (glob, nodes, edges))
@@ -203,6 +202,12 @@ def _differentiable(op: EdgeOp, launch: Launch):
 
     run.defvjp(fwd, bwd, symbolic_zeros=True)
     return run
+
+
+def primal_values(tree):
+    """The values of a custom_vjp(symbolic_zeros=True) rule's CustomVJPPrimal leaves (`.perturbed` says which
+    inputs are differentiated)."""
+    return jax.tree_util.tree_map(lambda p: p.value, tree, is_leaf=lambda x: isinstance(x, CustomVJPPrimal))
 
 
 def _where(flags):

@@ -21,9 +21,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
+from jax.custom_derivatives import SymbolicZero
 
-from pallas_kernels.cfconv.edge_op import EdgeOp, KernelConfig, Launch, StaticValue, apply, dot_precision
+from pallas_kernels.cfconv.edge_op import (EdgeOp, KernelConfig, Launch, StaticValue, apply, dot_precision,
+                                           primal_values)
 from pallas_kernels.cfconv.graph import EdgeGraph, edge_graph
 from pallas_kernels.cfconv.reference import cubic_bspline, envelope, spline_spacing
 
@@ -155,9 +156,7 @@ def _symmetric(op: EdgeOp, launch: Launch):
 
     def fwd(graph, coefficients, x, lengths):
         perturbed = (coefficients.perturbed, x.perturbed, lengths.perturbed)
-        value = lambda a: a.value  # noqa: E731
-        graph = jax.tree_util.tree_map(value, graph, is_leaf=lambda a: isinstance(a, CustomVJPPrimal))
-        coefficients, x, lengths = value(coefficients), value(x), value(lengths)
+        graph, coefficients, x, lengths = primal_values((graph, coefficients, x, lengths))
         # Through `conv`: an outer derivative of this rule meets the symmetric VJP again.
         return conv(graph, coefficients, x, lengths), (graph, coefficients, x, lengths, StaticValue(perturbed))
 
