@@ -16,6 +16,7 @@ import numpy as np
 from distiller import neighbours as nl
 from distiller.precision import HIGHEST
 from distiller.structure import Structure
+from pallas_kernels import edge_difference
 
 
 class BatchShape(NamedTuple):
@@ -49,12 +50,17 @@ class Batch(NamedTuple):
     def n_graphs(self) -> int:
         return self.graph_mask.shape[0]
 
-    def edge_vectors(self, positions: jax.Array | None = None, cell: jax.Array | None = None) -> jax.Array:
-        """Edge vectors x[j] - x[i] + shift @ cell, differentiable in positions and cell."""
+    def edge_vectors(self, positions: jax.Array | None = None, cell: jax.Array | None = None,
+                     kernel: str = "xla") -> jax.Array:
+        """Edge vectors x[j] - x[i] + shift @ cell, differentiable in positions and cell.
+
+        kernel: the edge-kernel set whose `edge_difference` takes x[j] - x[i] (pallas_kernels.dispatch); with
+          "pallas" on a GPU, the position gradient is summed per atom without atomics.
+        """
         positions = self.positions if positions is None else positions
         cell = self.cell if cell is None else cell
         offset = jnp.einsum("ek,ekl->el", self.shifts, cell[self.graph_index[self.receivers]], precision=HIGHEST)
-        return positions[self.senders] - positions[self.receivers] + offset
+        return edge_difference(positions, self.senders, self.receivers, self.edge_mask, kernel=kernel) + offset
 
 
 def cell_determinant(cell: jax.Array) -> jax.Array:

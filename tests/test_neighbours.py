@@ -46,7 +46,7 @@ def test_matches_ase_on_random_batches(trial):
     ours, count = edge_set(batch)
     assert count == len(ours), "an edge appears twice"
     assert ours == ase_set(structures, cutoff)
-    # The layout the student's Pallas kernel relies on (pallas_kernels.cfconv.graph): real edges sorted by
+    # The layout the student's Pallas kernel relies on (pallas_kernels.edges.graph): real edges sorted by
     # receiver and before every padding edge, and the list closed under reversal (i <- j with shift S has
     # j <- i with shift -S).
     mask = np.asarray(batch.edge_mask)

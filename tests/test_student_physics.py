@@ -23,7 +23,8 @@ from distiller.batch import BatchShape, binning_cell, make_batch
 from distiller.structure import Structure, StructureError, closest_pair, read_structures
 from distiller.students import (StudentConfig, build_model, check, energy, energy_forces, energy_forces_stress,
                                 fit_reference_energies, init_student)
-from pallas_kernels.cfconv import cfconv, cfconv_reference, envelope, spline_basis
+from pallas_kernels import cfconv
+from pallas_kernels.cfconv import cfconv_reference, envelope, spline_basis
 
 CONFIG = StudentConfig(cutoff=5.0, features=32, layers=2, n_rbf=16, elements=(1, 6, 7, 8))
 MODEL = build_model(CONFIG)
@@ -220,10 +221,10 @@ def test_cfconv_reference_matches_the_formula_and_masks_padding():
 
 
 def test_unknown_kernel_is_a_clear_value_error():
-    with pytest.raises(ValueError, match="unknown cfconv kernel 'nope'.*xla"):
+    with pytest.raises(ValueError, match="unknown kernel set 'nope'.*xla"):
         cfconv(jnp.zeros((2, 4)), jnp.zeros(1), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32),
                jnp.ones(1, bool), {}, cutoff=5.0, kernel="nope")
-    with pytest.raises(ValueError, match="unknown cfconv kernel"):
+    with pytest.raises(ValueError, match="unknown kernel set"):
         StudentConfig(kernel="nope")
     with pytest.raises(ValueError, match="elements"):
         StudentConfig(elements=(1, 1, 8))

@@ -38,7 +38,7 @@ def edge_lengths(vectors: jax.Array, edge_mask: jax.Array) -> jax.Array:
 def atom_energies(model: SchNet, params, batch: Batch, positions: jax.Array | None = None,
                   cell: jax.Array | None = None) -> jax.Array:
     """(A,) per-atom energies in eV (0 on padding atoms) at the given (or the batch's) positions and cells."""
-    lengths = edge_lengths(batch.edge_vectors(positions, cell), batch.edge_mask)
+    lengths = edge_lengths(batch.edge_vectors(positions, cell, kernel=model.config.kernel), batch.edge_mask)
     with full_precision_scope():  # not TF32 on GPUs (distiller.precision)
         return model.apply(params, batch.numbers, lengths, batch.senders, batch.receivers, batch.edge_mask,
                            batch.atom_mask)

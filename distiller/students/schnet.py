@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from distiller.structure import Structure, StructureError
-from pallas_kernels.cfconv import MIN_BASIS, cfconv, check_kernel
+from pallas_kernels import cfconv, check_kernel
+from pallas_kernels.cfconv import MIN_BASIS
 
 MAX_Z = 118
 
@@ -35,7 +36,7 @@ class StudentConfig:
     layers: int = 2  # interaction blocks
     n_rbf: int = 16  # cubic B-splines spanning [0, cutoff] (the filter's radial basis), at least 4
     elements: tuple[int, ...] = (1, 6, 7, 8)  # atomic numbers the student knows (H, C, N, O: ANI-1x's)
-    kernel: str = "xla"  # cfconv implementation, see pallas_kernels.cfconv.KERNELS
+    kernel: str = "xla"  # edge kernels (cfconv, edge vectors): "xla" or "pallas", see pallas_kernels.dispatch
     avg_neighbours: float = 10.0  # messages are divided by this fixed constant so initial layers stay O(1)
 
     def __post_init__(self):

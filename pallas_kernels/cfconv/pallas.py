@@ -23,44 +23,10 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from pallas_kernels.cfconv.edge_op import (EdgeOp, KernelConfig, Launch, StaticValue, apply, dot_precision,
-                                           primal_values)
-from pallas_kernels.cfconv.graph import EdgeGraph, edge_graph
+from pallas_kernels.edges.edge_op import (EdgeOp, Launch, PallasConfig, StaticValue, apply, block_size,
+                                         dot_precision, primal_values)
+from pallas_kernels.edges.graph import EdgeGraph, edge_graph
 from pallas_kernels.cfconv.reference import cubic_bspline, envelope, spline_spacing
-
-PRECISIONS = ("ieee", "tf32x3")
-
-
-@dataclasses.dataclass(frozen=True)
-class PallasConfig:
-    """How to launch the kernels: per derivative depth (forward, first VJP, second VJP) and dot precision.
-
-    precision: "ieee" (plain float32 FMA) or "tf32x3" (float32-accurate split products on tensor cores);
-    both agree with the reference to float32 rounding. The interpreter (CPU) always uses exact float32.
-    interpret: None = interpret exactly when JAX's default backend is the CPU.
-    """
-
-    # Tuned on the H200 at waterhuge size, 64 features (bench/results/kernels-h200.json, docs/kernels.md).
-    forward: KernelConfig = KernelConfig(block_edges=64, block_atoms=16, num_warps=4, num_stages=2)
-    first: KernelConfig = KernelConfig(block_edges=32, block_atoms=16, num_warps=4, num_stages=2)
-    second: KernelConfig = KernelConfig(block_edges=32, block_atoms=16, num_warps=4, num_stages=1)
-    precision: str = "tf32x3"
-    interpret: bool | None = None
-
-    def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-
-    def launch(self) -> Launch:
-        interpret = jax.default_backend() == "cpu" if self.interpret is None else self.interpret
-        configs = (self.forward, self.first, self.second)
-        if not interpret:
-            for c in configs:  # Triton's dot needs every side >= 16
-                if c.block_edges < 16 or (c.layout == "flat" and c.block_atoms < 16):
-                    raise ValueError(f"on the GPU, blocks need block_edges >= 16 (and block_atoms >= 16 for the "
-                                     f"flat layout), got {c}")
-        return Launch(configs, interpret, "highest" if interpret else self.precision)
-
 
 DEFAULT_CONFIG = PallasConfig()
 
@@ -70,7 +36,7 @@ def default_config(n_features: int) -> PallasConfig:
     the tuned 64-feature setting (shared memory for the VJP passes grows with it: at 64 features, 128-edge
     blocks already asked for 280 KB of the H200's 227 KB). Only the 64-feature setting has been timed.
     """
-    scale = _block_size(n_features) // 64
+    scale = block_size(n_features) // 64
     if scale <= 1:
         return DEFAULT_CONFIG
     shrink = lambda c: dataclasses.replace(c, block_edges=max(16, c.block_edges // scale))  # noqa: E731
@@ -202,7 +168,7 @@ def cfconv_pallas(features: jax.Array, lengths: jax.Array, senders: jax.Array, r
     spacing = spline_spacing(cutoff, n_basis)
     # Triton blocks have power-of-two sides (and dots at least 16): pad features and basis functions with
     # zeros, which contribute exactly nothing (zero coefficient rows and feature columns).
-    f_pad, k_pad = _block_size(n_features), _block_size(n_basis)
+    f_pad, k_pad = block_size(n_features), block_size(n_basis)
     coefficients = _pad(coefficients, (k_pad, f_pad))
     x = _pad(features, (n_atoms, f_pad))
     launch = config.launch()
@@ -213,10 +179,6 @@ def cfconv_pallas(features: jax.Array, lengths: jax.Array, senders: jax.Array, r
     else:
         (out,), _, _ = apply(op, launch, graph, (coefficients,), (x,), (lengths,))
     return out[:, :n_features]
-
-
-def _block_size(n: int) -> int:
-    return max(16, 1 << (n - 1).bit_length())
 
 
 def _pad(x: jax.Array, shape) -> jax.Array:

@@ -44,7 +44,7 @@ from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.cfconv.graph import EdgeGraph, EdgeOrder
+from pallas_kernels.edges.graph import EdgeGraph, EdgeOrder
 
 SIDES = ("r", "s")
 
@@ -94,6 +94,41 @@ class EdgeOp:
     n_edge_out: int
     n_glob_out: int
     depth: int = 0  # 0 for a primal op, k for its k-th VJP (selects the KernelConfig)
+
+
+PRECISIONS = ("ieee", "tf32x3")
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasConfig:
+    """How to launch the kernels: per derivative depth (forward, first VJP, second VJP) and dot precision.
+
+    precision: "ieee" (plain float32 FMA) or "tf32x3" (float32-accurate split products on tensor cores);
+    both agree with the reference to float32 rounding. The interpreter (CPU) always uses exact float32.
+    interpret: None = interpret exactly when JAX's default backend is the CPU.
+    """
+
+    # Tuned on the H200 for cfconv at waterhuge size, 64 features (bench/results/kernels-h200.json,
+    # docs/kernels.md); the edge difference runs with the same settings.
+    forward: KernelConfig = KernelConfig(block_edges=64, block_atoms=16, num_warps=4, num_stages=2)
+    first: KernelConfig = KernelConfig(block_edges=32, block_atoms=16, num_warps=4, num_stages=2)
+    second: KernelConfig = KernelConfig(block_edges=32, block_atoms=16, num_warps=4, num_stages=1)
+    precision: str = "tf32x3"
+    interpret: bool | None = None
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+    def launch(self) -> Launch:
+        interpret = jax.default_backend() == "cpu" if self.interpret is None else self.interpret
+        configs = (self.forward, self.first, self.second)
+        if not interpret:
+            for c in configs:  # Triton's dot needs every side >= 16
+                if c.block_edges < 16 or (c.layout == "flat" and c.block_atoms < 16):
+                    raise ValueError(f"on the GPU, blocks need block_edges >= 16 (and block_atoms >= 16 for the "
+                                     f"flat layout), got {c}")
+        return Launch(configs, interpret, "highest" if interpret else self.precision)
 
 
 def apply(op: EdgeOp, launch: Launch, graph: EdgeGraph, glob, nodes, edges):
@@ -370,6 +405,11 @@ def _pass(op: EdgeOp, launch: Launch, order: EdgeOrder, side: str, want, glob, n
     oe = tuple(o[:-1] for o in outs[len(out_f):len(out_f) + n_eo])
     og = tuple(jnp.sum(o, axis=0) for o in outs[len(out_f) + n_eo:])
     return on, oe, og
+
+
+def block_size(n: int) -> int:
+    """The power of two >= max(n, 16) that a Triton block side of n columns is padded to (dots need 16)."""
+    return max(16, 1 << (n - 1).bit_length())
 
 
 def dot_precision(name: str):

@@ -43,21 +43,27 @@ class EdgeGraph(NamedTuple):
         return self.edge_mask.shape[0]
 
 
-def csr_offsets(receivers: jax.Array, edge_mask: jax.Array, n_atoms: int) -> jax.Array:
-    """(A + 1,) int32: atom i's edges are positions offsets[i]:offsets[i+1] once grouped by receiver.
+def csr_offsets(keys: jax.Array, n_atoms: int) -> jax.Array:
+    """(A + 1,) int32: atom i's edges are positions offsets[i]:offsets[i+1] of `keys`, which must be sorted
+    ascending with padding edges keyed n_atoms; offsets[A] = number of real edges.
 
-    Counts, then a prefix sum: no sort and no loop (a binary search lowers to a device loop that syncs with
-    the host every round on GPU). Padding edges are not counted.
+    Each run's first position is written at its key and every atom without edges takes the next run's start
+    (a reversed running minimum): no atomics. (Counting edges per atom with a scatter-add had every lane of a
+    warp add to the same atom, sorted keys being the worst case for atomics: 127 us at 12k atoms on the H200.)
     """
-    counts = jnp.zeros((n_atoms,), jnp.int32).at[receivers].add(edge_mask.astype(jnp.int32), mode="drop")
-    return jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts, dtype=jnp.int32)])
+    n = keys.shape[0]
+    starts = jnp.concatenate([jnp.ones((min(n, 1),), bool), keys[1:] != keys[:-1]])
+    at = jnp.where(starts, keys, n_atoms + 1)  # out of range: dropped
+    offsets = jnp.full((n_atoms + 1,), n, jnp.int32).at[at].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+    return jax.lax.cummin(offsets, axis=0, reverse=True)
 
 
 def edge_order(centres: jax.Array, far: jax.Array, edge_mask: jax.Array, n_atoms: int) -> EdgeOrder:
     """Group edges by `centres` (stable, so an already sorted list keeps its order); padding last."""
     key = jnp.where(edge_mask, centres, n_atoms).astype(jnp.int32)
-    perm = jnp.argsort(key, stable=True).astype(jnp.int32)  # a key-value radix sort on GPU
-    return EdgeOrder(csr_offsets(centres, edge_mask, n_atoms), perm, far[perm].astype(jnp.int32))
+    # One stable key-value sort (a radix sort on GPU) gives the sorted keys and the permutation together.
+    key, perm = jax.lax.sort((key, jnp.arange(key.shape[0], dtype=jnp.int32)), num_keys=1, is_stable=True)
+    return EdgeOrder(csr_offsets(key, n_atoms), perm, far[perm].astype(jnp.int32))
 
 
 def edge_graph(senders: jax.Array, receivers: jax.Array, edge_mask: jax.Array, n_atoms: int, *,
@@ -79,7 +85,7 @@ def edge_graph(senders: jax.Array, receivers: jax.Array, edge_mask: jax.Array, n
     senders = jnp.where(edge_mask, senders, 0)
     receivers = jnp.where(edge_mask, receivers, 0)
     if sorted_by_receiver:
-        by_receiver = EdgeOrder(csr_offsets(receivers, edge_mask, n_atoms),
+        by_receiver = EdgeOrder(csr_offsets(jnp.where(edge_mask, receivers, n_atoms).astype(jnp.int32), n_atoms),
                                 jnp.arange(edge_mask.shape[0], dtype=jnp.int32), senders.astype(jnp.int32))
     else:
         by_receiver = edge_order(receivers, senders, edge_mask, n_atoms)

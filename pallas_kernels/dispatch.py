@@ -1,0 +1,86 @@
+"""Kernel sets by name. "xla" is the plain-JAX references; "pallas" the fused kernels. A student's `kernel`
+picks one set for every edge operation of its energy: the cfconv of each layer and the edge vectors'
+difference (whose transpose is the position gradient).
+
+    cfconv(features, lengths, senders, receivers, edge_mask, filter_params, *, cutoff, kernel="xla")
+    edge_difference(values, senders, receivers, edge_mask, *, kernel="xla")
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+
+from pallas_kernels.cfconv.reference import cfconv_reference
+from pallas_kernels.edge_difference.reference import edge_difference_reference
+
+
+class Kernels(NamedTuple):
+    """One implementation of each edge operation, each with exactly its reference's signature."""
+
+    cfconv: Callable
+    edge_difference: Callable
+
+
+def _on_cpu(config) -> bool:
+    """On a CPU backend the Pallas set is the reference (the same numbers): a student trained with
+    kernel="pallas" on a GPU runs at full speed on a laptop, not in Pallas' interpreter. A config with
+    interpret=True runs the kernels in the interpreter anyway (the tests do)."""
+    return jax.default_backend() == "cpu" and not (config is not None and config.interpret)
+
+
+# The Pallas wrappers import on first use: Pallas' Triton pieces stay out of plain CPU imports. Both take
+# distiller's neighbour lists as they are: real edges sorted by receiver and before the padding, closed
+# under reversal (tests/test_neighbours.py checks that layout). The graph is built per call; inside one jit
+# XLA computes the identical graphs of all layers and of the edge vectors once.
+
+def _pallas_cfconv(features, lengths, senders, receivers, edge_mask, filter_params, *, cutoff, config=None):
+    if _on_cpu(config):
+        return cfconv_reference(features, lengths, senders, receivers, edge_mask, filter_params, cutoff=cutoff)
+    from pallas_kernels.cfconv.pallas import cfconv_pallas
+    from pallas_kernels.edges.graph import edge_graph
+
+    graph = edge_graph(senders, receivers, edge_mask, features.shape[0], sorted_by_receiver=True)
+    return cfconv_pallas(features, lengths, senders, receivers, edge_mask, filter_params, cutoff=cutoff,
+                         graph=graph, config=config, symmetric=True)
+
+
+def _pallas_edge_difference(values, senders, receivers, edge_mask, *, config=None):
+    if _on_cpu(config):
+        return edge_difference_reference(values, senders, receivers, edge_mask)
+    from pallas_kernels.edge_difference.pallas import edge_difference_pallas
+    from pallas_kernels.edges.graph import edge_graph
+
+    graph = edge_graph(senders, receivers, edge_mask, values.shape[0], sorted_by_receiver=True)
+    return edge_difference_pallas(values, senders, receivers, edge_mask, graph=graph, config=config)
+
+
+def pallas_kernels(config=None) -> Kernels:
+    """The Pallas set launched with `config` (a `PallasConfig`; None: the tuned defaults)."""
+    return Kernels(functools.partial(_pallas_cfconv, config=config),
+                   functools.partial(_pallas_edge_difference, config=config))
+
+
+KERNELS = {"xla": Kernels(cfconv_reference, edge_difference_reference), "pallas": pallas_kernels()}
+
+
+def check_kernel(name: str) -> str:
+    """Return `name` if a kernel set is registered under it; ValueError otherwise."""
+    if name not in KERNELS:
+        raise ValueError(f"unknown kernel set {name!r}; available: {', '.join(sorted(KERNELS))}")
+    return name
+
+
+def cfconv(features: jax.Array, lengths: jax.Array, senders: jax.Array, receivers: jax.Array, edge_mask: jax.Array,
+           filter_params: dict, *, cutoff: float, kernel: str = "xla") -> jax.Array:
+    """`cfconv_reference`'s computation (see its docstring), done by the kernel set named `kernel`."""
+    return KERNELS[check_kernel(kernel)].cfconv(features, lengths, senders, receivers, edge_mask, filter_params,
+                                                cutoff=cutoff)
+
+
+def edge_difference(values: jax.Array, senders: jax.Array, receivers: jax.Array, edge_mask: jax.Array, *,
+                    kernel: str = "xla") -> jax.Array:
+    """`edge_difference_reference`'s computation (see its docstring), done by the kernel set named `kernel`."""
+    return KERNELS[check_kernel(kernel)].edge_difference(values, senders, receivers, edge_mask)
