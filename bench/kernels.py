@@ -18,25 +18,31 @@ Steps (each one guarded: a failure is recorded in the JSON and the run goes on):
      for each derivative depth of the layer (stopping --sweep-s seconds after the start); then per water box,
      with the nearest swept size's best: the layer forward, forward+backward, the student's energy+forces
      (what MD needs) and a training step (energy, forces, parameter gradients), Pallas against XLA; median
-     of repeated runs after warm-up;
-  4. counted bytes and FLOPs of the layer against the measured copy bandwidth and the time.
+     of repeated runs after warm-up (wall clock, host dispatch included), and the device time per call
+     from a profiler trace (the GPU's kernels alone: ~0.1-0.15 ms of a one-layer call is dispatch);
+  4. counted bytes and FLOPs of the layer against the measured copy bandwidth and both times: "unique"
+     bytes (each array once) and "issued" bytes (what the kernels load: a feature row per edge).
 
-The student is StudentConfig(features=64, layers=2, n_rbf=16, cutoff=5 Å), its cfconv the dispatcher's
-"pallas" entry with the tuned config: it takes the neighbour list's receiver order as it is and runs the
-symmetric transpose, so energy+forces sort nothing and a training step sorts once (the sender order of its
-second derivatives), inside the step. The layer rows are timed with the edge orders built once, as a caller
+The student is StudentConfig(features=64, layers=2, n_rbf=16, cutoff=5 Å), its edge kernels the dispatcher's
+"pallas" set with the tuned config: cfconv takes the neighbour list's receiver order as it is and runs the
+symmetric transpose; the edge vectors' difference sums the position gradient per atom in both orders. So
+energy+forces and a training step each sort once (the sender order), inside the step. The layer rows are timed with the edge orders built once, as a caller
 that keeps them per neighbour update does. "graph_build_ms" is a full build (both sorts) for reference.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
+import glob
+import gzip
 import json
 import os
 import platform
 import sys
+import tempfile
 import time
 import traceback
 
@@ -84,6 +90,31 @@ def timeit(fn, *args, repeats=30, warmup=3):
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return float(np.median(times)), float(np.percentile(times, 10)), float(np.percentile(times, 90)), compile_s
+
+
+def device_time(fn, *args, calls=10):
+    """GPU time (s) per call of fn(*args): the GPU's events in a profiler trace, summed; None without a GPU.
+
+    Kernels and copies only, no host dispatch and no gaps between launches: what the kernels themselves
+    achieve (the roofline fractions use it). Also returns the number of device events per call.
+    """
+    if jax.default_backend() != "gpu":
+        return None
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(calls):
+                jax.block_until_ready(fn(*args))
+        (trace,) = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+        with gzip.open(trace) as f:
+            events = json.load(f)["traceEvents"]
+    process = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    busy = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and "GPU" in process.get(e["pid"], ""):
+            busy["us"] += float(e.get("dur", 0.0))
+            busy["events"] += 1
+    return busy["us"] * 1e-6 / calls, busy["events"] / calls
 
 
 def guarded(report, key, fn, *args, **kwargs):
@@ -359,6 +390,11 @@ def bench_size(problem, config: PallasConfig, bandwidth, report, repeats):
                 res[key]["hbm_fraction"] = nbytes[kind] / t[0] / bandwidth
                 res[key]["issued_fraction"] = nbytes[f"issued_{kind}"] / t[0] / bandwidth
                 res[key]["tflops"] = flops[kind] / t[0] / 1e12
+                d = guarded(report, f"{problem.name}/{path}/{key}/device", device_time, fn, *args)
+                if d:
+                    res[key].update(device_ms=d[0] * 1e3, device_events=d[1],
+                                    device_hbm_fraction=nbytes[kind] / d[0] / bandwidth,
+                                    device_issued_fraction=nbytes[f"issued_{kind}"] / d[0] / bandwidth)
             if path == "xla" and key == "layer_forward":
                 ca = guarded(report, f"{problem.name}/xla/cost", lambda: fn.lower(*args).compile().cost_analysis())
                 if ca:
@@ -372,6 +408,9 @@ def bench_size(problem, config: PallasConfig, bandwidth, report, repeats):
                 if t:
                     res[key] = {"ms": t[0] * 1e3, "p10_ms": t[1] * 1e3, "p90_ms": t[2] * 1e3, "compile_s": t[3],
                                 "us_per_atom": t[0] * 1e6 / problem.n_real}
+                    d = guarded(report, f"{problem.name}/{path}/{key}/device", device_time, fn, params, b)
+                    if d:
+                        res[key].update(device_ms=d[0] * 1e3, device_events=d[1])
             if path == "pallas":
                 hlo = guarded(report, f"{problem.name}/hlo", lambda: md.lower(params, b).compile().as_text())
                 if hlo:
@@ -391,19 +430,21 @@ def bench_size(problem, config: PallasConfig, bandwidth, report, repeats):
 
 def table(report):
     lines = [f"{'size':<11} {'atoms':>6} | {'what':<22} | {'pallas ms':>10} {'xla ms':>10} {'speedup':>8} | "
-             f"{'pallas us/at':>12} {'xla us/at':>10} | {'hbm% pal':>8} {'hbm% xla':>8} {'issued% pal':>11}"]
+             f"{'pallas us/at':>12} {'xla us/at':>10} | {'dev ms pal':>10} {'dev ms xla':>10} | "
+             f"{'hbm% pal':>8} {'issued% pal':>11} {'issued% dev':>11}"]
+    nan = float("nan")
     for name, row in report.get("sizes", {}).items():
         for key in ("layer_forward", "layer_forward_backward", "energy_forces", "train_step"):
-            pa, xa = row.get("pallas", {}).get(key), row.get("xla", {}).get(key)
+            pa, xa = row.get("pallas", {}).get(key) or {}, row.get("xla", {}).get(key) or {}
             if not pa and not xa:
                 continue
-            pm = pa["ms"] if pa else float("nan")
-            xm = xa["ms"] if xa else float("nan")
-            per = lambda d: d["ms"] * 1e3 / row["atoms"] if d else float("nan")  # noqa: E731
-            hb = lambda d, k="hbm_fraction": 100 * d.get(k, float("nan")) if d else float("nan")  # noqa: E731
+            pm, xm = pa.get("ms", nan), xa.get("ms", nan)
+            pct = lambda d, k: 100 * d.get(k, nan)  # noqa: E731
             lines.append(f"{name:<11} {row['atoms']:>6} | {key:<22} | {pm:>10.3f} {xm:>10.3f} {xm / pm:>8.2f} | "
-                         f"{per(pa):>12.4f} {per(xa):>10.4f} | {hb(pa):>8.1f} {hb(xa):>8.1f} "
-                         f"{hb(pa, 'issued_fraction'):>11.1f}")
+                         f"{pm * 1e3 / row['atoms']:>12.4f} {xm * 1e3 / row['atoms']:>10.4f} | "
+                         f"{pa.get('device_ms', nan):>10.3f} {xa.get('device_ms', nan):>10.3f} | "
+                         f"{pct(pa, 'hbm_fraction'):>8.1f} {pct(pa, 'issued_fraction'):>11.1f} "
+                         f"{pct(pa, 'device_issued_fraction'):>11.1f}")
     return "\n".join(lines)
 
 

@@ -3,7 +3,7 @@
     cfconv_pallas(features, lengths, senders, receivers, edge_mask, filter_params, *, cutoff,
                   graph=None, config=None) -> (A, F)
 
-Computes `reference.cfconv_reference`. Walking the edges grouped by receiver (CSR, see `graph.py`), per
+Computes `reference.cfconv_reference`. Walking the edges grouped by receiver (CSR, see `edges/graph.py`), per
 block of edges the kernel evaluates the spline basis, the envelope and the filter (its (K, F) coefficients
 held on chip), gathers the senders' feature rows, multiplies, and sums into the receiving atoms' rows: no (E, F)
 array is ever written. Gradients are `edge_op`'s: the cotangent for the features walks the edges grouped
@@ -55,11 +55,15 @@ class FilterConvBody:
     spacing: float  # the spline's knot spacing h (reference.spline_spacing)
     precision: str  # "highest"/"ieee" (exact float32) or "tf32x3"
 
+    def radial(self, r: jax.Array, n_basis: int) -> tuple[jax.Array, jax.Array]:
+        """(B,) lengths -> envelope (B,) and spline basis (B, K)."""
+        k = jnp.arange(n_basis, dtype=jnp.int32).astype(r.dtype)
+        return envelope(r, self.cutoff), cubic_bspline(r[:, None] * (1.0 / self.spacing) + 1.0 - k[None, :])
+
     def weight(self, coefficients: jax.Array, r: jax.Array) -> jax.Array:
         """(B,) lengths -> (B, F) envelope(r) * filter(r)."""
-        k = jnp.arange(coefficients.shape[0], dtype=jnp.int32).astype(r.dtype)
-        basis = cubic_bspline(r[:, None] * (1.0 / self.spacing) + 1.0 - k[None, :])
-        return envelope(r, self.cutoff)[:, None] * jnp.dot(basis, coefficients, precision=dot_precision(self.precision))
+        env, basis = self.radial(r, coefficients.shape[0])
+        return env[:, None] * jnp.dot(basis, coefficients, precision=dot_precision(self.precision))
 
     def __call__(self, glob, nodes, edges, valid, want):
         del valid  # every output is per edge: the kernel masks them
@@ -80,34 +84,42 @@ class SymmetricTransposeBody:
     computes dx, walking the receiver order, and energy+forces never need the sender sort. (Twins' lengths
     agree to float32 rounding, so dx does too.) Deeper derivatives of this body are `edge_op`'s generic ones.
 
-    Globals (coefficients,); nodes (x at the sender, ct at the sender, ct at the receiver); edges (lengths,).
-    Outputs, each only if `wanted`: node dx (at the receiver), edge dr, global dcoefficients.
+    Globals (coefficients,); nodes (x at the sender, [ct at the sender, when dx is wanted,] ct at the receiver);
+    edges (lengths,). Outputs, each only if `wanted`: node dx (at the receiver), edge dr, global dcoefficients.
     """
 
     conv: FilterConvBody
     wanted: tuple[bool, bool, bool]  # cotangents of (coefficients, features, lengths)
 
     def __call__(self, glob, nodes, edges, valid, want):
-        (coefficients,), (x_far, ct_far, ct_self), (r,) = glob, nodes, edges
+        (coefficients,), (r,) = glob, edges
+        x_far, ct_self = nodes[0], nodes[-1]
         want_c, want_x, want_r = self.wanted
+        precision = dot_precision(self.conv.precision)
         node_out = edge_out = glob_out = ()
         if want_x:
-            node_out = (self.conv.weight(coefficients, r) * ct_far if want[0][0] else None,)
+            node_out = (self.conv.weight(coefficients, r) * nodes[1] if want[0][0] else None,)
         need_r = want_r and want[1][0]
         need_c = want_c and want[2][0]
         dc = dr = None
-        if need_r and need_c:
-            ct = jnp.where(valid[:, None], ct_self, 0.0)  # lanes past the run add nothing to dc
-            dc, dr = jax.vjp(lambda c, r: self.conv.weight(c, r) * x_far, coefficients, r)[1](ct)
-        elif need_r:  # differentiate only what is asked for: forces never trace the coefficients' product
-            (dr,) = jax.vjp(lambda r: self.conv.weight(coefficients, r) * x_far, r)[1](ct_self)
-        elif need_c:
-            ct = jnp.where(valid[:, None], ct_self, 0.0)
-            (dc,) = jax.vjp(lambda c: self.conv.weight(c, r) * x_far, coefficients)[1](ct)
+        if need_r or need_c:
+            # out = env(r) (B(r) @ C) * x, so with u = ct * x:  dC = (env B)^T u  and
+            # dr = sum_F u (env' B + env B') @ C = sum_K (u @ C^T)_K (env' B_K + env B'_K): one (B, F) x (F, K)
+            # product for dr (reverse mode through `weight` would take two, this pass is the forces' hot loop).
+            u = jnp.where(valid[:, None], ct_self * x_far, 0.0)  # lanes past the run add nothing to dC
+            radial = functools.partial(self.conv.radial, n_basis=coefficients.shape[0])
+            if need_r:
+                (env, basis), (d_env, d_basis) = jax.jvp(radial, (r,), (jnp.ones_like(r),))
+                u_c = jax.lax.dot_general(u, coefficients, (((1,), (1,)), ((), ())), precision=precision)
+                dr = jnp.sum(u_c * (d_env[:, None] * basis + env[:, None] * d_basis), axis=1)
+            else:
+                env, basis = radial(r)
+            if need_c:
+                dc = jax.lax.dot_general(env[:, None] * basis, u, (((0,), (0,)), ((), ())), precision=precision)
         if want_r:
-            edge_out = (dr if need_r else None,)
+            edge_out = (dr,)
         if want_c:
-            glob_out = (dc if need_c else None,)
+            glob_out = (dc,)
         return node_out, edge_out, glob_out
 
 
@@ -132,10 +144,12 @@ def _symmetric(op: EdgeOp, launch: Launch):
         if isinstance(ct, SymbolicZero) or not any(wanted):
             return None, None, None, None
         want_c, want_x, want_r = wanted
-        transpose = EdgeOp(SymmetricTransposeBody(op.body, wanted), node_sides=("s", "s", "r"),
+        # ct is read at the sender only for dx (the forces' pass of a first layer, whose x is constant, skips it).
+        nodes, sides = ((x, ct, ct), ("s", "s", "r")) if want_x else ((x, ct), ("s", "r"))
+        transpose = EdgeOp(SymmetricTransposeBody(op.body, wanted), node_sides=sides,
                            out_sides=("r",) if want_x else (), n_glob=1, n_edge=1, n_edge_out=int(want_r),
                            n_glob_out=int(want_c), depth=op.depth + 1)
-        dn, de, dg = apply(transpose, launch, graph, (coefficients,), (x, ct, ct), (lengths,))
+        dn, de, dg = apply(transpose, launch, graph, (coefficients,), nodes, (lengths,))
         return (None, dg[0] if want_c else None, dn[0] if want_x else None, de[0] if want_r else None)
 
     conv.defvjp(fwd, bwd, symbolic_zeros=True)
