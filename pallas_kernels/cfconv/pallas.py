@@ -9,7 +9,8 @@ held on chip), gathers the senders' feature rows, multiplies, and sums into the 
 array is ever written. Gradients are `edge_op`'s: the cotangent for the features walks the edges grouped
 by sender (the transpose pass), edge lengths and filter weights get theirs in the same pass, and each pass
 recomputes the filter instead of storing it. The VJP of that pass is again an edge op, which is what
-training on forces differentiates.
+training on forces differentiates. With `symmetric=True` (full neighbour lists, the student's path) the
+first derivative is one receiver-order pass instead (`SymmetricTransposeBody`).
 
 On CPU the same kernels run through Pallas' interpreter (tests); on GPU they lower to Triton.
 """
