@@ -17,7 +17,7 @@ def _distill(args) -> int:
         import dataclasses
 
         config = dataclasses.replace(config, run_dir=args.run_dir)
-    run(config, resume=args.resume, progress=not args.quiet)
+    run(config, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     print(f"run directory: {config.run_dir}")
     return 0
 
@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("experiment", help="Python file defining `config = Experiment(...)`")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. steps=200")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run directory that holds checkpoints (deletes them)")
     p.add_argument("--run-dir", help="override the run directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_distill)

@@ -17,7 +17,7 @@ def main(config: Experiment) -> dict:
 
     t0 = time.perf_counter()
     job = Distillation.create(config)
-    run(config, job=job)
+    run(config, job=job, overwrite=True)  # the demo starts afresh every time it is run
     train_seconds = time.perf_counter() - t0
 
     held_out_path = os.path.join(config.run_dir, "held_out.extxyz")

@@ -11,7 +11,7 @@ import pytest
 from distiller.cli import main as cli
 from distiller.config import Experiment, LossConfig, OptimizerConfig, SamplingConfig, apply_override, from_dict, to_dict
 from distiller.students import StudentConfig
-from distiller.train import checkpoint
+from distiller.train import checkpoint, trainer
 from distiller.train.trainer import Distillation, load_student, run, write_held_out
 
 
@@ -57,7 +57,9 @@ def test_training_lowers_the_loss(trained):
     assert int(state.step) == 80 and checkpoint.latest_step(config.run_dir) == 80
 
 
-def test_resume_after_a_stop_continues_identically(tmp_path, structures_dir):
+@pytest.mark.parametrize("in_flight", [0, 1])
+def test_resume_after_a_stop_continues_identically(tmp_path, structures_dir, monkeypatch, in_flight):
+    monkeypatch.setattr(trainer, "steps_in_flight", lambda: in_flight)  # 1: a step in flight when it stops
     whole = small_config(structures_dir, tmp_path / "whole")
     stopped = small_config(structures_dir, tmp_path / "stopped")
     final = run(whole, progress=False)
@@ -70,6 +72,47 @@ def test_resume_after_a_stop_continues_identically(tmp_path, structures_dir):
         assert {k: v for k, v in ra.items() if k != "seconds"} == {k: v for k, v in rb.items() if k != "seconds"}
     for x, y in zip(jax.tree_util.tree_leaves(final.params), jax.tree_util.tree_leaves(resumed.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("in_flight", [0, 1])
+def test_overflowing_steps_are_redone_as_when_stepping_one_at_a_time(tmp_path, structures_dir, monkeypatch,
+                                                                       in_flight):
+    """A step whose neighbour list overflows is redone at grown capacities, and with a step in flight (as on
+    GPUs) the one dispatched after it again: the result is bit for bit that of `apply_step` one at a time."""
+    monkeypatch.setattr(trainer, "steps_in_flight", lambda: in_flight)
+    config = small_config(structures_dir, tmp_path / "run", steps=6)
+    initial_state = Distillation.initial_state
+
+    def with_tiny_capacity(job):  # every step's list overflows until the capacities grow
+        state = initial_state(job)
+        nl_capacity, teacher_capacity = job.data.capacity_state()
+        job.data.restore_capacity((nl_capacity._replace(edges=16), teacher_capacity))
+        return state
+
+    monkeypatch.setattr(Distillation, "initial_state", with_tiny_capacity)
+    job = Distillation.create(config)
+    final = run(config, progress=False, job=job)
+    assert job.data.capacity_state()[0].edges > 16
+    assert [r["step"] for r in metrics(tmp_path / "run")] == list(range(1, 7))
+
+    state = job.initial_state()  # tiny capacities again
+    inputs = job.data.batches(0)
+    for step in range(6):
+        state, _, _ = job.apply_step(state, next(inputs), job.step_key(step))
+    for x, y in zip(jax.tree_util.tree_leaves(final.params), jax.tree_util.tree_leaves(state.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_fresh_run_never_overwrites_checkpoints_unasked(trained, tmp_path, structures_dir):
+    config, _ = trained
+    with pytest.raises(FileExistsError, match="up to step 80.*--resume.*--overwrite"):
+        run(config, progress=False)
+    assert checkpoint.latest_step(config.run_dir) == 80  # nothing touched
+    again = small_config(structures_dir, tmp_path / "again", steps=4)
+    run(again, progress=False)
+    run(again, progress=False, overwrite=True)  # the demo's way: start again, old checkpoints deleted
+    assert [r["step"] for r in metrics(tmp_path / "again")] == [1, 2, 3, 4]
+    assert checkpoint.latest_step(again.run_dir) == 4
 
 
 def test_evaluate_writes_report_and_plot(trained, tmp_path):
