@@ -56,7 +56,7 @@ from distiller.batch import make_batch  # noqa: E402
 from distiller.structure import read_structures  # noqa: E402
 from distiller.students import StudentConfig, build_model, edge_lengths, energy_forces, init_student  # noqa: E402
 from distiller.precision import full_precision  # noqa: E402
-from pallas_kernels import KERNELS, pallas_kernels  # noqa: E402
+from pallas_kernels import KERNELS, pallas_set  # noqa: E402
 from pallas_kernels.cfconv import cfconv_reference  # noqa: E402
 from pallas_kernels.cfconv.pallas import cfconv_pallas  # noqa: E402
 from pallas_kernels.edges.edge_op import KernelConfig, PallasConfig  # noqa: E402
@@ -378,7 +378,7 @@ def bench_size(problem, config: PallasConfig, bandwidth, report, repeats):
     row["counted_flops"] = flops
     # A kernel name for this size's tuned config, registered the public way (the dispatcher's table).
     kernel_name = f"pallas-bench-{problem.name}"
-    KERNELS[kernel_name] = pallas_kernels(config)
+    KERNELS[kernel_name] = pallas_set(config)
     for path, cfg, kernel in (("pallas", config, kernel_name), ("xla", None, "xla")):
         fwd, vjp, _ = layer_fns(problem, cfg)
         res = {}

@@ -57,13 +57,13 @@ def _pallas_edge_difference(values, senders, receivers, edge_mask, *, config=Non
     return edge_difference_pallas(values, senders, receivers, edge_mask, graph=graph, config=config)
 
 
-def pallas_kernels(config=None) -> Kernels:
+def pallas_set(config=None) -> Kernels:
     """The Pallas set launched with `config` (a `PallasConfig`; None: the tuned defaults)."""
     return Kernels(functools.partial(_pallas_cfconv, config=config),
                    functools.partial(_pallas_edge_difference, config=config))
 
 
-KERNELS = {"xla": Kernels(cfconv_reference, edge_difference_reference), "pallas": pallas_kernels()}
+KERNELS = {"xla": Kernels(cfconv_reference, edge_difference_reference), "pallas": pallas_set()}
 
 
 def check_kernel(name: str) -> str:

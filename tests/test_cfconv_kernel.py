@@ -17,7 +17,7 @@ from jax.test_util import check_grads
 from distiller.batch import make_batch
 from distiller.structure import read_structures
 from distiller.students import StudentConfig, build_model, energy_forces, init_student
-from pallas_kernels import KERNELS, cfconv, pallas_kernels
+from pallas_kernels import KERNELS, cfconv, pallas_set
 from pallas_kernels.cfconv import cfconv_reference
 from pallas_kernels.cfconv.pallas import cfconv_pallas
 from pallas_kernels.edges.edge_op import KernelConfig, PallasConfig
@@ -143,7 +143,7 @@ def test_symmetric_transpose_matches_reference_to_second_order():
     p = neighbour_list_problem(7)
     args = (p["features"], p["pair_lengths"], p["params"])
     # The dispatcher's entry is this path; on the CPU it is the reference unless asked to interpret.
-    assert_close(call_pairs(pallas_kernels(PallasConfig(interpret=True)).cfconv, p, *args),
+    assert_close(call_pairs(pallas_set(PallasConfig(interpret=True)).cfconv, p, *args),
                  call_pairs(cfconv_reference, p, *args))
     assert_close(call_pairs(symmetric_pallas, p, *args), call_pairs(cfconv_reference, p, *args))
 
@@ -248,7 +248,7 @@ def test_student_with_pallas_kernel_matches_xla(aspirin, monkeypatch):
     of the student (cfconv and the edge vectors' difference) in the interpreter."""
     results = {}
     # The student's "pallas" entry with the kernels interpreted (on the CPU it would otherwise be the reference).
-    monkeypatch.setitem(KERNELS, "pallas-interpreted", pallas_kernels(PallasConfig(interpret=True)))
+    monkeypatch.setitem(KERNELS, "pallas-interpreted", pallas_set(PallasConfig(interpret=True)))
     for kernel in ("xla", "pallas-interpreted"):
         config = StudentConfig(features=16, n_rbf=8, layers=2, cutoff=4.0, kernel=kernel)
         batch, _ = make_batch(aspirin, config.cutoff)
