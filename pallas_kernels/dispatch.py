@@ -36,25 +36,29 @@ def _on_cpu(config) -> bool:
 # under reversal (tests/test_neighbours.py checks that layout). The graph is built per call; inside one jit
 # XLA computes the identical graphs of all layers and of the edge vectors once.
 
+def _neighbour_list_graph(senders, receivers, edge_mask, n_atoms: int):
+    from pallas_kernels.edges.graph import edge_graph
+
+    return edge_graph(senders, receivers, edge_mask, n_atoms, sorted_by_receiver=True)
+
+
 def _pallas_cfconv(features, lengths, senders, receivers, edge_mask, filter_params, *, cutoff, config=None):
     if _on_cpu(config):
         return cfconv_reference(features, lengths, senders, receivers, edge_mask, filter_params, cutoff=cutoff)
     from pallas_kernels.cfconv.pallas import cfconv_pallas
-    from pallas_kernels.edges.graph import edge_graph
 
-    graph = edge_graph(senders, receivers, edge_mask, features.shape[0], sorted_by_receiver=True)
     return cfconv_pallas(features, lengths, senders, receivers, edge_mask, filter_params, cutoff=cutoff,
-                         graph=graph, config=config, symmetric=True)
+                         graph=_neighbour_list_graph(senders, receivers, edge_mask, features.shape[0]),
+                         config=config, symmetric=True)
 
 
 def _pallas_edge_difference(values, senders, receivers, edge_mask, *, config=None):
     if _on_cpu(config):
         return edge_difference_reference(values, senders, receivers, edge_mask)
     from pallas_kernels.edge_difference.pallas import edge_difference_pallas
-    from pallas_kernels.edges.graph import edge_graph
 
-    graph = edge_graph(senders, receivers, edge_mask, values.shape[0], sorted_by_receiver=True)
-    return edge_difference_pallas(values, senders, receivers, edge_mask, graph=graph, config=config)
+    return edge_difference_pallas(values, senders, receivers, edge_mask, config=config,
+                                  graph=_neighbour_list_graph(senders, receivers, edge_mask, values.shape[0]))
 
 
 def pallas_set(config=None) -> Kernels:

@@ -27,7 +27,7 @@ from jax.custom_derivatives import SymbolicZero
 from pallas_kernels.edges.edge_op import (EdgeOp, Launch, PallasConfig, StaticValue, apply, block_size,
                                          dot_precision, primal_values)
 from pallas_kernels.edges.graph import EdgeGraph, edge_graph
-from pallas_kernels.cfconv.reference import cubic_bspline, envelope, spline_spacing
+from pallas_kernels.cfconv.reference import envelope, spaced_bsplines, spline_spacing
 
 DEFAULT_CONFIG = PallasConfig()
 
@@ -58,8 +58,7 @@ class FilterConvBody:
 
     def radial(self, r: jax.Array, n_basis: int) -> tuple[jax.Array, jax.Array]:
         """(B,) lengths -> envelope (B,) and spline basis (B, K)."""
-        k = jnp.arange(n_basis, dtype=jnp.int32).astype(r.dtype)
-        return envelope(r, self.cutoff), cubic_bspline(r[:, None] * (1.0 / self.spacing) + 1.0 - k[None, :])
+        return envelope(r, self.cutoff), spaced_bsplines(r, self.spacing, n_basis)
 
     def weight(self, coefficients: jax.Array, r: jax.Array) -> jax.Array:
         """(B,) lengths -> (B, F) envelope(r) * filter(r)."""

@@ -64,9 +64,18 @@ def spline_spacing(cutoff: float, n_basis: int) -> float:
 
 def spline_basis(lengths: jax.Array, cutoff: float, n_basis: int) -> jax.Array:
     """(E,) -> (E, K): B_k(r) = cubic_bspline(r / h + 1 - k), k = 0..K-1 (see the module docstring)."""
-    h = spline_spacing(cutoff, n_basis)
-    k = jnp.arange(n_basis, dtype=lengths.dtype)
-    return cubic_bspline(lengths[:, None] / h + 1.0 - k[None, :])
+    return spaced_bsplines(lengths, spline_spacing(cutoff, n_basis), n_basis)
+
+
+def spaced_bsplines(lengths: jax.Array, spacing: float, n_columns: int) -> jax.Array:
+    """(E,) -> (E, n_columns): cubic_bspline(r / spacing + 1 - k), k = 0..n_columns-1.
+
+    `spline_basis` for a given knot spacing; the kernels ask for more columns than basis functions (their
+    blocks are padded to powers of two, and the padding's coefficients are zero). Written with an integer
+    iota so that it lowers inside Triton kernels.
+    """
+    k = jnp.arange(n_columns, dtype=jnp.int32).astype(lengths.dtype)
+    return cubic_bspline(lengths[:, None] / spacing + 1.0 - k[None, :])
 
 
 def radial_filter(lengths: jax.Array, filter_params: dict, cutoff: float) -> jax.Array:
