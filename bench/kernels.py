@@ -26,8 +26,9 @@ Steps (each one guarded: a failure is recorded in the JSON and the run goes on):
 The student is StudentConfig(features=64, layers=2, n_rbf=16, cutoff=5 Å), its edge kernels the dispatcher's
 "pallas" set with the tuned config: cfconv takes the neighbour list's receiver order as it is and runs the
 symmetric transpose; the edge vectors' difference sums the position gradient per atom in both orders. So
-energy+forces and a training step each sort once (the sender order), inside the step. The layer rows are timed with the edge orders built once, as a caller
-that keeps them per neighbour update does. "graph_build_ms" is a full build (both sorts) for reference.
+energy+forces and a training step each sort once (the sender order), inside the step. The layer rows are
+timed with the edge orders built once, as a caller that keeps them per neighbour update does.
+"graph_build_ms" is a full build (both sorts) for reference.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ import glob
 import gzip
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -55,6 +55,7 @@ import numpy as np  # noqa: E402
 from distiller.batch import make_batch  # noqa: E402
 from distiller.structure import read_structures  # noqa: E402
 from distiller.students import StudentConfig, build_model, edge_lengths, energy_forces, init_student  # noqa: E402
+from distiller import speed  # noqa: E402
 from distiller.precision import full_precision  # noqa: E402
 from pallas_kernels import KERNELS, pallas_set  # noqa: E402
 from pallas_kernels.cfconv import cfconv_reference  # noqa: E402
@@ -78,17 +79,11 @@ SWEEP = {
 
 
 def timeit(fn, *args, repeats=30, warmup=3):
-    """Median wall time (s) of fn(*args) with the result ready; compile time separately."""
+    """Median, p10 and p90 wall time (s) of fn(*args) with the result ready; compile time separately."""
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
     compile_s = time.perf_counter() - t0
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
+    times = speed.call_seconds(lambda: fn(*args), repeats, warmup)
     return float(np.median(times)), float(np.percentile(times, 10)), float(np.percentile(times, 90)), compile_s
 
 
@@ -128,20 +123,8 @@ def guarded(report, key, fn, *args, **kwargs):
 
 
 def versions():
-    info = {"jax": jax.__version__, "python": platform.python_version(), "devices": [str(d) for d in jax.devices()]}
-    try:
-        import jaxlib
-        info["jaxlib"] = jaxlib.__version__
-    except ImportError:
-        pass
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    dev = jax.devices()[0]
-    info["device_kind"] = getattr(dev, "device_kind", str(dev))
-    return info
+    """distiller.speed.versions() and the devices."""
+    return {**speed.versions(), "devices": [str(d) for d in jax.devices()], "device_kind": speed.device_name()}
 
 
 def copy_bandwidth():

@@ -24,6 +24,7 @@ from distiller.files import write_json_atomic  # noqa: E402
 from distiller.speed import device_name, median_seconds, versions  # noqa: E402
 from distiller.structure import read_structures  # noqa: E402
 from distiller.students import StudentConfig, build_model, energy, energy_forces, init_student  # noqa: E402
+from bench.kernels import STUDENT  # noqa: E402  (the kernel bench's student, with fewer or more layers)
 
 
 def main() -> None:
@@ -36,12 +37,12 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     structures = read_structures(os.path.join(args.structures_dir, f"{args.structure}.extxyz"))
-    batch, _ = make_batch(structures, 5.0)
+    batch, _ = make_batch(structures, STUDENT["cutoff"])
     report = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "device": device_name(),
               "versions": versions(), "structure": args.structure, "rows": []}
     for kernel in ("pallas", "xla"):
         for layers in args.layers:
-            config = StudentConfig(features=64, layers=layers, n_rbf=16, cutoff=5.0, kernel=kernel)
+            config = StudentConfig(**{**STUDENT, "layers": layers}, kernel=kernel)
             model = build_model(config)
             params = init_student(config, jax.random.key(0), batch)
             e = jax.jit(lambda p, b: energy(model, p, b))

@@ -21,7 +21,8 @@ from distiller import batch as batching
 from distiller.structure import Structure
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+def call_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> np.ndarray:
+    """Wall seconds of `repeats` calls of fn() with the result ready, after `warmup` calls."""
     for _ in range(warmup):
         jax.block_until_ready(fn())
     times = []
@@ -29,7 +30,11 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> f
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return np.asarray(times)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+    return float(np.median(call_seconds(fn, repeats, warmup)))
 
 
 def versions() -> dict:
