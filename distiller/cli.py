@@ -31,15 +31,14 @@ def _profile(args) -> int:
     config = load_experiment(args.experiment, args.set)
     job = Distillation.create(config)
     state = job.initial_state()
-    step_fn = job.step_fn()
     # Compile and run once outside the trace so the trace shows steady-state steps.
-    state, _, _ = step_fn(state, job.teacher_params, job.seed_batch(0), job.step_key(0))
+    state, _, _ = job.dispatch_step(state, job.seed_batch(0), job.step_key(0))
     jax.block_until_ready(state)
     os.makedirs(args.out, exist_ok=True)
     with jax.profiler.trace(args.out, create_perfetto_trace=True):
         for step in range(1, args.steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, metrics, _ = step_fn(state, job.teacher_params, job.seed_batch(step), job.step_key(step))
+                state, metrics, _ = job.dispatch_step(state, job.seed_batch(step), job.step_key(step))
         jax.block_until_ready(state)
     print(f"trace of {args.steps} steps written under {args.out} (open with TensorBoard's profile plugin or ui.perfetto.dev)")
     return 0

@@ -339,13 +339,6 @@ class Distillation:
 
         return step
 
-    def step_fn(self):
-        """step(state, teacher_params, inputs, key) at the capacities current when it is called."""
-        def step(state, teacher_params, inputs, key):
-            return self.train_step(self.data.capacity(inputs), state, teacher_params, inputs, key)
-
-        return step
-
     def dispatch_step(self, state: TrainState, inputs: Batch, key) -> tuple[TrainState, dict, jax.Array]:
         """Start one training step at the current capacities; returns (new_state, metrics, overflow) without
         waiting for the device. An overflowing step returns `state` unchanged (see `apply_step`)."""
