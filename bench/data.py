@@ -37,9 +37,9 @@ from distiller.files import write_json_atomic  # noqa: E402
 from distiller.label import label_dataset  # noqa: E402
 from distiller.speed import device_name, versions  # noqa: E402
 from distiller.structure import read_structures, write_structures  # noqa: E402
-from distiller.students import StudentConfig  # noqa: E402
+from distiller.students import SchNetConfig, StudentConfig  # noqa: E402
 from distiller.teachers.registry import load_teacher  # noqa: E402
-from distiller.train.trainer import Distillation  # noqa: E402
+from distiller.train.step import Distillation  # noqa: E402
 
 
 def rattled(structures_dir: str, name: str, count: int, seed: int = 0):
@@ -70,8 +70,9 @@ def training_rates(dataset_path: str, teacher_spec: str, student: StudentConfig,
                         batch_size=batch_size, steps=steps, held_out=0, run_dir=tempfile.mkdtemp(),
                         loader=LoaderConfig(threads=threads, prefetch=4 * threads))
     job = Distillation.create(config)
-    loader = job.data.loader
     state = job.initial_state()
+    # After initial_state: fitting the reference energies gives the labels a new loader (energies relative to them).
+    loader = job.data.loader
     n = min(steps, max(repeat_batches, 1) * loader.steps_per_epoch)
 
     # Loader alone, from a fresh iterator (its start-up included; a warm prefetch buffer would flatter it).
@@ -131,7 +132,7 @@ def main() -> None:
     args = parser.parse_args()
 
     teacher = load_teacher(args.teacher)
-    student = StudentConfig(cutoff=args.cutoff, features=args.features, layers=args.layers, elements=(1, 6, 7, 8))
+    student = SchNetConfig(cutoff=args.cutoff, features=args.features, layers=args.layers, elements=(1, 6, 7, 8))
     work = args.work or tempfile.mkdtemp(prefix="bench-data-")
     report = {"benchmark": "data", "device": device_name(), "devices": len(jax.devices()), "versions": versions(),
               "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "teacher": args.teacher,

@@ -23,7 +23,7 @@ Steps (each one guarded: a failure is recorded in the JSON and the run goes on):
   4. counted bytes and FLOPs of the layer against the measured copy bandwidth and both times: "unique"
      bytes (each array once) and "issued" bytes (what the kernels load: a feature row per edge).
 
-The student is StudentConfig(features=64, layers=2, n_rbf=16, cutoff=5 Å), its edge kernels the dispatcher's
+The student is SchNetConfig(features=64, layers=2, n_rbf=16, cutoff=5 Å), its edge kernels the dispatcher's
 "pallas" set with the tuned config: cfconv takes the neighbour list's receiver order as it is and runs the
 symmetric transpose; the edge vectors' difference sums the position gradient per atom in both orders. So
 energy+forces and a training step each sort once (the sender order), inside the step. The layer rows are
@@ -52,9 +52,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from distiller.batch import make_batch  # noqa: E402
+from distiller.capacity import make_batch  # noqa: E402
+from distiller.derivatives import predictions  # noqa: E402
 from distiller.structure import read_structures  # noqa: E402
-from distiller.students import StudentConfig, build_model, edge_lengths, energy_forces, init_student  # noqa: E402
+from distiller.students import SchNetConfig, edge_lengths, init_params, student_model  # noqa: E402
 from distiller import speed  # noqa: E402
 from distiller.precision import full_precision  # noqa: E402
 from pallas_kernels import KERNELS, pallas_set  # noqa: E402
@@ -328,16 +329,19 @@ def sweep(problem, base: PallasConfig, report, deadline, seed=0):
 
 
 def student_fns(problem, kernel):
-    config = StudentConfig(**STUDENT, kernel=kernel)
-    model = build_model(config)
-    params = init_student(config, jax.random.key(0), problem.batch)
+    config = SchNetConfig(**STUDENT, kernel=kernel)
+    params = init_params(config, jax.random.key(0), problem.batch)
+    # No params in the model: they are the jitted functions' argument (the training step differentiates them).
+    model = student_model(config)
 
-    @jax.jit
-    def md(params, batch):
-        return energy_forces(model, params, batch)
+    def energy_forces(params, batch):
+        out = predictions(model, params, batch)
+        return out.energy, out.forces
+
+    md = jax.jit(energy_forces)
 
     def loss(params, batch):
-        energy, forces = energy_forces(model, params, batch)
+        energy, forces = energy_forces(params, batch)
         return jnp.mean((energy - batch.energy) ** 2) + jnp.mean(jnp.sum((forces - batch.forces) ** 2, axis=-1))
 
     train = jax.jit(jax.value_and_grad(loss))

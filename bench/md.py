@@ -8,7 +8,7 @@ Each model runs NVE MD (300 K initial velocities, dt 0.5 fs) with `distiller.md.
 (compilation) is excluded from the timing; ms/step and ns/day come from the remaining `--steps` steps,
 wall clock, host work between chunks included. The energy drift is reported as a sanity check.
 
-The student is a fresh one of the quickstart's size (StudentConfig(cutoff=5.0, features=64, layers=3)), or a
+The student is a fresh one of the quickstart's size (SchNetConfig(cutoff=5.0, features=64, layers=3)), or a
 trained one with --run. A fresh student's random energy surface would fling atoms about, so its readout is
 scaled by --readout-scale (1e-3): forces become tiny and the water flows like a gas at the same density, with
 the same shapes and operations per step (speed does not depend on the weights' values). A trained run is used
@@ -29,22 +29,24 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from distiller.files import write_json_atomic  # noqa: E402
-from distiller.md import Dynamics, energy_drift, from_student, load_model, simulate, thermo  # noqa: E402
+from distiller.load import load_model  # noqa: E402
+from distiller.md import Dynamics, energy_drift, simulate, thermo  # noqa: E402
 from distiller.speed import add_student_arguments, device_name, student_from_arguments, versions  # noqa: E402
 from distiller.structure import read_structures  # noqa: E402
 
 
 def fresh_student(config, structure, readout_scale: float):
-    from distiller.batch import make_batch
-    from distiller.students import build_model, init_student
+    from distiller.capacity import make_batch
+    from distiller.students import init_params, student_model
 
     batch, _ = make_batch([structure], config.cutoff)
-    params = init_student(config, jax.random.key(0), batch)
+    params = init_params(config, jax.random.key(0), batch)
+    # The readout's weights only: a fresh student's reference energies are zero (student_model's default).
     inner = dict(params["params"])
     inner["readout"] = jax.tree.map(lambda w: w * readout_scale, inner["readout"])
     name = (f"fresh student (cutoff {config.cutoff}, features {config.features}, layers {config.layers}, "
             f"readout x{readout_scale:g})")
-    return from_student(config, build_model(config), {**params, "params": inner}, name=name)
+    return student_model(config, {**params, "params": inner}, name=name)
 
 
 def measure(model, structure, steps: int, chunk: int, dt: float) -> dict:
@@ -103,7 +105,7 @@ def main() -> None:
         structure = read_structures(os.path.join(args.structures_dir, f"{name}.extxyz"))[0]
         if args.run:
             student = load_model(args.run)
-            student_config = student.origin
+            student_config = student.source  # a student model's source is its config
         else:
             student = fresh_student(student_config, structure, args.readout_scale)
         for kind, model in (("teacher", teacher), ("student", student)):

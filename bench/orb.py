@@ -17,12 +17,12 @@ b. Handing results to JAX: a forces-like (N, 3) float32 tensor on the teacher's 
    (`distiller.teachers.orb.to_jax`; on a CPU it goes through numpy) against a host copy
    (`jnp.asarray(tensor.cpu().numpy())`), N from 1500 to 120000 atoms; and within a whole labelling call:
    `label_arrays` (DLPack) against `label` (host float64 numpy) followed by `jnp.asarray` of its arrays.
-c. Orb against a student of the quickstart's size (StudentConfig(cutoff=5.0, features=64, layers=3,
+c. Orb against a student of the quickstart's size (SchNetConfig(cutoff=5.0, features=64, layers=3,
    n_rbf=24), elements H O Si Cu, fresh weights) on one structure each: waterbox (1500 atoms), Si 4x4x4 cubic
    (512) and Cu 6x6x6 cubic (864). Orb: energy, forces and stress per call as a user gets them
    (`label_arrays([s])`: graph built on the host, predict, results to JAX), and the model alone on a graph
    already on the device (`OrbTeacher.predict_graphs`, orb's `predict`). Student: one jitted call, neighbour
-   list included (as `distiller.speed.student_timer`), energy+forces and energy+forces+stress. Ratio = Orb ms /
+   list included (`distiller.speed.model_timer`), energy+forces and energy+forces+stress. Ratio = Orb ms /
    student ms.
    --tiny: watertiny (81 atoms), Si and Cu cubic unit cells (8 and 4 atoms).
 """
@@ -43,17 +43,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from ase.build import bulk  # noqa: E402
 
-from distiller import batch as batching  # noqa: E402
 from distiller.data.sampling import RattleConfig, sample  # noqa: E402
 from distiller.files import write_json_atomic  # noqa: E402
-from distiller.speed import device_name, median_seconds, student_timer, versions  # noqa: E402
+from distiller.speed import device_name, fresh_student, median_seconds, model_timer, versions  # noqa: E402
 from distiller.structure import Structure, read_structures  # noqa: E402
-from distiller.students import StudentConfig, build_model, init_student  # noqa: E402
+from distiller.students import SchNetConfig  # noqa: E402
 from distiller.teachers.orb import load_orb, to_jax  # noqa: E402
 
 TEACHER = "orb:random/orb-v3-conservative"
 PRECISIONS = ("float32-highest", "float32-high")
-STUDENT = StudentConfig(cutoff=5.0, features=64, layers=3, n_rbf=24, elements=(1, 8, 14, 29))
+STUDENT = SchNetConfig(cutoff=5.0, features=64, layers=3, n_rbf=24, elements=(1, 8, 14, 29))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,14 +165,12 @@ def orb_model_timer(teacher, structure: Structure):
 
 
 def orb_against_student(teachers: dict, structures: list[Structure], repeats: int) -> list[dict]:
-    model = build_model(STUDENT)
     rows = []
     for s in structures:
-        probe, _ = batching.make_batch([s], STUDENT.cutoff)
-        params = init_student(STUDENT, jax.random.key(0), probe)
+        student = fresh_student(STUDENT, [s])
         row = {"system": s.name, "atoms": s.n_atoms,
-               "student_ef_ms": 1e3 * timed(student_timer(STUDENT, model, params, [s]), repeats, warmup=3),
-               "student_efs_ms": 1e3 * timed(student_timer(STUDENT, model, params, [s], with_stress=True), repeats, warmup=3)}
+               "student_ef_ms": 1e3 * timed(model_timer(student, [s]), repeats, warmup=3),
+               "student_efs_ms": 1e3 * timed(model_timer(student, [s], stress=True), repeats, warmup=3)}
         for precision, teacher in teachers.items():
             call = 1e3 * timed(lambda: teacher.label_arrays([s]), repeats)
             alone = 1e3 * timed(orb_model_timer(teacher, s), repeats)

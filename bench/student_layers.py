@@ -19,11 +19,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax  # noqa: E402
 
-from distiller.batch import make_batch  # noqa: E402
+from distiller.capacity import make_batch  # noqa: E402
+from distiller.derivatives import predictions  # noqa: E402
 from distiller.files import write_json_atomic  # noqa: E402
 from distiller.speed import device_name, median_seconds, versions  # noqa: E402
 from distiller.structure import read_structures  # noqa: E402
-from distiller.students import StudentConfig, build_model, energy, energy_forces, init_student  # noqa: E402
+from distiller.students import SchNetConfig, init_params, student_model  # noqa: E402
 from bench.kernels import STUDENT  # noqa: E402  (the kernel bench's student, with fewer or more layers)
 
 
@@ -42,11 +43,11 @@ def main() -> None:
               "versions": versions(), "structure": args.structure, "rows": []}
     for kernel in ("pallas", "xla"):
         for layers in args.layers:
-            config = StudentConfig(**{**STUDENT, "layers": layers}, kernel=kernel)
-            model = build_model(config)
-            params = init_student(config, jax.random.key(0), batch)
-            e = jax.jit(lambda p, b: energy(model, p, b))
-            ef = jax.jit(lambda p, b: energy_forces(model, p, b))
+            config = SchNetConfig(**{**STUDENT, "layers": layers}, kernel=kernel)
+            params = init_params(config, jax.random.key(0), batch)
+            model = student_model(config)  # params are the jitted functions' argument, as before
+            e = jax.jit(lambda p, b: model.energies(p, b, None).energy)
+            ef = jax.jit(lambda p, b: predictions(model, p, b)[:2])  # (energy, forces)
             row = {"kernel": kernel, "layers": layers,
                    "energy_ms": 1e3 * median_seconds(lambda: e(params, batch), args.repeats),
                    "energy_forces_ms": 1e3 * median_seconds(lambda: ef(params, batch), args.repeats)}

@@ -7,7 +7,8 @@ batch 2), with the student's `kernel` "pallas" and "xla", in one process. `run` 
 k-1's result before reading k-1's overflow flag; the reference loop reads each step's flag before the next
 dispatch (as `run` did before), logging every 10 steps in both. ms/step is the steady state: from a quarter
 of the run to its end (`run`: its metrics' seconds column; the loop: wall clock), after a 20-step warm-up run
-that compiles the step.
+that grows the capacities. The step compiles again at the start of each run, before the timed part:
+`initial_state` refits the student's reference energies, which the jitted step closes over.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import jax  # noqa: E402
 
 from distiller.files import write_json_atomic  # noqa: E402
 from distiller.speed import device_name, versions  # noqa: E402
-from distiller.train.trainer import Distillation, run  # noqa: E402
+from distiller.train.loop import run  # noqa: E402
+from distiller.train.step import Distillation  # noqa: E402
 from experiments.quickstart import config as quickstart  # noqa: E402
 
 

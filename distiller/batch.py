@@ -15,6 +15,7 @@ import numpy as np
 
 from distiller import neighbours as nl
 from distiller.precision import HIGHEST
+from distiller.reference import ReferenceEnergies
 from distiller.structure import Structure
 from pallas_kernels import edge_difference
 
@@ -40,7 +41,8 @@ class Batch(NamedTuple):
     senders: jax.Array  # (E,) int32
     shifts: jax.Array  # (E, 3) float
     edge_mask: jax.Array  # (E,) bool
-    # Labels in eV, eV/Å, eV/Å³ (zeros where absent; see the masks).
+    # Labels in eV, eV/Å, eV/Å³ (zeros where absent; see the masks). `energy` is relative to the reference
+    # energies `pad_structures` was given (distiller.reference), so that its float32 keeps meV resolution.
     energy: jax.Array  # (G,)
     forces: jax.Array  # (A, 3)
     stress: jax.Array  # (G, 3, 3)
@@ -61,6 +63,49 @@ class Batch(NamedTuple):
         cell = self.cell if cell is None else cell
         offset = jnp.einsum("ek,ekl->el", self.shifts, cell[self.graph_index[self.receivers]], precision=HIGHEST)
         return edge_difference(positions, self.senders, self.receivers, self.edge_mask, kernel=kernel) + offset
+
+
+# Per-graph sums of per-atom energies are exact and independent of the order of summation: each value is split into
+# integer multiples of ENERGY_QUANTUM and of FINE_QUANTUM (the rest, below 1.2e-7 eV per atom, is dropped), summed
+# as integers. A plain float32 scatter-add of 19,200 atoms at -3 eV each is off by ~1e-4 eV per atom, and by a
+# different amount for a supercell than for its cell; and a float sum's rounding depends on the order XLA picks,
+# which differs between programs (a training step redone at grown capacities must give the same numbers). Sums
+# beyond ENERGY_SUM_LIMIT (int32 range) fall back to float sums.
+ENERGY_QUANTUM = 2.0**-10  # eV
+FINE_QUANTUM = 2.0**-22  # eV; at most 2^11 of them per atom: int32 holds a million atoms' worth
+ENERGY_SUM_LIMIT = 2.0**30 * ENERGY_QUANTUM  # eV, ~1e6
+# Up to this many graphs a per-graph sum is a masked reduction (a tree, no atomics); beyond, a scatter-add. On a
+# GPU a scatter of 12,000 atoms into one or two graphs is every thread adding into the same address.
+DENSE_GRAPHS = 32
+
+
+def per_graph(values: jax.Array, batch: Batch) -> jax.Array:
+    """(G, ...) sums over each graph's atoms of a per-atom array (A, ...) (padding atoms count for the last graph)."""
+    G = batch.n_graphs
+    if G > DENSE_GRAPHS:
+        return jax.ops.segment_sum(values, batch.graph_index, num_segments=G)
+    member = batch.graph_index[None, :] == jnp.arange(G, dtype=batch.graph_index.dtype)[:, None]  # (G, A)
+    member = member.reshape(member.shape + (1,) * (values.ndim - 1))
+    return jnp.sum(jnp.where(member, values[None], jnp.zeros((), values.dtype)), axis=1)
+
+
+def graph_sum(values: jax.Array, batch: Batch) -> jax.Array:
+    """(G,) sums of a per-atom float array (A,) over each graph's atoms, 0 on padding graphs; differentiable (the
+    derivative is that of the plain sum); exact to float32 rounding of the result, and the same whatever the
+    order of summation, wherever |sum| < ~1e6."""
+    values = jnp.where(batch.atom_mask, values, 0.0)
+    v = jax.lax.stop_gradient(values)
+    whole = jnp.round(v / ENERGY_QUANTUM)  # exact: the quanta are powers of two
+    fits = jnp.abs(whole) < 2.0**30
+    whole = jnp.where(fits, whole, 0.0)
+    fine = jnp.where(fits, jnp.round((v - whole * ENERGY_QUANTUM) / FINE_QUANTUM), 0.0)  # the remainder is exact
+    counts = per_graph(jnp.stack([whole, fine, (~fits).astype(v.dtype)], axis=-1).astype(jnp.int32), batch)
+    plain = per_graph(values, batch)
+    exact = counts[:, 0].astype(values.dtype) * ENERGY_QUANTUM + counts[:, 1].astype(values.dtype) * FINE_QUANTUM
+    exact = jnp.where((jnp.abs(plain) < ENERGY_SUM_LIMIT) & (counts[:, 2] == 0), exact, plain)
+    # The value is `exact` (plain + (exact - plain) rounds to it), the derivative the plain sum's.
+    total = plain + jax.lax.stop_gradient(exact - plain)
+    return jnp.where(batch.graph_mask, total, 0.0)
 
 
 def cell_determinant(cell: jax.Array) -> jax.Array:
@@ -119,8 +164,10 @@ def binning_cell(structure: Structure) -> np.ndarray:
     return cell
 
 
-def pad_structures(structures: Sequence[Structure], shape: BatchShape | None = None) -> Batch:
-    """Concatenate and pad structures into a Batch without edges (E = 0); labels where present."""
+def pad_structures(structures: Sequence[Structure], shape: BatchShape | None = None,
+                   reference: ReferenceEnergies | None = None) -> Batch:
+    """Concatenate and pad structures into a Batch without edges (E = 0); labels where present, energies minus
+    `reference` (taken in float64, before the labels become float32)."""
     shape = shape or shape_for(structures)
     n_real = sum(s.n_atoms for s in structures)
     if n_real >= shape.atoms or len(structures) >= shape.graphs:
@@ -144,7 +191,7 @@ def pad_structures(structures: Sequence[Structure], shape: BatchShape | None = N
         numbers[sl], positions[sl], atom_mask[sl], graph_index[sl] = s.numbers, s.positions, True, g
         cell[g], pbc[g], n_atoms[g], graph_mask[g] = binning_cell(s), s.pbc, s.n_atoms, True
         if s.energy is not None:
-            energy[g] = s.energy
+            energy[g] = s.energy - (reference.energy(s.numbers) if reference is not None else 0.0)
         if s.forces is not None:
             forces[sl] = s.forces
         if s.stress is not None and s.periodic:
@@ -173,21 +220,23 @@ def allocate_neighbours(batch: Batch, cutoff: float, margin: float = 1.25,
                        n_graphs=batch.n_graphs, cutoff=cutoff, margin=margin, extra=extra)
 
 
-def make_batch(structures: Sequence[Structure], cutoff: float, shape: BatchShape | None = None,
-               capacity: nl.NeighbourCapacity | None = None) -> tuple[Batch, nl.NeighbourCapacity]:
-    """Pad structures and build their edges; grows `capacity` (outside jit) until nothing overflows."""
-    batch = jax.tree_util.tree_map(jnp.asarray, pad_structures(structures, shape))
-    if capacity is None:
-        capacity = allocate_neighbours(batch, cutoff)
-    while True:
-        out, neighbours = with_neighbours(batch, cutoff, capacity)
-        if not bool(neighbours.overflow):
-            return out, capacity
-        capacity = nl.grow(capacity, neighbours.needed)
-
-
 def unpad_atoms(batch: Batch, values) -> list[np.ndarray]:
     """Split a per-atom array (A, ...) into one array per real structure."""
     values = np.asarray(values)
     n = np.asarray(batch.n_atoms)[np.asarray(batch.graph_mask)]
     return np.split(values[: int(n.sum())], np.cumsum(n)[:-1])
+
+
+def unbatch(batch: Batch, name: str = "batch graph") -> list[tuple[Structure, np.ndarray]]:
+    """The real structures of a padded batch (positions, cells; no labels), each named `{name} {g}`, and the
+    indices of their atoms in the batch. Non-periodic graphs get a zero cell (the batch holds an identity)."""
+    positions, numbers = np.asarray(batch.positions, np.float64), np.asarray(batch.numbers)
+    cell, pbc, gi = np.asarray(batch.cell, np.float64), np.asarray(batch.pbc), np.asarray(batch.graph_index)
+    atom_mask = np.asarray(batch.atom_mask)
+    out = []
+    for g in np.flatnonzero(np.asarray(batch.graph_mask)):
+        index = np.flatnonzero(atom_mask & (gi == g))
+        periodic = bool(pbc[g].any())
+        out.append((Structure(numbers[index].astype(np.int32), positions[index],
+                              cell[g] if periodic else np.zeros((3, 3)), pbc[g].copy(), name=f"{name} {g}"), index))
+    return out

@@ -10,7 +10,7 @@ import sys
 
 def _distill(args) -> int:
     from distiller.config import load_experiment
-    from distiller.train.trainer import run
+    from distiller.train.loop import run
 
     config = load_experiment(args.experiment, args.set)
     if args.run_dir:
@@ -26,7 +26,7 @@ def _profile(args) -> int:
     import jax
 
     from distiller.config import load_experiment
-    from distiller.train.trainer import Distillation
+    from distiller.train.step import Distillation
 
     config = load_experiment(args.experiment, args.set)
     job = Distillation.create(config)
@@ -47,7 +47,7 @@ def _profile(args) -> int:
 def _evaluate(args) -> int:
     from distiller.evaluate import evaluate_run
 
-    report = evaluate_run(args.run_dir, args.structures, teacher_spec=args.teacher, out=args.out)
+    report = evaluate_run(args.run_dir, args.structures, teacher=args.teacher, out=args.out)
     print(json.dumps(report["summary"], indent=2))
     return 0
 

@@ -12,8 +12,8 @@ import importlib.util
 import os
 from typing import Any, Sequence
 
-from distiller.files import write_json_atomic
-from distiller.students import StudentConfig
+from distiller import students
+from distiller.students import SchNetConfig, StudentConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,7 @@ class Experiment:
     dataset: str | None = None
     loader: LoaderConfig = LoaderConfig()
     sampling: SamplingConfig = SamplingConfig()
-    student: StudentConfig = StudentConfig()
+    student: StudentConfig = SchNetConfig()  # any registered architecture (distiller.students)
     loss: LossConfig = LossConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     steps: int = 1000
@@ -107,6 +107,8 @@ def apply_override(config: Any, item: str) -> Any:
 
 
 def _replace_path(obj: Any, path: list[str], value: Any) -> Any:
+    if isinstance(obj, StudentConfig) and path == ["architecture"]:
+        return students.with_architecture(obj, value)
     names = {f.name for f in dataclasses.fields(obj)}
     if path[0] not in names:
         raise KeyError(f"{type(obj).__name__} has no field {path[0]!r} (fields: {', '.join(sorted(names))})")
@@ -121,7 +123,18 @@ def _replace_path(obj: Any, path: list[str], value: Any) -> Any:
 
 
 def to_dict(config: Any) -> dict:
-    return dataclasses.asdict(config)
+    """The config as JSON-ready data; a student config names its architecture."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, StudentConfig):
+            value = value.to_dict()
+        elif dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
 
 
 def from_dict(data: dict) -> Experiment:
@@ -132,7 +145,9 @@ def from_dict(data: dict) -> Experiment:
             if f.name not in values:
                 continue
             v = values[f.name]
-            if dataclasses.is_dataclass(f.default) and isinstance(v, dict):
+            if isinstance(f.default, StudentConfig) and isinstance(v, dict):
+                v = students.config_from_dict(v)
+            elif dataclasses.is_dataclass(f.default) and isinstance(v, dict):
                 v = build(type(f.default), v)
             elif isinstance(v, list):
                 v = tuple(v)
@@ -140,7 +155,3 @@ def from_dict(data: dict) -> Experiment:
         return cls(**kwargs)
 
     return build(Experiment, data)
-
-
-def save_config(config: Experiment, path: str) -> None:
-    write_json_atomic(path, to_dict(config))

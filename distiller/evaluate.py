@@ -7,7 +7,6 @@ Where the teacher gave stress (periodic cells), the summary also compares it, li
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
@@ -15,6 +14,10 @@ import numpy as np
 from ase import units
 
 from distiller.files import write_json_atomic
+from distiller.load import as_model
+from distiller.model import EnergyModel
+from distiller.predict import Predictor
+from distiller.run_directory import RunDirectory, load_student
 from distiller.structure import Structure, read_structures
 
 
@@ -110,30 +113,24 @@ def parity_plot(student: Sequence[Structure], teacher: Sequence[Structure], path
     plt.close(fig)
 
 
-def evaluate_run(run_dir: str, structures_path: str, teacher_spec: str | None = None, out: str | None = None,
-                 teacher=None) -> dict:
-    """Label `structures_path` with the teacher, predict with the run's student, write report.json and parity.png.
-
-    `teacher`: a loaded teacher to use instead of loading `teacher_spec` (e.g. Orb from a local checkpoint)."""
-    from distiller.students.predict import predict
-    from distiller.teachers.registry import load_teacher
-    from distiller.train.trainer import load_student
-
-    with open(os.path.join(run_dir, "config.json")) as f:
-        run_config = json.load(f)
+def evaluate_run(run_dir: str, structures_path: str, teacher: EnergyModel | str | None = None,
+                 out: str | None = None) -> dict:
+    """Label `structures_path` with the teacher (default: the run's), predict with the run's student, write
+    report.json and parity.png. `teacher`: a spec or a loaded EnergyModel (e.g. Orb from a local checkpoint)."""
+    run = RunDirectory(run_dir)
+    run_config = run.read_config()
     structures = read_structures(structures_path)
-    if teacher is None:
-        teacher, _ = load_teacher(teacher_spec or run_config["teacher"])
-    teacher_spec = teacher.spec
-    teacher.check(structures)
-    reference = teacher.label(structures)
-    config, model, params = load_student(run_dir)
-    predicted = predict(config, model, params, structures)
+    teacher = as_model(teacher or run_config.teacher)
+    student = load_student(run_dir)
+    for model in (teacher, student):  # both refuse what they cannot take before either computes
+        model.check(structures)
+    reference = Predictor(teacher)(structures)
+    predicted = Predictor(student)(structures)
     report = compare(predicted, reference)
-    report["summary"] = {"run_dir": os.path.abspath(run_dir), "teacher": teacher_spec,
+    report["summary"] = {"run_dir": os.path.abspath(run_dir), "teacher": teacher.name,
                          "structures_file": os.path.abspath(structures_path), **report["summary"]}
     out = out or os.path.join(run_dir, "evaluation")
     os.makedirs(out, exist_ok=True)
-    parity_plot(predicted, reference, os.path.join(out, "parity.png"), title=f"{run_config['name']} vs {teacher_spec}")
+    parity_plot(predicted, reference, os.path.join(out, "parity.png"), title=f"{run_config.name} vs {teacher.name}")
     write_json_atomic(os.path.join(out, "report.json"), report)
     return report

@@ -13,7 +13,8 @@ def main(config: Experiment) -> dict:
     from distiller.evaluate import evaluate_run
     from distiller.speed import compare_speed
     from distiller.structure import read_structures
-    from distiller.train.trainer import Distillation, run, write_held_out
+    from distiller.train.loop import run, write_held_out
+    from distiller.train.step import Distillation
 
     t0 = time.perf_counter()
     job = Distillation.create(config)

@@ -15,9 +15,12 @@ from importlib import metadata
 from typing import Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from distiller import batch as batching
+from distiller.capacity import make_batch
+from distiller.model import EnergyModel
 from distiller.structure import Structure
 
 
@@ -56,6 +59,7 @@ def add_student_arguments(parser) -> None:
     """The student options every bench script takes: a trained run, or a fresh student of a given size
     (the quickstart's by default)."""
     parser.add_argument("--run", help="trained student run directory (default: a fresh student of the size below)")
+    parser.add_argument("--architecture", default="schnet", help="student architecture of a fresh student")
     parser.add_argument("--cutoff", type=float, default=5.0)
     parser.add_argument("--features", type=int, default=64)
     parser.add_argument("--layers", type=int, default=3)
@@ -64,45 +68,56 @@ def add_student_arguments(parser) -> None:
 
 
 def student_from_arguments(args, elements: Sequence[int] = (1, 6, 7, 8)):
-    """The run directory of --run, else the StudentConfig the size options describe."""
-    from distiller.students import StudentConfig
+    """The run directory of --run, else the student config the size options describe (the sizes the chosen
+    architecture has)."""
+    if args.run:
+        return args.run
+    import dataclasses
 
-    return args.run or StudentConfig(cutoff=args.cutoff, features=args.features, layers=args.layers,
-                                     n_rbf=args.n_rbf, elements=tuple(elements), kernel=args.kernel)
+    from distiller.students import config_class
 
-
-def student_timer(config, model, params, structures: Sequence[Structure], with_stress: bool = False):
-    """A no-argument function computing the student's energies and forces (and stress), neighbour list
-    included."""
-    from distiller.students.energy import energy_forces, energy_forces_stress
-
-    batch, capacity = batching.make_batch(structures, config.cutoff)
-    compute = energy_forces_stress if with_stress else energy_forces
-
-    @jax.jit
-    def step(params, batch):
-        batch, _ = batching.with_neighbours(batch, config.cutoff, capacity)
-        return compute(model, params, batch)
-
-    return lambda: step(params, batch)
+    cls = config_class(args.architecture)
+    sizes = {"features": args.features, "layers": args.layers, "n_rbf": args.n_rbf}
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(cutoff=args.cutoff, elements=tuple(elements), kernel=args.kernel,
+               **{k: v for k, v in sizes.items() if k in names})
 
 
-def teacher_timer(teacher, params, structures: Sequence[Structure]):
-    batch, capacity = batching.make_batch(structures, teacher.cutoff)
-    teacher_capacity = teacher.capacity_for(batch)
+def fresh_student(config, structures: Sequence[Structure]) -> EnergyModel:
+    """A student of `config` with random weights (speed does not depend on them), shaped on `structures`."""
+    from distiller.students import init_params, student_model
 
-    @jax.jit
-    def step(params, batch):
-        batch, _ = batching.with_neighbours(batch, teacher.cutoff, capacity)
-        out = teacher.apply(params, batch, teacher_capacity)
-        return out.energy, out.forces
-
-    return lambda: step(params, batch)
+    probe, _ = make_batch(structures, config.cutoff)
+    return student_model(config, init_params(config, jax.random.key(0), probe), name="fresh student")
 
 
-def fennol_native_timer(teacher, structures: Sequence[Structure]):
-    """FeNNol's own API on its first member: preprocessing on the device (`gpu_preprocessing=True`)."""
-    model = teacher.model
+def model_timer(model: EnergyModel, structures: Sequence[Structure], stress: bool = False):
+    """A no-argument function computing the model's energies and forces (and stress) of the structures, batched
+    together, neighbour list included: what an MD step needs."""
+    from distiller import capacity as capacities
+    from distiller.predict import batch_predictions
+
+    batch = jax.tree.map(jnp.asarray, batching.pad_structures(structures))
+    cutoff = float(model.cutoff)
+
+    def run(capacity):
+        out, needed = batch_predictions(model, model.params, batch, capacity, cutoff, stress)
+        return needed, out.overflow
+
+    _, capacity, _ = capacities.until_fits(
+        run, capacities.allocate(model, batch, cutoff),
+        lambda c, needed, _: capacities.grow(model, c, batch, cutoff, needed), what=f"timing {model.name}")
+    return lambda: batch_predictions(model, model.params, batch, capacity, cutoff, stress)[0]
+
+
+def fennol_native_timer(model: EnergyModel, structures: Sequence[Structure]):
+    """FeNNol's own API on its first member: preprocessing on the device (`gpu_preprocessing=True`); None for
+    other models, and for batches mixing periodic and non-periodic systems (FeNNol takes cells for all or none)."""
+    from distiller.teachers.fennol import FennolTeacher
+
+    if not isinstance(model.source, FennolTeacher):
+        return None
+    fennol = model.source.model
     numbers = np.concatenate([s.numbers for s in structures]).astype(np.int32)
     inputs = {
         "species": numbers,
@@ -113,55 +128,49 @@ def fennol_native_timer(teacher, structures: Sequence[Structure]):
     if all(s.periodic for s in structures):
         inputs["cells"] = np.stack([s.cell for s in structures]).astype(np.float32)
     elif any(s.periodic for s in structures):
-        return None  # FeNNol's API takes cells for all systems or none
-    model.energy_and_forces(**inputs)  # numpy preprocessing once: FeNNol sizes its buffers here
-    return lambda: model.energy_and_forces(gpu_preprocessing=True, **inputs)[:2]
+        return None
+    fennol.energy_and_forces(**inputs)  # numpy preprocessing once: FeNNol sizes its buffers here
+    return lambda: fennol.energy_and_forces(gpu_preprocessing=True, **inputs)[:2]
 
 
-def compare_speed(teacher_spec: str, student, systems: Mapping[str, Sequence[Structure]], repeats: int = 20,
+def compare_speed(teacher: EnergyModel | str, student, systems: Mapping[str, Sequence[Structure]], repeats: int = 20,
                   native: bool = True, on_row: Callable[[dict], None] | None = None) -> dict:
     """Time teacher and student on each system (a name and its structures, batched together).
 
-    `student` is a run directory or a StudentConfig (random weights: speed does not depend on them). native:
-    also time FeNNol's own API (one more compilation per system). on_row: called with the report so far after
-    each system (a long run cut short keeps what it measured).
+    `student` is a run directory, an EnergyModel or a student config (random weights: speed does not depend on
+    them). native: also time FeNNol's own API (one more compilation per system). on_row: called with the report
+    so far after each system (a long run cut short keeps what it measured).
     """
-    from distiller.students import StudentConfig, build_model, init_student
-    from distiller.teachers.registry import load_teacher
+    from distiller.load import as_model
+    from distiller.students import StudentConfig
 
-    teacher, teacher_params = load_teacher(teacher_spec)
+    teacher = as_model(teacher)
     if isinstance(student, StudentConfig):
-        config, model = student, build_model(student)
-        first = next(iter(systems.values()))
-        probe, _ = batching.make_batch(first, config.cutoff)
-        params = init_student(config, jax.random.key(0), probe)
-    else:
-        from distiller.train.trainer import load_student
-
-        config, model, params = load_student(student)
+        student = fresh_student(student, next(iter(systems.values())))
+    student = as_model(student)
     rows = []
     report = {
         "device": device_name(),
         "versions": versions(),
         "command": " ".join(sys.argv),
-        "teacher": teacher_spec,
-        "student": {k: getattr(config, k) for k in ("cutoff", "features", "layers", "n_rbf", "kernel")},
+        "teacher": teacher.name,
+        "student": student.source.to_dict(),
         "repeats": repeats,
         "results": rows,
     }
     for name, structures in systems.items():
         atoms = sum(s.n_atoms for s in structures)
-        teacher_s = median_seconds(teacher_timer(teacher, teacher_params, structures), repeats)
-        student_s = median_seconds(student_timer(config, model, params, structures), repeats)
+        teacher_s = median_seconds(model_timer(teacher, structures), repeats)
+        student_s = median_seconds(model_timer(student, structures), repeats)
         row = {"system": name, "structures": len(structures), "atoms": atoms,
                "teacher_ms": 1e3 * teacher_s, "student_ms": 1e3 * student_s,
                "teacher_us_per_atom": 1e6 * teacher_s / atoms, "student_us_per_atom": 1e6 * student_s / atoms}
         best_teacher = teacher_s
-        native_fn = fennol_native_timer(teacher, structures) if native and hasattr(teacher, "model") else None
+        native_fn = fennol_native_timer(teacher, structures) if native else None
         if native_fn is not None:
             native_s = median_seconds(native_fn, repeats)
             row["fennol_native_one_member_ms"] = 1e3 * native_s
-            if getattr(teacher, "n_members", 1) == 1:
+            if teacher.n_members == 1:
                 best_teacher = min(best_teacher, native_s)
         row["speedup"] = best_teacher / student_s
         rows.append(row)

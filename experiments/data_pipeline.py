@@ -26,7 +26,7 @@ import os
 import sys
 
 from distiller.config import Experiment, LoaderConfig, LossConfig, OptimizerConfig
-from distiller.students import StudentConfig
+from distiller.students import SchNetConfig
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SHARED = os.environ.get("DISTILLER_SHARED", os.path.join(ROOT, "..", "shared"))
@@ -42,7 +42,7 @@ config = Experiment(
     name="data-pipeline-md-rattle",
     teacher=TEACHER,
     dataset=os.path.join(WORK, "data-md-rattle"),
-    student=StudentConfig(cutoff=5.0, features=64, layers=3, elements=(1, 6, 7, 8)),
+    student=SchNetConfig(cutoff=5.0, features=64, layers=3, elements=(1, 6, 7, 8)),
     loss=LossConfig(energy_weight=1.0, forces_weight=10.0, stress_weight=100.0),
     optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=100, final_learning_rate=5e-5),
     steps=6000,
@@ -107,7 +107,7 @@ def main(tiny: bool = False) -> dict:
     from distiller.label import label_dataset
     from distiller.structure import write_structures
     from distiller.teachers.registry import load_teacher
-    from distiller.train.trainer import run
+    from distiller.train.loop import run
 
     counts = {k: (4 if tiny else v) for k, v in COUNTS.items()}
     test_counts = {k: (2 if tiny else v) for k, v in TEST_COUNTS.items()}
@@ -155,7 +155,7 @@ def main(tiny: bool = False) -> dict:
                                     ("structures", "accuracy_retained", "forces_rmse", "energy_mae_per_atom")}
     sizes = {name: len(open_dataset(out)) for name, (out, _) in datasets.items()}
     note = {
-        "teacher": TEACHER, "student": dataclasses.asdict(config.student), "steps": steps, "datasets": sizes,
+        "teacher": TEACHER, "student": config.student.to_dict(), "steps": steps, "datasets": sizes,
         "labelling": labelling, "results": results,
         "closing_note": (
             f"On MD snapshots from an unseen trajectory, the student taught on teacher MD + rattling retains "

@@ -37,7 +37,7 @@ import time
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.4")
 
 from distiller.config import Experiment, LoaderConfig, LossConfig, OptimizerConfig  # noqa: E402
-from distiller.students import StudentConfig  # noqa: E402
+from distiller.students import SchNetConfig  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SHARED = os.environ.get("DISTILLER_SHARED", os.path.join(ROOT, "..", "shared"))
@@ -69,7 +69,7 @@ config = Experiment(
     name="orb-materials",
     teacher=TEACHER,
     dataset=os.path.join(WORK, "data"),
-    student=StudentConfig(cutoff=5.0, features=64, layers=3, n_rbf=24, elements=(1, 8, 14, 29)),
+    student=SchNetConfig(cutoff=5.0, features=64, layers=3, n_rbf=24, elements=(1, 8, 14, 29)),
     # Stress in eV/Å³: 1 GPa (0.0062 eV/Å³) of error weighs about as much as 0.06 eV/Å of force error.
     loss=LossConfig(energy_weight=1.0, forces_weight=10.0, stress_weight=1000.0),
     optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=100, final_learning_rate=5e-5),
@@ -122,13 +122,13 @@ def candidates(work: str, system: str, count: int, key: int, small: bool) -> str
 
 
 def load(spec: str, weights_path: str | None):
-    """(teacher, params): any spec through the registry, or an Orb model from a local checkpoint."""
+    """The teacher: any spec through the registry, or an Orb model from a local checkpoint."""
     from distiller.teachers.registry import load_teacher
 
     if weights_path:
-        from distiller.teachers.orb import load_orb
+        from distiller.teachers.orb import orb_model
 
-        return load_orb(spec, weights_path=weights_path), None
+        return orb_model(spec, weights_path=weights_path)
     return load_teacher(spec)
 
 
@@ -139,13 +139,13 @@ def main(scale: str = "gpu", teacher_spec: str = TEACHER, weights_path: str | No
     from distiller.files import write_json_atomic
     from distiller.label import label_dataset
     from distiller.structure import write_structures
-    from distiller.train.trainer import run
+    from distiller.train.loop import run
 
     size = SCALES[scale]
     work = work or (WORK if scale == "gpu" else f"{WORK}_{scale}")
     tiny = scale == "tiny"
     os.makedirs(work, exist_ok=True)
-    teacher, params = load(teacher_spec, weights_path)
+    teacher = load(teacher_spec, weights_path)
 
     # 1. Candidates: training sets (key 1) and test sets (key 99) per system.
     train = {s: candidates(work, s, size.counts[s], 1, size.small_seeds) for s in SYSTEMS}
@@ -153,12 +153,12 @@ def main(scale: str = "gpu", teacher_spec: str = TEACHER, weights_path: str | No
 
     # 2. Labelling (resumable; on a cluster the same job runs as `distiller label --shard i/n` array jobs).
     dataset = os.path.join(work, "data")
-    labelling = label_dataset((teacher, params), [train[s] for s in SYSTEMS], dataset, chunk=64, progress=not tiny)
+    labelling = label_dataset(teacher, [train[s] for s in SYSTEMS], dataset, chunk=64, progress=not tiny)
 
     # 3. Training: one student for the three systems.
     steps = size.steps
     run_config = dataclasses.replace(
-        config, teacher=teacher.spec, dataset=dataset, run_dir=os.path.join(work, "student"), steps=steps,
+        config, teacher=teacher.name, dataset=dataset, run_dir=os.path.join(work, "student"), steps=steps,
         batch_size=size.batch_size, held_out=size.held_out, checkpoint_every=min(config.checkpoint_every, steps),
         log_every=min(config.log_every, steps))
     t0 = time.perf_counter()
@@ -188,15 +188,15 @@ def main(scale: str = "gpu", teacher_spec: str = TEACHER, weights_path: str | No
              for s, seed in seeds.items()}
     retained = {name: f"{100 * r['accuracy_retained']:.1f} %" for name, r in results.items()}
     note = {
-        "teacher": teacher.spec, "weights_path": weights_path, "scale": scale, "seeds": seeds,
-        "student": dataclasses.asdict(run_config.student), "loss": dataclasses.asdict(run_config.loss),
+        "teacher": teacher.name, "weights_path": weights_path, "scale": scale, "seeds": seeds,
+        "student": run_config.student.to_dict(), "loss": dataclasses.asdict(run_config.loss),
         "steps": steps, "dataset": {"structures": len(data), "atoms": int(data.n_atoms.sum()), "path": dataset},
         "labelling": labelling, "training": {"seconds": round(training_seconds, 1), "last_logged": last},
         "results": results,
         "closing_note": (
             f"On fresh rattled and strained structures, one student ({run_config.student.features} features, "
             f"{run_config.student.layers} layers, {run_config.student.cutoff} Å) retains {retained['all']} of "
-            f"{teacher.spec}'s force accuracy overall (Cu {retained['cu']}, Si {retained['si']}, water "
+            f"{teacher.name}'s force accuracy overall (Cu {retained['cu']}, Si {retained['si']}, water "
             f"{retained['water']}); stress RMSE {results['all'].get('stress_rmse_gpa', float('nan')):.3f} GPa "
             f"({len(data)} training structures, {steps} steps)."),
     }

@@ -7,7 +7,7 @@ evaluates on held-out structures and measures the speed-up). A few minutes on a 
 import os
 
 from distiller.config import Experiment, LossConfig, OptimizerConfig, SamplingConfig
-from distiller.students import StudentConfig
+from distiller.students import SchNetConfig
 
 SHARED = os.environ.get("DISTILLER_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
 
@@ -16,7 +16,7 @@ config = Experiment(
     teacher="fennol-pmc:ani1x",
     structures=(f"{SHARED}/structures/aspirin.extxyz", f"{SHARED}/structures/watertiny.extxyz"),
     sampling=SamplingConfig(rattle=0.08, strain=0.02),
-    student=StudentConfig(cutoff=5.0, features=64, layers=3, n_rbf=24, elements=(1, 6, 7, 8)),
+    student=SchNetConfig(cutoff=5.0, features=64, layers=3, n_rbf=24, elements=(1, 6, 7, 8)),
     loss=LossConfig(energy_weight=1.0, forces_weight=10.0),
     optimizer=OptimizerConfig(learning_rate=5e-3, warmup_steps=30, final_learning_rate=1e-4),
     steps=1600,

@@ -16,3 +16,14 @@ def shared() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def structures_dir(shared) -> pathlib.Path:
     return shared / "structures"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compilations():
+    """Drop every compiled program after each test module. XLA's CPU executables each map ~100 memory regions;
+    the suite compiles thousands of programs, and one process past the kernel's vm.max_map_count (65,530)
+    crashes inside the next compilation (seen: a segfault in test_teacher_fennol after the contract suite)."""
+    yield
+    import jax
+
+    jax.clear_caches()

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from distiller.batch import make_batch
+from distiller.capacity import make_batch
+from distiller.derivatives import predictions
 from distiller.structure import read_structures
-from distiller.students import StudentConfig, build_model, energy_forces, init_student
+from distiller.students import SchNetConfig, init_params, student_model
 from pallas_kernels import KERNELS, cfconv, pallas_set
 from pallas_kernels.cfconv import cfconv_reference
 from pallas_kernels.cfconv.pallas import cfconv_pallas
@@ -250,16 +251,16 @@ def test_student_with_pallas_kernel_matches_xla(aspirin, monkeypatch):
     # The student's "pallas" entry with the kernels interpreted (on the CPU it would otherwise be the reference).
     monkeypatch.setitem(KERNELS, "pallas-interpreted", pallas_set(PallasConfig(interpret=True)))
     for kernel in ("xla", "pallas-interpreted"):
-        config = StudentConfig(features=16, n_rbf=8, layers=2, cutoff=4.0, kernel=kernel)
+        config = SchNetConfig(features=16, n_rbf=8, layers=2, cutoff=4.0, kernel=kernel)
         batch, _ = make_batch(aspirin, config.cutoff)
-        model = build_model(config)
-        params = init_student(config, jax.random.key(0), batch)
+        model = student_model(config)
+        params = init_params(config, jax.random.key(0), batch)
 
         def loss(params):
-            energy, forces = energy_forces(model, params, batch)
+            energy, forces = predictions(model, params, batch)[:2]
             return jnp.sum((energy + 3.0) ** 2) + jnp.sum((forces - 0.1) ** 2)
 
-        energy, forces = jax.jit(lambda params: energy_forces(model, params, batch))(params)
+        energy, forces = jax.jit(lambda params: predictions(model, params, batch)[:2])(params)
         results[kernel] = (energy, forces, jax.jit(jax.grad(loss))(params))
     xla, pal = results["xla"], results["pallas-interpreted"]
     assert_close(pal[0], xla[0], rtol=1e-6)

@@ -13,6 +13,7 @@ import pytest
 from distiller.cli import main as cli
 from distiller.data.dataset import DatasetError, merge_datasets, open_dataset, part_name, write_dataset
 from distiller.label import label_dataset, parse_shard, shard_chunks
+from distiller.predict import Predictor
 from distiller.structure import StructureError, read_structures, write_structures
 from distiller.teachers.registry import load_teacher
 
@@ -76,7 +77,7 @@ def test_labels_are_the_teachers(reference, teacher, inputs):
     items = read_structures(inputs)
     assert reference.source_indices.tolist() == list(range(24))
     assert reference.teacher == TEACHER and reference.metadata["with_stress"] == 8
-    direct = teacher[0].label(items)
+    direct = Predictor(teacher)(items)
     for got, want in zip(reference, direct):
         assert got.name == want.name
         np.testing.assert_allclose(got.energy, want.energy, rtol=1e-6)

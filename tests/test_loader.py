@@ -12,9 +12,10 @@ from distiller.data.dataset import DatasetError, write_dataset
 from distiller.data.loader import Loader
 from distiller.label import label_dataset
 from distiller.structure import Structure, read_structures, write_structures
-from distiller.students import StudentConfig
-from distiller.train import checkpoint
-from distiller.train.trainer import Distillation, run
+from distiller.students import SchNetConfig
+from distiller.run_directory import RunDirectory
+from distiller.train.loop import run
+from distiller.train.step import Distillation
 
 EMT = "ase:ase.calculators.emt.EMT"
 
@@ -117,7 +118,7 @@ def emt_dataset(tmp_path_factory, structures_dir):
 def offline_config(dataset, run_dir, steps):
     return Experiment(
         name="offline", teacher=EMT, dataset=str(dataset),
-        student=StudentConfig(cutoff=4.0, features=16, layers=1, n_rbf=8),
+        student=SchNetConfig(cutoff=4.0, features=16, layers=1, n_rbf=8),
         loss=LossConfig(energy_weight=1.0, forces_weight=10.0, stress_weight=100.0),
         optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=5, final_learning_rate=1e-3),
         steps=steps, batch_size=2, seed=3, run_dir=str(run_dir), checkpoint_every=10, log_every=1, held_out=4,
@@ -144,7 +145,7 @@ def test_offline_training_lowers_the_loss_and_resumes_exactly(tmp_path, emt_data
 
     stopped = offline_config(emt_dataset, tmp_path / "stopped", steps=52)
     run(stopped, progress=False, stop_after=13)
-    assert checkpoint.latest_step(stopped.run_dir) == 10
+    assert RunDirectory(stopped.run_dir).latest_step() == 10
     resumed = run(stopped, resume=True, progress=False)
     b = metrics(tmp_path / "stopped")
     assert [r["step"] for r in b] == list(range(1, 53)), "each step logged exactly once"

@@ -12,11 +12,14 @@ from ase import units
 from flax.core import FrozenDict
 
 from distiller import neighbours as nl
-from distiller.batch import BatchShape, make_batch, pad_structures, with_neighbours
+from distiller.batch import BatchShape, pad_structures, with_neighbours
+from distiller.capacity import make_batch
 from distiller.cli import main
-from distiller.md import Dynamics, Relaxer, energy_drift, from_student, load_model, potential, simulate
+from distiller.derivatives import predictions
+from distiller.load import load_model
+from distiller.md import Dynamics, Relaxer, energy_drift, potential, simulate
 from distiller.structure import read_structures
-from distiller.students import StudentConfig, build_model, energy_forces, init_student
+from distiller.students import SchNetConfig, init_params, student_model
 from distiller.teachers.fennol import FennolCapacity
 
 TEACHER = "fennol-pmc:ani1x/0"
@@ -36,20 +39,19 @@ def student(watertiny):
     `direct(structure, capacity)` evaluates it as training and prediction do: a padded batch whose neighbour
     list is built from scratch at the structure's positions (with the MD list's cutoff and capacity, so that
     jit reuses the MD list's compilation; the student ignores pairs beyond its cutoff)."""
-    config = StudentConfig(cutoff=4.0, features=16, layers=1)
+    config = SchNetConfig(cutoff=4.0, features=16, layers=1)
     batch, _ = make_batch([watertiny], config.cutoff + SKIN, BatchShape(watertiny.n_atoms + 1, 2))
-    module = build_model(config)
-    params = init_student(config, jax.random.key(0), batch)
-    compute = jax.jit(lambda params, batch: energy_forces(module, params, batch))
+    model = student_model(config, init_params(config, jax.random.key(0), batch), name="fresh student")
+    compute = jax.jit(lambda params, batch: predictions(model, params, batch))
 
     def direct(structure, capacity):
         padded = jax.tree.map(jnp.asarray, pad_structures([structure], BatchShape(structure.n_atoms + 1, 2)))
         batch, found = with_neighbours(padded, config.cutoff + SKIN, capacity)
         assert not bool(found.overflow)
-        energy, forces = compute(params, batch)
-        return float(energy[0]), np.asarray(forces[: structure.n_atoms])
+        out = compute(model.params, batch)
+        return float(out.energy[0]), np.asarray(out.forces[: structure.n_atoms])
 
-    return from_student(config, module, params, name="fresh student"), direct
+    return model, direct
 
 
 def test_potential_matches_direct_evaluation(watertiny, student):
@@ -179,7 +181,7 @@ def test_teacher_capacity_overflow_is_flagged_and_grown(watertiny):
     list's update flags the overflow when the water is compressed (sticky, like the neighbour overflow), and a
     re-allocation from the overflowed list fits the compressed configuration."""
     model = load_model(TEACHER)
-    teacher = model.origin
+    teacher = model.source
     neighbor_fn, _ = potential(model, watertiny)
     R = jnp.asarray(watertiny.positions, jnp.float32)
     list_capacity = neighbor_fn.allocate(R).capacity
@@ -187,7 +189,7 @@ def test_teacher_capacity_overflow_is_flagged_and_grown(watertiny):
     batch, _ = make_batch([watertiny], teacher.cutoff + 0.5, BatchShape(watertiny.n_atoms + 1, 2), list_capacity)
     need = teacher.measure(batch)
     states = []
-    for needed, roomy in zip(need.layer_states, teacher.capacity_for(batch).layer_states):
+    for needed, roomy in zip(need.layer_states, model.capacity_for(batch, 1.25).layer_states):
         state = dict(roomy)
         for key, slack in (("npairs", 2), ("nangles", 8)):
             if key in state:

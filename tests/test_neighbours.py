@@ -7,7 +7,8 @@ import pytest
 from ase.neighborlist import neighbor_list
 
 from distiller import neighbours as nl
-from distiller.batch import make_batch, pad_structures, with_neighbours
+from distiller.batch import pad_structures, with_neighbours
+from distiller.capacity import make_batch
 from distiller.structure import Structure, read_structures
 
 

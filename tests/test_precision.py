@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import pytest
 from jax.extend import core as jex_core
 
-from distiller.batch import make_batch
+from distiller.capacity import make_batch
 from distiller.config import Experiment
+from distiller.derivatives import predictions
 from distiller.structure import read_structures
-from distiller.students import StudentConfig, build_model, energy_forces_stress, init_student
+from distiller.students import SchNetConfig, init_params, student_model
 
 TEACHER = "fennol-pmc:ani1x/0"
 
@@ -43,9 +44,9 @@ def watertiny(structures_dir):
 
 @pytest.fixture(scope="module")
 def student(watertiny):
-    config = StudentConfig(cutoff=4.0, features=16, layers=1)
+    config = SchNetConfig(cutoff=4.0, features=16, layers=1)
     batch, _ = make_batch([watertiny], config.cutoff)
-    return config, build_model(config), init_student(config, jax.random.key(0), batch), batch
+    return student_model(config, init_params(config, jax.random.key(0), batch)), batch
 
 
 def md_chunk_jaxpr(model, structure):
@@ -66,44 +67,44 @@ def test_the_check_finds_a_default_precision_product():
 
 
 def test_teacher_md_chunk(watertiny):
-    from distiller.md import load_model
+    from distiller.load import load_model
 
     assert loose_products(md_chunk_jaxpr(load_model(TEACHER), watertiny)) == []
 
 
 def test_student_md_chunk_and_forces_and_stress(watertiny, student):
-    from distiller.md import from_student
-
-    config, module, params, batch = student
-    assert loose_products(md_chunk_jaxpr(from_student(config, module, params), watertiny)) == []
-    assert loose_products(jax.make_jaxpr(lambda p, b: energy_forces_stress(module, p, b))(params, batch)) == []
+    model, batch = student
+    assert loose_products(md_chunk_jaxpr(model, watertiny)) == []
+    stressed = jax.make_jaxpr(lambda p, b: predictions(model, p, b, stress=True))(model.params, batch)
+    assert loose_products(stressed) == []
 
 
 def test_labelling_program(watertiny):
-    from distiller import label
-    from distiller.batch import allocate_neighbours
+    """What the Predictor runs (labelling, evaluation, the calculator): neighbour list, teacher with stress."""
+    from distiller import capacity as capacities
+    from distiller.batch import pad_structures
+    from distiller.predict import batch_predictions
     from distiller.teachers.registry import load_teacher
 
-    teacher, params = load_teacher(TEACHER)
-    batch, _ = make_batch([watertiny], teacher.cutoff)
-    nl_capacity = allocate_neighbours(batch, teacher.cutoff)
-    teacher_capacity = teacher.capacity_for(label._with_edges(batch, teacher.cutoff, nl_capacity))
-    program = jax.make_jaxpr(label._teacher_labels.__wrapped__, static_argnums=(0, 3, 4))(
-        teacher, params, batch, nl_capacity, teacher_capacity)
+    teacher = load_teacher(TEACHER)
+    batch = jax.tree.map(jnp.asarray, pad_structures([watertiny]))
+    capacity = capacities.allocate(teacher, batch, teacher.cutoff)
+    program = jax.make_jaxpr(batch_predictions.__wrapped__, static_argnums=(0, 3, 4, 5))(
+        teacher, teacher.params, batch, capacity, teacher.cutoff, True)
     assert loose_products(program) == []
 
 
 def test_online_training_step(structures_dir):
     """The whole online step: rattle and strain, neighbour list, teacher with stress, student, loss, update."""
     from distiller.config import LossConfig
-    from distiller.train.trainer import Distillation
+    from distiller.train.step import Distillation
 
     config = Experiment(name="precision", teacher=TEACHER, structures=(str(structures_dir / "watertiny.extxyz"),),
-                        student=StudentConfig(cutoff=4.0, features=16, layers=1), batch_size=1,
+                        student=SchNetConfig(cutoff=4.0, features=16, layers=1), batch_size=1,
                         loss=LossConfig(stress_weight=1.0))
     job = Distillation.create(config)
     state = job.initial_state()
     inputs = job.seed_batch(0)
     program = jax.make_jaxpr(job.train_step.__wrapped__, static_argnums=0)(
-        job.data.capacity(inputs), state, job.teacher_params, inputs, job.step_key(0))
+        job.data.capacity(inputs), state, job.teacher_params, inputs, job.step_key(0), job.shift)
     assert loose_products(program) == []

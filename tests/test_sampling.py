@@ -18,7 +18,7 @@ MIN_DISTANCE = 0.5
 
 @pytest.fixture(scope="module")
 def model():
-    from distiller.md import load_model
+    from distiller.load import load_model
 
     return load_model(TEACHER)
 

@@ -1,4 +1,5 @@
-"""Physics of the student: invariances, conservative forces, smooth cutoff, extensivity, stress, references.
+"""Physics of the SchNet student beyond the energy-model contract (tests/test_contract.py): its cfconv
+reference, the C2 envelope at the cutoff, reference energies, unknown elements.
 
 Every check runs on a randomly initialised student whose weights are scaled up, so that interactions move
 energies by electron-volts and forces are O(1) eV/Å (a fresh init would pass most checks trivially).
@@ -9,27 +10,26 @@ from __future__ import annotations
 
 from functools import partial
 
-import ase
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ase.calculators.calculator import Calculator, all_changes
-from ase.calculators.fd import calculate_numerical_stress
 from scipy.interpolate import BSpline
 
 from distiller import neighbours as nl
-from distiller.batch import BatchShape, binning_cell, make_batch
-from distiller.structure import Structure, StructureError, closest_pair, read_structures
-from distiller.students import (StudentConfig, build_model, check, energy, energy_forces, energy_forces_stress,
-                                fit_reference_energies, init_student)
+from distiller import reference as references
+from distiller.batch import BatchShape, binning_cell
+from distiller.capacity import make_batch
+from distiller.derivatives import predictions
+from distiller.predict import Predictor
+from distiller.reference import ZERO, ReferenceEnergies
+from distiller.structure import Structure, StructureError, read_structures
+from distiller.students import SchNetConfig, init_params, student_model
 from pallas_kernels import cfconv
 from pallas_kernels.cfconv import cfconv_reference, envelope, spline_basis
 
-CONFIG = StudentConfig(cutoff=5.0, features=32, layers=2, n_rbf=16, elements=(1, 6, 7, 8))
-MODEL = build_model(CONFIG)
-EFS = jax.jit(partial(energy_forces_stress, MODEL))
-ENERGY = jax.jit(partial(energy, MODEL))
+CONFIG = SchNetConfig(cutoff=5.0, features=32, layers=2, n_rbf=16, elements=(1, 6, 7, 8))
+REFERENCE = ReferenceEnergies.of({1: -0.6, 6: -1.1, 7: -1.4, 8: -1.7})
 # Compilation dominates the run time, so (almost) every batch has one padded shape and one neighbour list:
 # its cutoff reaches beyond the student's, as in training when the teacher's cutoff is larger.
 SHAPE = BatchShape(atoms=128, graphs=6)
@@ -45,24 +45,6 @@ def aspirin(structures_dir):
 
 
 @pytest.fixture(scope="module")
-def water(structures_dir):
-    return read_structures(structures_dir / "watertiny.extxyz")[0]
-
-
-@pytest.fixture(scope="module")
-def crystal():
-    """A small triclinic H/C/N/O cell, thinner than the cutoff (many periodic images)."""
-    rng = np.random.default_rng(7)
-    cell = np.array([[4.1, 0.0, 0.0], [0.9, 3.8, 0.0], [-0.6, 0.7, 4.3]])
-    while True:
-        frac = rng.random((5, 3))
-        s = Structure(numbers=np.array([1, 1, 6, 7, 8], np.int32), positions=frac @ cell, cell=cell,
-                      pbc=np.ones(3, bool), name="random crystal")
-        if closest_pair(s)[2] > 1.0:
-            return s.validated()
-
-
-@pytest.fixture(scope="module")
 def batch_of():
     def build(structures, cutoff=NL_CUTOFF):
         return make_batch(structures, cutoff, shape=SHAPE, capacity=CAPACITY)[0]
@@ -73,19 +55,21 @@ def batch_of():
 @pytest.fixture(scope="module")
 def params(batch_of, aspirin):
     """Random student weights, scaled so that the interactions matter."""
-    p = init_student(CONFIG, jax.random.key(0), batch_of([aspirin]), reference_energies=[-0.6, -1.1, -1.4, -1.7])
+    p = init_params(CONFIG, jax.random.key(0), batch_of([aspirin]))
     rng = np.random.default_rng(1)
 
     def scramble(path, x):
         name = jax.tree_util.keystr(path)
-        if "reference_energies" in name:
-            return x
         std = 1.0 / np.sqrt(x.shape[0]) if x.ndim == 2 else 0.3  # weights: unit gain; biases: non-zero
         if "readout" in name:
             std *= 3.0
         return jnp.asarray(std * rng.normal(size=x.shape), x.dtype)
 
     return jax.tree_util.tree_map_with_path(scramble, p)
+
+
+STUDENT = student_model(CONFIG, reference=REFERENCE)
+EFS = jax.jit(lambda params, batch: predictions(STUDENT, params, batch, stress=True))
 
 
 def to64(tree):
@@ -107,31 +91,6 @@ def as64(batch, structures):
     for g, s in enumerate(structures):
         cell[g] = binning_cell(s)
     return to64(batch._replace(positions=positions, cell=cell))
-
-
-def split(structures, e, f, s):
-    n = np.cumsum([0] + [st.n_atoms for st in structures])
-    return (np.asarray(e)[: len(structures)], [np.asarray(f)[a:b] for a, b in zip(n[:-1], n[1:])],
-            np.asarray(s)[: len(structures)])
-
-
-def evaluate(params, batch, structures):
-    """Energies, forces and stresses per structure (float32)."""
-    return split(structures, *EFS(params, batch))
-
-
-def random_orthogonal(seed: int, proper: bool) -> np.ndarray:
-    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
-    q = q * np.sign(np.diag(r))
-    if (np.linalg.det(q) > 0) != proper:
-        q[:, 0] *= -1
-    return q
-
-
-def transformed(s: Structure, rotation=np.eye(3), translation=np.zeros(3), permutation=None) -> Structure:
-    perm = np.arange(s.n_atoms) if permutation is None else permutation
-    return s.replace(numbers=s.numbers[perm], positions=s.positions[perm] @ rotation + translation,
-                     cell=s.cell @ rotation)
 
 
 # --- the cfconv reference --------------------------------------------------------------------------------
@@ -225,59 +184,20 @@ def test_unknown_kernel_is_a_clear_value_error():
         cfconv(jnp.zeros((2, 4)), jnp.zeros(1), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32),
                jnp.ones(1, bool), {}, cutoff=5.0, kernel="nope")
     with pytest.raises(ValueError, match="unknown kernel set"):
-        StudentConfig(kernel="nope")
+        SchNetConfig(kernel="nope")
     with pytest.raises(ValueError, match="elements"):
-        StudentConfig(elements=(1, 1, 8))
+        SchNetConfig(elements=(1, 1, 8))
+    with pytest.raises(ValueError, match="n_rbf"):
+        SchNetConfig(n_rbf=3)
 
-
-# --- invariance ------------------------------------------------------------------------------------------
 
 def test_the_random_student_is_not_trivial(params, batch_of, aspirin):
     batch = batch_of([aspirin])
-    e, f, _ = evaluate(params, batch, [aspirin])
-    rms = float(np.sqrt(np.mean(f[0] ** 2)))
+    out = EFS(params, batch)
+    rms = float(np.sqrt(np.mean(np.asarray(out.forces)[: aspirin.n_atoms] ** 2)))
     assert 0.1 < rms < 100.0, rms
-    isolated, _, _ = evaluate(params, batch._replace(edge_mask=jnp.zeros_like(batch.edge_mask)), [aspirin])
-    assert abs(e[0] - isolated[0]) > 0.1  # interactions, not only per-atom terms, carry energy
-
-
-@pytest.mark.parametrize("name", ["aspirin", "crystal"])
-def test_invariance_and_force_covariance(params, batch_of, name, request):
-    s = request.getfixturevalue(name)
-    perm = np.random.default_rng(3).permutation(s.n_atoms)
-    cases = [
-        ("rotation", random_orthogonal(1, proper=True), np.zeros(3), None),
-        ("reflection", random_orthogonal(2, proper=False), np.zeros(3), None),
-        ("translation", np.eye(3), np.array([3.7, -11.2, 0.45]), None),
-        ("permutation", np.eye(3), np.zeros(3), perm),
-    ]
-    structures = [s] + [transformed(s, rot, shift, p) for _, rot, shift, p in cases]
-    energies, forces, _ = evaluate(params, batch_of(structures), structures)
-    scale = np.abs(forces[0]).max()
-    np.testing.assert_allclose(energies, energies[0], rtol=1e-5, atol=1e-5)
-    for (label, rot, _, p), f in zip(cases, forces[1:]):
-        expected = forces[0] @ rot
-        if p is not None:
-            expected = expected[p]
-        np.testing.assert_allclose(f, expected, atol=2e-5 * scale, err_msg=label)
-
-
-# --- conservative forces -------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("name", ["aspirin", "crystal"])
-def test_forces_are_minus_the_energy_gradient(params, batch_of, name, request):
-    s = request.getfixturevalue(name)
-    batch32 = batch_of([s])  # the list reaches 1 Å beyond the cutoff: no pair crosses it under h
-    with jax.enable_x64(True):
-        p64, batch = to64(params), as64(batch32, [s])
-        _, forces, _ = EFS(p64, batch)
-        rng = np.random.default_rng(0)
-        h = 1e-4
-        for atom, k in zip(rng.integers(0, s.n_atoms, 6), rng.integers(0, 3, 6)):
-            step = jnp.zeros_like(batch.positions).at[atom, k].set(h)
-            plus = ENERGY(p64, batch._replace(positions=batch.positions + step))[0]
-            minus = ENERGY(p64, batch._replace(positions=batch.positions - step))[0]
-            np.testing.assert_allclose(-float(plus - minus) / (2 * h), float(forces[atom, k]), rtol=1e-6, atol=1e-8)
+    isolated = EFS(params, batch._replace(edge_mask=jnp.zeros_like(batch.edge_mask)))
+    assert abs(float(out.energy[0] - isolated.energy[0])) > 0.1  # interactions, not only per-atom terms
 
 
 # --- the cutoff ------------------------------------------------------------------------------------------
@@ -297,14 +217,14 @@ def test_energy_and_forces_are_smooth_across_the_cutoff(params, batch_of):
         structures = [trimer(r)]
         batch = batch_of(structures)  # the list reaches beyond the student's cutoff
         with jax.enable_x64(True):
-            e, f, _ = EFS(to64(params), as64(batch, structures))
-            return float(e[0]), np.asarray(f[:3])
+            out = EFS(to64(params), as64(batch, structures))
+            return float(out.energy[0]), np.asarray(out.forces[:3])
 
     e_far, f_far = efs(30.0)
     parts = [trimer(30.0, slice(0, 2)), trimer(30.0, slice(2, 3))]
     batch = batch_of(parts)
     with jax.enable_x64(True):
-        e_parts = np.asarray(ENERGY(to64(params), as64(batch, parts)))
+        e_parts = np.asarray(EFS(to64(params), as64(batch, parts)).energy)
     np.testing.assert_allclose(e_far, e_parts[0] + e_parts[1], rtol=0, atol=1e-10)
     # Beyond the cutoff (but inside the neighbour list) the edge is there and contributes exactly nothing.
     e_out, f_out = efs(rc + 1e-3)
@@ -322,123 +242,47 @@ def test_energy_and_forces_are_smooth_across_the_cutoff(params, batch_of):
         assert 3.0 < a / b < 5.5, df
 
 
-# --- batching and extensivity --------------------------------------------------------------------------------
-
-def test_batched_equals_alone_and_padding_is_inert(params, batch_of, aspirin, water, crystal):
-    structures = [aspirin, water, crystal]
-    batch = batch_of(structures)
-    e, f, s = EFS(params, batch)
-    n = sum(x.n_atoms for x in structures)
-    assert np.all(np.asarray(e)[3:] == 0.0) and np.all(np.asarray(f)[n:] == 0.0) and np.all(np.asarray(s)[3:] == 0.0)
-    energies, forces, stresses = split(structures, e, f, s)
-    e2, f2 = jax.jit(partial(energy_forces, MODEL))(params, batch)  # the stress-free variant agrees
-    np.testing.assert_allclose(np.asarray(e2), np.asarray(e), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(f2), np.asarray(f), rtol=1e-5, atol=1e-6)
-    for k, st in enumerate(structures):
-        e1, f1, s1 = evaluate(params, batch_of([st]), [st])
-        np.testing.assert_allclose(energies[k], e1[0], rtol=1e-6, atol=1e-5, err_msg=st.name)
-        np.testing.assert_allclose(forces[k], f1[0], atol=1e-5 * np.abs(f1[0]).max(), err_msg=st.name)
-        np.testing.assert_allclose(stresses[k], s1[0], atol=1e-5 * np.abs(s1[0]).max() + 1e-9, err_msg=st.name)
-    # A neighbour list cut exactly at the student's cutoff (and its own bucketed shape) changes nothing.
-    exact = batch_of(structures, cutoff=CONFIG.cutoff)
-    np.testing.assert_allclose(np.asarray(EFS(params, exact)[0])[:3], energies, rtol=1e-6, atol=1e-5)
-    # Gradients for training (through the forces) are finite despite zero-length padding edges.
-    loss = lambda p: jnp.sum(EFS(p, batch)[1] ** 2)
-    grads = jax.jit(jax.grad(loss))(params)
-    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
-
-
-def test_supercell_is_extensive(params, batch_of, water):
-    big = Structure.from_ase(water.to_ase().repeat((2, 2, 2)), name="watertiny x 2x2x2")
-    big_batch, _ = make_batch([big], NL_CUTOFF, capacity=CAPACITY._replace(edges=8 * CAPACITY.edges))
-    (e_cell,), (f_cell,), (s_cell,) = evaluate(params, batch_of([water]), [water])
-    (e_big,), (f_big,), (s_big,) = evaluate(params, big_batch, [big])
-    np.testing.assert_allclose(e_big / 8.0, e_cell, rtol=2e-6, atol=1e-5)
-    for image in np.asarray(f_big).reshape(8, water.n_atoms, 3):  # ase's repeat: whole copies, in order
-        np.testing.assert_allclose(image, f_cell, atol=2e-5 * np.abs(f_cell).max())
-    np.testing.assert_allclose(s_big, s_cell, atol=2e-5 * np.abs(s_cell).max())
-
-
-# --- stress ---------------------------------------------------------------------------------------------------
-
-class _StudentCalculator(Calculator):
-    """The float64 student as an ASE calculator, so that ASE's own finite-strain stress judges ours."""
-
-    implemented_properties = ["energy", "free_energy"]
-
-    def __init__(self, params, batch_of):
-        super().__init__()
-        self.params, self.batch_of = params, batch_of
-
-    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-        super().calculate(atoms, properties, system_changes)
-        structures = [Structure.from_ase(self.atoms)]
-        batch = self.batch_of(structures)
-        with jax.enable_x64(True):
-            e = float(ENERGY(to64(self.params), as64(batch, structures))[0])
-        self.results = {"energy": e, "free_energy": e}
-
-
-@pytest.mark.parametrize("name", ["water", "crystal"])
-def test_stress_matches_ase_finite_strain(params, batch_of, name, request):
-    s = request.getfixturevalue(name)
-    batch = batch_of([s])
-    with jax.enable_x64(True):
-        stress = np.asarray(EFS(to64(params), as64(batch, [s]))[2][0])
-    atoms = ase.Atoms(numbers=s.numbers, positions=s.positions, cell=s.cell, pbc=s.pbc)
-    atoms.calc = _StudentCalculator(params, batch_of)
-    expected = calculate_numerical_stress(atoms, eps=1e-5, voigt=False, force_consistent=False)
-    assert np.abs(expected).max() > 1e-4  # eV/Å³: the check has something to check
-    np.testing.assert_allclose(stress, expected, rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(stress, stress.T, atol=1e-12)  # rotation invariance makes the virial symmetric
-
-
-def test_stress_is_zero_without_a_cell(params, batch_of, aspirin):
-    _, _, s = evaluate(params, batch_of([aspirin]), [aspirin])
-    assert np.all(s == 0.0)
-
-
 # --- reference energies and element checks --------------------------------------------------------------------
 
 def test_fit_reference_energies_recovers_per_element_energies():
     rng = np.random.default_rng(0)
-    elements = (1, 6, 7, 8, 9)  # F never occurs: its reference must come out 0
-    true = np.array([-13.6, -1029.8, -1484.9, -2041.3])
+    elements = (1, 6, 7, 8, 9)  # F never occurs: its reference keeps the prior (0)
+    true = {1: -13.6, 6: -1029.8, 7: -1484.9, 8: -2041.3}
     numbers = [rng.choice([1, 6, 7, 8], size=rng.integers(1, 30)) for _ in range(25)]
-    energies = [sum(true[[1, 6, 7, 8].index(z)] for z in n) for n in numbers]
-    fitted = fit_reference_energies(numbers, energies, elements)
-    np.testing.assert_allclose(fitted, [*true, 0.0], rtol=1e-10)
-    # Water only: H and O cannot be told apart, but the fit still reproduces every energy exactly.
+    energies = [sum(true[z] for z in n) for n in numbers]
+    fitted = references.fit(numbers, energies, elements)
+    np.testing.assert_allclose(fitted.table[[1, 6, 7, 8, 9]], [*true.values(), 0.0], rtol=1e-10)
+    # Water only: H and O cannot be told apart; the fit reproduces every energy and otherwise stays at the prior.
     waters = [np.array([8, 1, 1] * k) for k in (1, 2, 5)]
-    e_w = [k * (true[3] + 2 * true[0]) for k in (1, 2, 5)]
-    fw = fit_reference_energies(waters, e_w, elements)
-    assert fw[1] == fw[2] == fw[4] == 0.0
-    np.testing.assert_allclose([fw[3] + 2 * fw[0]] * 3, np.array(e_w) / [1, 2, 5], rtol=1e-12)
+    e_w = [k * (true[8] + 2 * true[1] + 0.3) for k in (1, 2, 5)]
+    prior = ReferenceEnergies.of(true)
+    fw = references.fit(waters, e_w, elements, prior=prior)
+    np.testing.assert_allclose(fw.energies(waters), e_w, rtol=1e-12)
+    assert fw.table[6] == true[6] and fw.table[9] == 0.0
+    np.testing.assert_allclose(fw.table[[1, 8]], [true[1] + 0.12, true[8] + 0.06], atol=1e-9)  # closest to it
     with pytest.raises(ValueError, match=r"\[16\]"):
-        fit_reference_energies([np.array([1, 16])], [1.0], elements)
+        references.fit([np.array([1, 16])], [1.0], elements)
     with pytest.raises(ValueError, match="2 structures but 1 energies"):
-        fit_reference_energies([np.array([1]), np.array([8])], [1.0], elements)
+        references.fit([np.array([1]), np.array([8])], [1.0], elements)
 
 
-def test_reference_energies_set_the_isolated_atom_energies(batch_of, aspirin):
-    batch = batch_of([aspirin])
-    reference = np.array([-13.6, -1029.8, -1484.9, -2041.3])
-    with pytest.raises(ValueError, match="reference_energies"):
-        init_student(CONFIG, jax.random.key(3), batch, reference_energies=reference[:3])
-    p = init_student(CONFIG, jax.random.key(3), batch, reference_energies=reference)
-    np.testing.assert_allclose(np.asarray(p["params"]["reference_energies"]), reference, rtol=1e-6)
-    # The fitted offsets are what the untrained student predicts, up to its (small) learned part.
-    e, _, _ = EFS(p, batch)
-    composition = sum(reference[CONFIG.elements.index(z)] for z in aspirin.numbers)
-    assert abs(float(e[0]) - composition) < 0.01 * abs(composition)
+def test_reference_energies_are_added_exactly(aspirin, params):
+    """Public energies are the float64 reference part plus the float32 model part: aspirin with ANI-sized
+    per-element energies is resolved to float32 of the small part, not to float32 of -17,000 eV (2 meV)."""
+    large = ReferenceEnergies.of({1: -13.6, 6: -1029.8, 7: -1484.9, 8: -2041.3})
+    small, big = (Predictor(student_model(CONFIG, params, reference))([aspirin])[0] for reference in (ZERO, large))
+    assert big.energy - small.energy == pytest.approx(large.energy(aspirin.numbers), abs=1e-9)
+    np.testing.assert_array_equal(big.forces, small.forces)
+    assert abs(small.energy) < 200  # the model part
 
 
 def test_unknown_elements_fail_loudly(params, batch_of, aspirin):
     sulfur = aspirin.replace(numbers=np.where(aspirin.numbers == 8, 16, aspirin.numbers).astype(np.int32),
                              name="aspirin with S")
-    with pytest.raises(StructureError, match="aspirin with S.*16"):
-        check(CONFIG, [aspirin, sulfur])
-    check(CONFIG, [aspirin])
-    e, f, _ = evaluate(params, batch_of([aspirin, sulfur]), [aspirin, sulfur])
-    assert np.isfinite(e[0]) and np.all(np.isfinite(f[0]))
-    assert np.isnan(e[1]) and np.any(np.isnan(f[1]))  # in jit: NaN, never a plausible wrong number
+    with pytest.raises(StructureError, match="aspirin with S.*S \\(Z=16\\)"):
+        STUDENT.check([aspirin, sulfur])
+    STUDENT.check([aspirin])
+    out = EFS(params, batch_of([aspirin, sulfur]))
+    e, f = np.asarray(out.energy), np.asarray(out.forces)
+    assert np.isfinite(e[0]) and np.all(np.isfinite(f[: aspirin.n_atoms]))
+    assert np.isnan(e[1]) and np.any(np.isnan(f[aspirin.n_atoms:2 * aspirin.n_atoms]))  # never a plausible number

@@ -20,8 +20,9 @@ import torch
 from ase.neighborlist import neighbor_list
 
 from distiller.batch import pad_structures
+from distiller.derivatives import hessian_vector_product, predictions
 from distiller.structure import Structure, StructureError, read_structures
-from distiller.teachers.orb import (Orb05, Orb06, from_jax, load_orb, orb_api, orb_calculator, orb_callback,
+from distiller.teachers.orb import (Orb05, Orb06, energy_model, from_jax, load_orb, orb_api, orb_calculator,
                                     parse_spec, to_jax, torch_state, valid_specs)
 from distiller.teachers.registry import load_teacher
 
@@ -103,65 +104,27 @@ def test_batched_equals_one_by_one(teachers, structures, labelled):
             np.testing.assert_allclose(a.stress, b.stress, atol=1e-6)
 
 
-def test_conservative_forces_and_stress_are_energy_derivatives(structures):
-    """Central differences in float64: forces -dE/dx, stress (1/V) dE/dε with positions and cell scaled by
-    (I + ε) (ASE's convention), all in one batched call."""
-    teacher = load_orb("orb:random/orb-v3-conservative?precision=float64")
-    si = structures[1]
-    water = Structure.from_ase(ase.build.molecule("H2O"), name="water")
-    h = 1e-4
-    batch = [si, water]
-    for s, (atom, k) in [(si, (0, 0)), (si, (1, 2)), (water, (1, 1))]:
-        for sign in (1, -1):
-            p = s.positions.copy()
-            p[atom, k] += sign * h
-            batch.append(s.replace(positions=p))
-    for i, j in [(0, 0), (2, 1)]:
-        for sign in (1, -1):
-            eps = np.zeros((3, 3))
-            eps[i, j] += sign * h / 2
-            eps[j, i] += sign * h / 2
-            batch.append(si.replace(positions=si.positions @ (np.eye(3) + eps), cell=si.cell @ (np.eye(3) + eps)))
-    out = teacher.label(batch)
-    e = [s.energy for s in out]
-    volume = abs(np.linalg.det(si.cell))
-    fd = {"F Si 0x": -(e[2] - e[3]) / (2 * h), "F Si 1z": -(e[4] - e[5]) / (2 * h),
-          "F water 1y": -(e[6] - e[7]) / (2 * h),
-          "S xx": (e[8] - e[9]) / (2 * h) / volume, "S zy": (e[10] - e[11]) / (2 * h) / volume}
-    analytic = {"F Si 0x": out[0].forces[0, 0], "F Si 1z": out[0].forces[1, 2], "F water 1y": out[1].forces[1, 1],
-                "S xx": out[0].stress[0, 0], "S zy": out[0].stress[2, 1]}
-    for key in fd:
-        assert abs(analytic[key]) > 1e-4, key
-        assert abs(fd[key] - analytic[key]) < 1e-6 + 1e-5 * abs(analytic[key]), (key, fd[key], analytic[key])
-
-
-def test_callback_inside_jit(teachers, structures, labelled):
-    teacher = teachers[SPECS[0]]
+def test_in_jit_energies_and_their_derivatives(teachers, structures, labelled):
+    """The EnergyModel's pure_callback energies: inside jit, `distiller.derivatives` gets orb's own forces and
+    stress back through the callback's derivative (the stress through dE/dx and dE/dcell together)."""
+    model = energy_model(teachers[SPECS[0]])
+    assert model.host_only and model.name == SPECS[0]
     batch = jax.tree_util.tree_map(jnp.asarray, pad_structures(structures))
-    output, stress = jax.jit(orb_callback(teacher, with_stress=True))(batch)
+    out = jax.jit(lambda b: predictions(model, None, b, stress=True))(batch)
     n = sum(s.n_atoms for s in structures)
-    assert output.energy.shape == (len(structures) + 1,) and output.forces.shape == batch.positions.shape
-    assert not bool(output.overflow) and not np.any(np.asarray(output.energy_spread))
-    assert float(output.energy[-1]) == 0.0 and not np.any(np.asarray(output.forces[n:]))
+    assert out.energy.shape == (len(structures) + 1,) and out.forces.shape == batch.positions.shape
+    assert not bool(out.overflow) and not np.any(np.asarray(out.spread))
+    assert float(out.energy[-1]) == 0.0 and not np.any(np.asarray(out.forces[n:]))
     # The Batch holds float32 positions: agreement to float32 rounding of the inputs.
     start = 0
     for g, ref in enumerate(labelled[SPECS[0]]):
-        assert abs(float(output.energy[g]) - ref.energy) < 1e-3
-        np.testing.assert_allclose(np.asarray(output.forces[start:start + ref.n_atoms]), ref.forces, atol=1e-4)
+        assert abs(float(out.energy[g]) - ref.energy) < 1e-3
+        np.testing.assert_allclose(np.asarray(out.forces[start:start + ref.n_atoms]), ref.forces, atol=1e-4)
         expected = ref.stress if ref.stress is not None else np.zeros((3, 3))
-        np.testing.assert_allclose(np.asarray(stress[g]), expected, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(out.stress[g]), expected, atol=1e-5)
         start += ref.n_atoms
-
-    # Teacher forces are constants to JAX: d/dx sum(F(x) . x) = F.
-    small = jax.tree_util.tree_map(jnp.asarray, pad_structures(structures[1:2]))
-    teach = orb_callback(teacher)
-
-    def loss(positions):
-        forces = teach(small._replace(positions=positions)).forces
-        return jnp.sum(forces * positions)
-
-    grad = jax.jit(jax.grad(loss))(small.positions)
-    np.testing.assert_allclose(np.asarray(grad[:2]), labelled[SPECS[0]][1].forces, atol=1e-4)
+    with pytest.raises(TypeError, match="first derivatives only"):
+        hessian_vector_product(model, None, batch, None, batch.positions)
 
 
 def test_caller_torch_settings_neither_leak_in_nor_change(teachers, structures, labelled):
@@ -308,7 +271,7 @@ def test_specs_seeds_and_registry():
 
     rng_before = torch.random.get_rng_state()
     a = load_orb("orb:random/orb-v3-direct?seed=1")
-    b, _ = load_teacher("orb:random/orb-v3-direct?seed=1")
+    b = load_teacher("orb:random/orb-v3-direct?seed=1").source
     c = load_orb("orb:random/orb-v3-direct", seed=2)
     assert torch.equal(torch.random.get_rng_state(), rng_before)  # seeding leaves the global RNG alone
     assert b.spec == "orb:random/orb-v3-direct?seed=1" and not b.conservative

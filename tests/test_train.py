@@ -1,4 +1,5 @@
-"""Training: the jitted online-distillation step learns, resumes exactly, and feeds evaluation."""
+"""Training: the jitted online-distillation step learns, resumes exactly, and feeds evaluation and the ASE
+calculator; a student architecture registered from outside the package trains like the built-in ones."""
 
 import dataclasses
 import json
@@ -8,11 +9,20 @@ import jax
 import numpy as np
 import pytest
 
+from distiller.calculator import Calculator
+from distiller.capacity import Capacity
 from distiller.cli import main as cli
 from distiller.config import Experiment, LossConfig, OptimizerConfig, SamplingConfig, apply_override, from_dict, to_dict
-from distiller.students import StudentConfig
-from distiller.train import checkpoint, trainer
-from distiller.train.trainer import Distillation, load_student, run, write_held_out
+from distiller.run_directory import RunDirectory, load_student
+from distiller.structure import read_structures
+from distiller.students import SchNetConfig
+from distiller.train import loop
+from distiller.train.loop import run, write_held_out
+from distiller.train.step import Distillation
+
+
+def latest_step(run_dir):
+    return RunDirectory(run_dir).latest_step()
 
 
 def small_config(structures_dir, run_dir, steps=8):
@@ -21,7 +31,7 @@ def small_config(structures_dir, run_dir, steps=8):
         teacher="fennol-pmc:ani1x/0",
         structures=(str(structures_dir / "aspirin.extxyz"), str(structures_dir / "watertiny.extxyz")),
         sampling=SamplingConfig(rattle=0.05, strain=0.02),
-        student=StudentConfig(cutoff=4.0, features=16, layers=1, n_rbf=8),
+        student=SchNetConfig(cutoff=4.0, features=16, layers=1, n_rbf=8),
         loss=LossConfig(energy_weight=1.0, forces_weight=10.0),
         optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=2, final_learning_rate=1e-3),
         steps=steps, batch_size=2, seed=3, run_dir=str(run_dir), checkpoint_every=4, log_every=1, held_out=3,
@@ -40,7 +50,7 @@ def trained(tmp_path_factory, structures_dir):
     config = dataclasses.replace(
         small_config(structures_dir, run_dir, steps=80),
         structures=(str(structures_dir / "aspirin.extxyz"),),
-        student=StudentConfig(cutoff=4.0, features=16, layers=2, n_rbf=8),
+        student=SchNetConfig(cutoff=4.0, features=16, layers=2, n_rbf=8),
         optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=10, final_learning_rate=1e-3),
     )
     state = run(config, progress=False)
@@ -54,17 +64,17 @@ def test_training_lowers_the_loss(trained):
     first, last = rows[:10], rows[-10:]
     assert np.mean([r["loss"] for r in last]) < 0.7 * np.mean([r["loss"] for r in first])
     assert np.mean([r["accuracy_retained"] for r in last]) > np.mean([r["accuracy_retained"] for r in first]) + 0.15
-    assert int(state.step) == 80 and checkpoint.latest_step(config.run_dir) == 80
+    assert int(state.step) == 80 and latest_step(config.run_dir) == 80
 
 
 @pytest.mark.parametrize("in_flight", [0, 1])
 def test_resume_after_a_stop_continues_identically(tmp_path, structures_dir, monkeypatch, in_flight):
-    monkeypatch.setattr(trainer, "steps_in_flight", lambda: in_flight)  # 1: a step in flight when it stops
+    monkeypatch.setattr(loop, "steps_in_flight", lambda: in_flight)  # 1: a step in flight when it stops
     whole = small_config(structures_dir, tmp_path / "whole")
     stopped = small_config(structures_dir, tmp_path / "stopped")
     final = run(whole, progress=False)
     run(stopped, progress=False, stop_after=5)  # stops after step 5: the last checkpoint is step 4
-    assert checkpoint.latest_step(stopped.run_dir) == 4
+    assert latest_step(stopped.run_dir) == 4
     resumed = run(stopped, resume=True, progress=False)
     a, b = metrics(tmp_path / "whole"), metrics(tmp_path / "stopped")
     assert [r["step"] for r in b] == list(range(1, 9)), "each step logged exactly once"
@@ -79,20 +89,20 @@ def test_overflowing_steps_are_redone_as_when_stepping_one_at_a_time(tmp_path, s
                                                                        in_flight):
     """A step whose neighbour list overflows is redone at grown capacities, and with a step in flight (as on
     GPUs) the one dispatched after it again: the result is bit for bit that of `apply_step` one at a time."""
-    monkeypatch.setattr(trainer, "steps_in_flight", lambda: in_flight)
+    monkeypatch.setattr(loop, "steps_in_flight", lambda: in_flight)
     config = small_config(structures_dir, tmp_path / "run", steps=6)
     initial_state = Distillation.initial_state
 
     def with_tiny_capacity(job):  # every step's list overflows until the capacities grow
         state = initial_state(job)
-        nl_capacity, teacher_capacity = job.data.capacity_state()
-        job.data.restore_capacity((nl_capacity._replace(edges=16), teacher_capacity))
+        capacity = job.data.capacity_state()
+        job.data.restore_capacity(Capacity(capacity.neighbours._replace(edges=16), capacity.model))
         return state
 
     monkeypatch.setattr(Distillation, "initial_state", with_tiny_capacity)
     job = Distillation.create(config)
     final = run(config, progress=False, job=job)
-    assert job.data.capacity_state()[0].edges > 16
+    assert job.data.capacity_state().neighbours.edges > 16
     assert [r["step"] for r in metrics(tmp_path / "run")] == list(range(1, 7))
 
     state = job.initial_state()  # tiny capacities again
@@ -107,12 +117,12 @@ def test_a_fresh_run_never_overwrites_checkpoints_unasked(trained, tmp_path, str
     config, _ = trained
     with pytest.raises(FileExistsError, match="up to step 80.*--resume.*--overwrite"):
         run(config, progress=False)
-    assert checkpoint.latest_step(config.run_dir) == 80  # nothing touched
+    assert latest_step(config.run_dir) == 80  # nothing touched
     again = small_config(structures_dir, tmp_path / "again", steps=4)
     run(again, progress=False)
     run(again, progress=False, overwrite=True)  # the demo's way: start again, old checkpoints deleted
     assert [r["step"] for r in metrics(tmp_path / "again")] == [1, 2, 3, 4]
-    assert checkpoint.latest_step(again.run_dir) == 4
+    assert latest_step(again.run_dir) == 4
 
 
 def test_evaluate_writes_report_and_plot(trained, tmp_path):
@@ -129,10 +139,30 @@ def test_evaluate_writes_report_and_plot(trained, tmp_path):
     assert summary["structures"] == 3 and len(report["structures"]) == 3
     assert -1.0 < summary["accuracy_retained"] < 1.0
     assert (tmp_path / "eval" / "parity.png").stat().st_size > 10_000
-    student, model, params = load_student(config.run_dir)
-    assert student == config.student
-    for x, y in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(state.params)):
+    student = load_student(config.run_dir)
+    assert student.source == config.student and student.reference == RunDirectory(config.run_dir).read_reference()
+    for x, y in zip(jax.tree_util.tree_leaves(student.params), jax.tree_util.tree_leaves(state.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_calculator_finite_differences_match_the_trained_students_forces(trained, structures_dir):
+    """Central differences (5e-3 Å) of the calculator's energy against its forces, on a trained student: the
+    energies are float64 totals whose model part is float32-exact, so differences of 1e-2 eV mean something."""
+    config, _ = trained
+    atoms = read_structures(structures_dir / "aspirin.extxyz")[0].to_ase()
+    atoms.calc = Calculator(config.run_dir)
+    forces = atoms.get_forces()
+    h, worst = 5e-3, 0.0
+    for atom in range(0, len(atoms), 4):
+        for k in range(3):
+            energies = []
+            for sign in (1.0, -1.0):
+                moved = atoms.copy()
+                moved.calc = atoms.calc
+                moved.positions[atom, k] += sign * h
+                energies.append(moved.get_potential_energy())
+            worst = max(worst, abs(-(energies[0] - energies[1]) / (2 * h) - forces[atom, k]))
+    assert np.abs(forces).max() > 0.5 and worst < 5e-3, worst
 
 
 def test_config_overrides_and_round_trip(structures_dir, tmp_path):

@@ -5,7 +5,7 @@
 
 Methods, each configured by a frozen dataclass (its `method` names it in provenance):
   RattleConfig       Gaussian displacements, plus a random symmetric cell strain for periodic seeds
-                     (`distiller.train.sampling.perturb`, the same rattle the online trainer applies in jit);
+                     (`distiller.data.perturb.perturb`, the same rattle the online trainer applies in jit);
   NormalModeConfig   ANI-style normal-mode sampling: relax with the model (FIRE), Hessian of the model at the
                      minimum, modes populated at temperature T;
   MDConfig           NVT molecular dynamics with the model (JAX-MD, `distiller.md`), snapshots every k steps;
@@ -38,8 +38,9 @@ import numpy as np
 from ase import units
 
 from distiller import batch as batching
+from distiller.data.perturb import perturb
+from distiller.load import as_model
 from distiller.structure import Structure, StructureError, closest_pair, read_structures
-from distiller.train.sampling import perturb
 
 MIN_DISTANCE = 0.5  # Å
 MAX_ATTEMPTS = 20
@@ -311,7 +312,6 @@ def _mode_coefficients(key, n_modes: int):
 def normal_modes(seeds, config: NormalModeConfig, model, key=0, *,
                  min_distance: float = MIN_DISTANCE) -> list[Structure]:
     from distiller.md.minimize import hessian, relax
-    from distiller.md.model import as_model
 
     model = as_model(model)
     out = []
@@ -339,7 +339,6 @@ def normal_modes(seeds, config: NormalModeConfig, model, key=0, *,
 
 
 def teacher_md(seeds, config: MDConfig, model, key=0, *, min_distance: float = MIN_DISTANCE) -> list[Structure]:
-    from distiller.md.model import as_model
     from distiller.md.simulate import frames, simulate
 
     model = as_model(model)
@@ -365,7 +364,6 @@ def teacher_md(seeds, config: MDConfig, model, key=0, *, min_distance: float = M
 def rattle_relax(seeds, config: RattleRelaxConfig, model, key=0, *,
                  min_distance: float = MIN_DISTANCE) -> list[Structure]:
     from distiller.md.minimize import Relaxer
-    from distiller.md.model import as_model
 
     model = as_model(model)
     out = []
@@ -399,9 +397,8 @@ SAMPLERS = {RattleConfig: rattle, NormalModeConfig: normal_modes, MDConfig: teac
 def sample(seeds, method_config, teacher=None, key=0, *, min_distance: float = MIN_DISTANCE) -> list[Structure]:
     """Candidates from seeds (structure files and/or Structures) by the method `method_config` configures.
 
-    teacher: the energy model that drives normal modes, MD and rattle-relax (a teacher spec such as
-    "fennol-pmc:ani1x/0", a student run directory, a (teacher, params) pair, a loaded JAX teacher or a
-    `distiller.md.Model`); rattling needs none. key: an int or a JAX key.
+    teacher: the energy model that drives normal modes, MD and rattle-relax (an EnergyModel, a teacher spec such
+    as "fennol-pmc:ani1x/0" or a student run directory); rattling needs none. key: an int or a JAX key.
     """
     sampler = SAMPLERS.get(type(method_config))
     if sampler is None:

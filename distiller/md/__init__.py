@@ -1,6 +1,6 @@
-"""Molecular dynamics, relaxation and Hessians with JAX-MD for any distiller model (teacher or student).
+"""Molecular dynamics, relaxation and Hessians with JAX-MD for any distiller energy model (teacher or student).
 
-    model = load_model("fennol-pmc:ani1x/0")            # or a student run directory, or from_student(...)
+    model = load_model("fennol-pmc:ani1x/0")            # or a student run directory (distiller.load)
     displacement_fn, shift_fn = space(structure)
     neighbor_fn, energy_fn = potential(model, structure)  # JAX-MD's conventions; see distiller.md.potential
     for records in simulate(model, structure, Dynamics("nvt", temperature=300), steps=1000): ...
@@ -9,9 +9,8 @@
 """
 
 from distiller.md.minimize import Relaxer, hessian, relax
-from distiller.md.model import Model, as_model, from_student, from_teacher, load_model
 from distiller.md.potential import NeighbourList, potential, space
 from distiller.md.simulate import Dynamics, Records, energy_drift, frames, simulate, thermo
 
-__all__ = ["Model", "as_model", "from_student", "from_teacher", "load_model", "NeighbourList", "potential", "space",
-           "Dynamics", "Records", "energy_drift", "frames", "simulate", "thermo", "Relaxer", "hessian", "relax"]
+__all__ = ["NeighbourList", "potential", "space", "Dynamics", "Records", "energy_drift", "frames", "simulate",
+           "thermo", "Relaxer", "hessian", "relax"]

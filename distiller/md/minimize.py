@@ -16,9 +16,13 @@ import jax.numpy as jnp
 import jax_md
 import numpy as np
 
-from distiller.md.model import as_model
+from distiller import capacity as capacities
+from distiller.batch import BatchShape, pad_structures, with_neighbours
+from distiller.derivatives import hessian as model_hessian
+from distiller.load import as_model
 from distiller.md.potential import DEFAULT_SKIN, memoised, potential
 from distiller.md.simulate import run_regrowing
+from distiller.predict import batch_predictions
 from distiller.structure import Structure
 
 
@@ -110,39 +114,35 @@ def relax(model, structure: Structure, *, fmax: float = 0.01, steps: int = 2000,
                              info={**structure.info, "relax": {"steps": done, "fmax": largest}})
 
 
-def _hessian_columns(model, structure: Structure, block: int):
-    # The default skin: the list is valid at R whatever the skin, and the potential (with its compilations) is
-    # then the one relaxation used.
-    neighbor_fn, energy_fn = potential(model, structure)
-    n = structure.n_atoms
-    grad = jax.grad(energy_fn)
-
-    @jax.jit
-    def columns(R, nbrs):
-        def hvp(v):
-            return jax.jvp(lambda x: grad(x, neighbor=nbrs), (R,), (v,))[1]
-
-        def column(k):  # the k-th unit vector made inside the map: no (3N, 3N) identity in memory
-            return hvp(jax.nn.one_hot(k, 3 * n, dtype=R.dtype).reshape(n, 3))
-
-        return jax.lax.map(column, jnp.arange(3 * n), batch_size=min(block, 3 * n))
-
-    return neighbor_fn, columns
+def _hessian_function(model, n_atoms: int, block: int):
+    """The jitted Hessian of the first `n_atoms` atoms of a batch with edges (one structure), built once."""
+    return jax.jit(lambda params, batch, capacity: model_hessian(model, params, batch, capacity, n_atoms, block),
+                   static_argnums=2)
 
 
 def hessian(model, structure: Structure, block: int = 64) -> np.ndarray:
     """(3N, 3N) Hessian of the model's energy at the structure's positions, eV/Å², symmetrised (float64).
 
-    Columns are Hessian-vector products (forward over reverse), `block` at a time, so memory stays at `block`
-    gradients whatever the size.
+    Columns are Hessian-vector products (forward over reverse, `distiller.derivatives.hessian`), `block` at a
+    time, so memory stays at `block` gradients whatever the size.
     """
     model = as_model(model)
     structure = structure.validated()
-    neighbor_fn, columns = memoised("hessian", model, structure, (int(block),),
-                                    lambda: _hessian_columns(model, structure, int(block)))
-    R = jnp.asarray(structure.positions, jnp.float32)
+    model.check([structure])
     n = structure.n_atoms
-    H = np.asarray(columns(R, neighbor_fn.allocate(R)), np.float64).reshape(3 * n, 3 * n)
+    columns = memoised("hessian", model, structure, (int(block),), lambda: _hessian_function(model, n, int(block)))
+    batch = jax.tree.map(jnp.asarray, pad_structures([structure], BatchShape(atoms=n + 1, graphs=2)))
+    capacity = capacities.allocate(model, batch, model.cutoff)
+
+    def compute(capacity):  # the model's capacity checked by a forces pass at the same capacities
+        out, needed = batch_predictions(model, model.params, batch, capacity, float(model.cutoff), False)
+        return needed, out.overflow
+
+    _, capacity, _ = capacities.until_fits(
+        compute, capacity, lambda c, needed, _: capacities.grow(model, c, batch, model.cutoff, needed),
+        what=f"{structure.name}: Hessian of {model.name}")
+    with_edges, _ = with_neighbours(batch, float(model.cutoff), capacity.neighbours)
+    H = np.asarray(columns(model.params, with_edges, capacity.model), np.float64)
     if not np.all(np.isfinite(H)):
         raise FloatingPointError(f"{structure.name}: the Hessian of {model.name} is not finite")
     return 0.5 * (H + H.T)

@@ -51,7 +51,8 @@ from jax_md.partition import NeighborListFns
 from distiller import batch as batching
 from distiller import neighbours as nl
 from distiller.batch import Batch, BatchShape
-from distiller.md.model import Model, as_model
+from distiller.load import as_model
+from distiller.model import EnergyModel
 from distiller.precision import HIGHEST, full_precision
 from distiller.structure import Structure, StructureError
 
@@ -108,7 +109,7 @@ def space(structure: Structure):
 class _System:
     """One structure padded as a distiller Batch (one real graph, one padding graph, one padding atom)."""
 
-    def __init__(self, model: Model, structure: Structure):
+    def __init__(self, model: EnergyModel, structure: Structure):
         structure = structure.validated()
         model.check([structure])
         space(structure)  # refuses partly periodic cells
@@ -167,13 +168,13 @@ def structure_key(structure: Structure) -> tuple:
             np.asarray(structure.pbc).tobytes(), structure.n_atoms)
 
 
-def memoised(kind: str, model: Model, structure: Structure, extra: tuple, build: Callable[[], Any]) -> Any:
+def memoised(kind: str, model: EnergyModel, structure: Structure, extra: tuple, build: Callable[[], Any]) -> Any:
     """build(), or what it returned before for the same model object, atoms, cell and `extra`.
 
     jit caches compilations per Python function; a closure built anew for every call compiles anew. Keeping
     the closures per (model, atoms, cell) lets samplers, benchmarks and tests that revisit a structure compile
     once. The model object itself is the key (and is kept alive with the entry), so two loads of one spec do
-    not share; pass one loaded `Model` around to share.
+    not share; pass one loaded `EnergyModel` around to share.
     """
     key = (kind, id(model), structure_key(structure), extra)
     hit = _MEMO.get(key)
@@ -190,8 +191,9 @@ def potential(model, structure: Structure, dr_threshold: float = DEFAULT_SKIN,
               capacity_multiplier: float = 1.25) -> tuple[NeighborListFns, Callable[..., jax.Array]]:
     """(neighbor_fn, energy_fn) for `model` on `structure`, as JAX-MD's `energy.*_neighbor_list` return them.
 
-    model: a `Model`, a teacher spec, a student run directory, a (teacher, params) pair (see `as_model`).
-    `energy_fn(R, neighbor, cell=None, **kwargs)` is the energy in eV of positions R (N, 3) Å; `cell` (3, 3)
+    model: an `EnergyModel`, a teacher spec or a student run directory (see `distiller.load.as_model`).
+    `energy_fn(R, neighbor, cell=None, **kwargs)` is the energy in eV of positions R (N, 3) Å, relative to the
+    model's reference energies (`model.reference.energy(numbers)` is the constant rest); `cell` (3, 3)
     overrides the structure's cell (periodic structures; the list then rebuilds at its next update); other
     keyword arguments (e.g. the `kT` JAX-MD's thermostats pass along) are ignored. The same model object on
     the same atoms and cell gets the same functions back (see `memoised`).
@@ -204,7 +206,7 @@ def potential(model, structure: Structure, dr_threshold: float = DEFAULT_SKIN,
                     lambda: _potential(model, structure, float(dr_threshold), float(capacity_multiplier)))
 
 
-def _potential(model: Model, structure: Structure, dr_threshold: float, capacity_multiplier: float):
+def _potential(model: EnergyModel, structure: Structure, dr_threshold: float, capacity_multiplier: float):
     system = _System(model, structure)
     cutoff = model.cutoff + dr_threshold
     threshold_sq = (0.5 * dr_threshold) ** 2
@@ -220,14 +222,13 @@ def _potential(model: Model, structure: Structure, dr_threshold: float, capacity
             raise TypeError("energy_fn needs neighbor=NeighbourList (from neighbor_fn.allocate / .update)")
         cell = system.cell(cell)
         batch = system.with_edges(R, cell, *edges(R, neighbor, cell))
-        energies, _ = model.energies(model.params, batch, neighbor.model_capacity)
-        return energies[0]
+        return model.energies(model.params, batch, neighbor.model_capacity).energy[0]
 
     def model_overflow(R, cell, nbrs: NeighbourList) -> jax.Array:
         if model.capacity_for is None:
             return jnp.asarray(False)
         batch = system.with_edges(R, cell, *edges(R, nbrs, cell))
-        return jnp.asarray(model.energies(model.params, batch, nbrs.model_capacity)[1], bool)
+        return jnp.asarray(model.energies(model.params, batch, nbrs.model_capacity).overflow, bool)
 
     def rebuilt(R, cell, nbrs: NeighbourList) -> NeighbourList:
         found = system.build(R, cell, cutoff, nbrs.capacity)

@@ -21,7 +21,7 @@ import ase.io
 import numpy as np
 
 from distiller.files import write_json_atomic
-from distiller.md.model import as_model
+from distiller.load import as_model
 from distiller.md.simulate import THERMO_COLUMNS, Dynamics, Records, energy_drift, frames, simulate, thermo
 from distiller.structure import read_structures
 

@@ -29,13 +29,14 @@ import jax_md
 import numpy as np
 from ase import units
 
-from distiller.md.model import Model, as_model
+from distiller.capacity import until_fits
+from distiller.load import as_model
 from distiller.md.potential import DEFAULT_SKIN, memoised, potential, space
+from distiller.model import EnergyModel
 from distiller.structure import Structure
 
 ENSEMBLES = ("nve", "nvt")
 THERMOSTATS = ("langevin", "nose-hoover")
-MAX_REALLOCATIONS = 8
 
 
 @contextlib.contextmanager
@@ -75,7 +76,7 @@ class Records(NamedTuple):
     position: np.ndarray  # (R, N, 3)
     momentum: np.ndarray  # (R, N, 3)
     force: np.ndarray  # (R, N, 3) eV/Å
-    potential: np.ndarray  # (R,) eV
+    potential: np.ndarray  # (R,) eV, float64 totals (the model's reference energies included)
     kinetic: np.ndarray  # (R,) eV
     redone: int = 0  # times the chunk was redone after a capacity overflow
 
@@ -132,7 +133,7 @@ def integrator(energy_fn, shift_fn, dynamics: Dynamics):
     return (lambda key, R, mass, **kw: init_fn(key, R, mass=mass, **kw)), apply_fn
 
 
-def _integration(model: Model, structure: Structure, dynamics: Dynamics, log_every: int):
+def _integration(model: EnergyModel, structure: Structure, dynamics: Dynamics, log_every: int):
     """(neighbor_fn, init_fn, run_chunk, force_fn) for a structure: the functions jit compiles, built once."""
     _, shift_fn = space(structure)
     neighbor_fn, energy_fn = potential(model, structure, dynamics.dr_threshold)
@@ -168,26 +169,30 @@ def run_regrowing(run, state, nbrs, neighbor_fn, force, name: str, **allocate_kw
     Each redo starts again from `state` with capacities that fit what the chunk needed (the model's measured
     at both ends of the chunk, with a margin that widens on every retry: `neighbor_fn.allocate(...,
     **allocate_kwargs)`); the start's forces were computed with the old list, so `force(position, nbrs)`
-    recomputes them. Returns (new_state, new_nbrs, rest, redos); RuntimeError naming `name` after
-    MAX_REALLOCATIONS redos.
+    recomputes them. Returns (new_state, new_nbrs, rest, redos).
     """
-    for attempt in range(MAX_REALLOCATIONS + 1):
-        new_state, new_nbrs, rest = run(state, nbrs)
-        if not bool(new_nbrs.did_buffer_overflow):
-            return new_state, new_nbrs, rest, attempt
-        if attempt == MAX_REALLOCATIONS:
-            raise RuntimeError(f"{name}: capacities still overflow after {attempt} re-allocations "
-                               f"(neighbours {new_nbrs.capacity}, model {new_nbrs.model_capacity})")
-        nbrs = neighbor_fn.allocate(state.position, previous=new_nbrs, margin=1.25 + 0.25 * attempt,
-                                    also=[new_state.position], **allocate_kwargs)
-        state = state.set(force=force(state.position, nbrs))
+    def compute(start):
+        state, nbrs = start
+        result = run(state, nbrs)
+        return result, result[1].did_buffer_overflow
+
+    def grow(start, result, attempt):
+        state, _ = start
+        nbrs = neighbor_fn.allocate(state.position, previous=result[1], margin=1.25 + 0.25 * attempt,
+                                    also=[result[0].position], **allocate_kwargs)
+        return state.set(force=force(state.position, nbrs)), nbrs
+
+    (new_state, new_nbrs, rest), _, redos = until_fits(
+        compute, (state, nbrs), grow, what=name,
+        describe=lambda start: f"neighbours {start[1].capacity}, model {start[1].model_capacity}")
+    return new_state, new_nbrs, rest, redos
 
 
 def simulate(model, structure: Structure, dynamics: Dynamics, steps: int, *, log_every: int = 10,
              chunk: int = 100, key: int | jax.Array = 0, capacity=None, model_capacity=None) -> Iterator[Records]:
     """Integrate `steps` steps from `structure`; yield the logged steps chunk by chunk (step 0 first).
 
-    model: a Model, teacher spec, student run directory or (teacher, params) pair. key: seed of the initial
+    model: an EnergyModel, teacher spec or student run directory. key: seed of the initial
     velocities and of the Langevin noise. chunk: steps per compiled `lax.scan` (rounded up to a multiple of
     log_every). capacity, model_capacity: the neighbour list's and the model's starting capacities (default:
     measured at the start); too small ones are grown when a chunk overflows, and the chunk is redone.
@@ -232,7 +237,9 @@ def simulate(model, structure: Structure, dynamics: Dynamics, steps: int, *, log
 
 
 def _records(step, arrays, redone, structure, model, dynamics) -> Records:
-    records = Records(step, *arrays, redone=redone)
+    position, momentum, force, potential, kinetic = arrays
+    potential = model.reference.energy(structure.numbers) + np.asarray(potential, np.float64)
+    records = Records(step, position, momentum, force, potential, kinetic, redone=redone)
     finite = np.isfinite(records.potential) & np.all(np.isfinite(records.position), axis=(1, 2))
     if not np.all(finite):
         raise FloatingPointError(f"{structure.name}: MD with {model.name} became non-finite at step "

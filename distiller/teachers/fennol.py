@@ -1,4 +1,4 @@
-"""FeNNol (FENNIX) models, one or an ensemble, as a pure and jittable teacher in eV and Å.
+"""FeNNol (FENNIX) models, one or an ensemble, as a pure and jittable energy model in eV and Å.
 
 FeNNol's public `energy_and_forces` / `preprocess` keep a mutable preprocessing state and build the
 neighbour list in numpy, so they cannot run inside jit. This module uses FeNNol's pieces that are pure:
@@ -8,8 +8,13 @@ neighbour list in numpy, so they cannot run inside jit. This module uses FeNNol'
 * the remaining preprocessing layers (GraphFilter, GraphAngularExtension, SpeciesIndexer, ...) run through
   their jittable `process(state, inputs)` with static states -- their capacities -- that `capacity_for`
   measures outside jit with the layers' own numpy `__call__`; every overflow flag they raise is OR-ed into
-  `TeacherOutput.overflow`, and `grow` re-allocates;
-* the model itself is `FENNIX._total_energy_raw` (the modules' `apply` plus the energy-term sum).
+  the model's overflow, and `grow` re-allocates;
+* the model itself is `FENNIX._total_energy_raw` (the modules' `apply` plus the energy-term sum), whose
+  per-atom energies distiller sums per graph itself (`batch.graph_sum`, exact).
+
+Reference energies: FeNNol's per-element constant energy terms (ANI's self-energies, CHEMICAL_CONSTANT modules:
+-2046 eV for O) are left out of the jitted model and become the model's float64 `reference`
+(distiller.reference); what the model computes in float32 is the rest (about -3 eV per water atom).
 
 FeNNol quirks handled here (found by experiment with FeNNol 2026.6):
 * padding edges are index = n_atoms (gathers fill, scatters drop) with d12 = cutoff^2; distiller's padding
@@ -19,8 +24,7 @@ FeNNol quirks handled here (found by experiment with FeNNol 2026.6):
 * GraphAngularExtension needs max_neigh * n_atoms >= edges of its graph, enforced at trace time.
 
 Ensembles share one architecture: their variables are stacked along a leading axis and the energy is
-vmapped over it. Forces are -d(mean energy)/dx (one backward pass for all members); `energy_spread` is
-the standard deviation of the members' energies.
+vmapped over it; the model's energy is the members' mean (`ModelEnergies.energy`).
 
 Units: FeNNol models work in Å and in their `energy_unit` (Hartree for ANI). Energies are converted once,
 here, with FeNNol's own multiplier (`au.get_multiplier("eV") / au.get_multiplier(energy_unit)`, for
@@ -32,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import math
 import os
 from typing import Any, Sequence
@@ -46,9 +49,9 @@ from flax.core import FrozenDict
 from distiller import batch as batching
 from distiller import neighbours as nl
 from distiller.batch import Batch
+from distiller.model import EnergyModel, ModelEnergies
 from distiller.precision import HIGHEST, full_precision_scope
-from distiller.structure import Structure, StructureError
-from distiller.teachers.base import TeacherOutput
+from distiller.reference import MAX_Z, ReferenceEnergies
 
 
 class ModelFileError(ValueError):
@@ -171,8 +174,36 @@ def _integer_exponent(switch_params) -> dict | None:
     return {**params, "p": 1}
 
 
-def _with_integer_switches(model):
-    """The same model (same variables and numbers) rebuilt with integer cosine-switch exponents."""
+def _constant_terms(model) -> list[str]:
+    """The energy terms that are per-element constants (FeNNol's CHEMICAL_CONSTANT modules)."""
+    modules = model._input_args["modules"]
+    return [t for t in model.energy_terms
+            if str(modules.get(t, {}).get("module_name", modules.get(t, {}).get("FID", ""))).upper()
+            == "CHEMICAL_CONSTANT"]
+
+
+def _constant_table(model, variables, term: str) -> np.ndarray:
+    """(MAX_Z + 1,) float64 values of a CHEMICAL_CONSTANT term, in the model's energy unit, for one member."""
+    from fennol.utils.periodic_table import PERIODIC_TABLE_REV_IDX
+
+    params = variables.get("params", {}).get(term, {})
+    if "constant" in params:  # trainable: the member's own (float32) values
+        values = np.asarray(params["constant"], np.float64)
+    else:
+        value = model._input_args["modules"][term]["value"]
+        if not hasattr(value, "items"):
+            raise ModelFileError(f"{term}: constant energy term of kind {type(value).__name__} is not supported")
+        values = np.zeros(MAX_Z + 1)
+        for symbol, v in value.items():
+            values[int(PERIODIC_TABLE_REV_IDX[symbol])] = float(v)
+    table = np.zeros(MAX_Z + 1)
+    table[: min(len(values), MAX_Z + 1)] = values[: MAX_Z + 1]
+    return table
+
+
+def _with_integer_switches(model, energy_terms):
+    """The same model (same variables and numbers) rebuilt with integer cosine-switch exponents, computing only
+    `energy_terms`."""
     from fennol import FENNIX
 
     args = copy.deepcopy(model._input_args)
@@ -186,7 +217,7 @@ def _with_integer_switches(model):
             switch = _integer_exponent(params.get("switch_params"))
             if switch is not None:
                 params["switch_params"] = switch
-    return FENNIX(**args, variables=model.variables, energy_terms=model.energy_terms, graph_config=graph_config)
+    return FENNIX(**args, variables=model.variables, energy_terms=list(energy_terms), graph_config=graph_config)
 
 
 def _architecture(model) -> tuple:
@@ -217,8 +248,8 @@ def _model_elements(model) -> frozenset[int]:
     return known if known is not None else frozenset(range(1, 119))
 
 
-def load_fennol(paths: Sequence[str | os.PathLike], spec: str) -> tuple["FennolTeacher", Any]:
-    """One model or an ensemble (same architecture) -> (teacher, params stacked along a leading member axis)."""
+def load_fennol(paths: Sequence[str | os.PathLike], spec: str) -> EnergyModel:
+    """One model or an ensemble (same architecture) as an EnergyModel; params stacked along a member axis."""
     paths = [os.fspath(p) for p in paths]
     if not paths:
         raise ValueError(f"teacher {spec}: no model files given")
@@ -231,18 +262,27 @@ def load_fennol(paths: Sequence[str | os.PathLike], spec: str) -> tuple["FennolT
     from fennol.utils.atomic_units import au
 
     params = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *[m.variables for m in models])
-    model = _with_integer_switches(models[0])
+    constants = _constant_terms(models[0])
+    scale = float(au.get_multiplier("eV") / au.get_multiplier(models[0].energy_unit))
+    # (M, MAX_Z + 1) eV: each member's constant per-element energy; the mean is the reference (float64), and
+    # the members' deviations from it (zero for ANI-1x) stay in the jitted energies.
+    member_constants = np.array([sum((_constant_table(m, m.variables, t) for t in constants), np.zeros(MAX_Z + 1))
+                                 for m in models]) * scale
+    model = _with_integer_switches(models[0], [t for t in models[0].energy_terms if t not in constants])
     teacher = FennolTeacher(
         spec=spec,
         cutoff=float(model.preprocessing.layers[0].cutoff),
         elements=_model_elements(model),
         n_members=len(models),
-        energy_scale=float(au.get_multiplier("eV") / au.get_multiplier(model.energy_unit)),
+        energy_scale=scale,
         paths=tuple(paths),
         model=model,
-        params=params,
+        constant_deviation=member_constants - member_constants.mean(axis=0),
     )
-    return teacher, params
+    return EnergyModel(name=spec, cutoff=teacher.cutoff, elements=teacher.elements, energies=teacher.member_energies,
+                       params=params, reference=ReferenceEnergies(member_constants.mean(axis=0)),
+                       n_members=teacher.n_members, capacity_for=teacher.capacity_for, grow=teacher.grow,
+                       source=teacher)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,9 +291,9 @@ def load_fennol(paths: Sequence[str | os.PathLike], spec: str) -> tuple["FennolT
 
 @dataclasses.dataclass(frozen=True)
 class FennolTeacher:
-    """A FeNNol model or ensemble. Pure functions take `params` (from `load_fennol`) explicitly, so that a
-    jitted training step can close over the teacher and pass the weights as arguments; `params` kept here
-    serves the host-side `label` only. Equality and hash ignore the model object and the weights."""
+    """How a FeNNol model or ensemble computes (its EnergyModel's `energies`, capacities and provenance). Pure
+    functions take `params` (from `load_fennol`'s model) explicitly. Equality and hash ignore the arrays and the
+    model object."""
 
     spec: str
     cutoff: float  # Å, of the base graph
@@ -262,11 +302,12 @@ class FennolTeacher:
     energy_scale: float  # model energy unit -> eV
     paths: tuple[str, ...] = ()
     model: Any = dataclasses.field(default=None, compare=False, repr=False)  # fennol.FENNIX (first member)
-    params: Any = dataclasses.field(default=None, compare=False, repr=False)
+    # (M, MAX_Z + 1) eV: each member's constant per-element energy minus the reference (their mean).
+    constant_deviation: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     # ---- pure, jittable ------------------------------------------------------------------------
 
-    def _inputs(self, batch: Batch, positions: jax.Array, cell: jax.Array) -> dict:
+    def _inputs(self, batch: Batch) -> dict:
         """FeNNol's input dict for the batch, its base graph made from the Batch's edges.
 
         Our edge e: receiver i (centre), sender j, vector x[j] - x[i] + shifts[e] @ cell[graph(i)].
@@ -275,6 +316,7 @@ class FennolTeacher:
         Edges at or beyond the teacher's cutoff become padding: FeNNol's switch would zero them anyway
         (GraphProcessor masks distances >= cutoff) but they would cost capacity downstream.
         """
+        positions, cell = batch.positions, batch.cell
         n_atoms = positions.shape[0]
         graph_key = self.model.preprocessing.layers[0].graph_key
         offset = jnp.einsum("ek,ekl->el", batch.shifts, cell[batch.graph_index[batch.receivers]], precision=HIGHEST)
@@ -329,82 +371,28 @@ class FennolTeacher:
                         overflow = overflow | jnp.asarray(v, bool)
         return inputs, overflow
 
-    def member_energies(self, params, batch: Batch, capacity: FennolCapacity, positions=None, cell=None):
-        """((M, G) energies in eV of every member, overflow), differentiable in positions and cell."""
-        positions = batch.positions if positions is None else positions
-        cell = batch.cell if cell is None else cell
-
-        def one(variables):
-            energy, _ = self.model._total_energy_raw(variables, inputs)
+    def member_energies(self, params, batch: Batch, capacity: FennolCapacity) -> ModelEnergies:
+        """(M, G) energies in eV of every member relative to the reference, and the overflow flag;
+        differentiable in batch.positions and batch.cell."""
+        def one(variables, deviation):
+            _, out = self.model._total_energy_raw(variables, inputs)
+            # FeNNol's own sum is a float32 scatter-add; the per-atom energies are summed exactly instead.
+            atoms = out["atomic_energies"] * self.energy_scale + deviation[inputs["species"]]
+            energy = batching.graph_sum(atoms, batch)
+            if isinstance(out.get("system_energies"), jax.Array):
+                energy = energy + out["system_energies"] * self.energy_scale
             return energy
 
         with full_precision_scope():  # FeNNol's products too, not TF32 on GPUs (distiller.precision)
-            inputs, overflow = self._preprocess(self._inputs(batch, positions, cell), capacity)
-            energies = jax.vmap(one)(params) * self.energy_scale
-        return jnp.where(batch.graph_mask[None], energies, 0.0), overflow
-
-    def _mean_energy(self, params, batch, capacity, positions, strain):
-        """Sum over graphs of the ensemble-mean energy at positions, with cell and positions strained by
-        (I + strain[g]) (rows times matrix, as ASE scales cells); aux: member energies and overflow."""
-        deform = jnp.eye(3, dtype=positions.dtype) + strain
-        positions = jnp.einsum("ai,aij->aj", positions, deform[batch.graph_index], precision=HIGHEST)
-        cell = jnp.einsum("gij,gjk->gik", batch.cell, deform, precision=HIGHEST)
-        energies, overflow = self.member_energies(params, batch, capacity, positions, cell)
-        return jnp.sum(jnp.mean(energies, axis=0)), (energies, overflow)
-
-    def _zero_strain(self, batch):
-        return jnp.zeros((batch.n_graphs, 3, 3), batch.positions.dtype)
-
-    def energy_fn(self, params, batch: Batch, capacity: FennolCapacity) -> jax.Array:
-        """(G,) ensemble-mean energies in eV (zero on padding graphs)."""
-        energies, _ = self.member_energies(params, batch, capacity)
-        return jnp.mean(energies, axis=0)
-
-    def apply_with_stress(self, params, batch: Batch, capacity: FennolCapacity) -> tuple[TeacherOutput, jax.Array]:
-        """TeacherOutput and the (G, 3, 3) stress in eV/Å³ (zero for non-periodic graphs).
-
-        stress = (1/V) dE/dε at ε = 0, positions -> positions (I + ε), cell -> cell (I + ε): ASE's
-        convention (`Calculator.calculate_numerical_stress`). V = |det cell| of the Batch's cell.
-        """
-        grad_fn = jax.grad(self._mean_energy, argnums=(3, 4), has_aux=True)
-        (de_dx, de_deps), (energies, overflow) = grad_fn(params, batch, capacity, batch.positions,
-                                                         self._zero_strain(batch))
-        volume = jnp.abs(batching.cell_determinant(batch.cell))
-        periodic = jnp.any(batch.pbc, axis=-1) & batch.graph_mask
-        stress = 0.5 * (de_deps + jnp.swapaxes(de_deps, -1, -2)) / volume[:, None, None]
-        stress = jnp.where(periodic[:, None, None], stress, 0.0)
-        return self._output(batch, de_dx, energies, overflow), stress
-
-    def apply(self, params, batch: Batch, capacity: FennolCapacity) -> TeacherOutput:
-        """Energies (G,) eV, forces (A, 3) eV/Å (ensemble means), energy spread (G,) and overflow."""
-        grad_fn = jax.grad(self._mean_energy, argnums=3, has_aux=True)
-        de_dx, (energies, overflow) = grad_fn(params, batch, capacity, batch.positions, self._zero_strain(batch))
-        return self._output(batch, de_dx, energies, overflow)
-
-    def _output(self, batch, de_dx, energies, overflow) -> TeacherOutput:
-        forces = jnp.where(batch.atom_mask[:, None], -de_dx, 0.0)
-        spread = jnp.std(energies, axis=0) if energies.shape[0] > 1 else jnp.zeros_like(energies[0])
-        return TeacherOutput(energy=jnp.mean(energies, axis=0), forces=forces, energy_spread=spread,
-                             overflow=overflow)
-
-    def forces_fn(self, params, batch: Batch, capacity: FennolCapacity, positions=None) -> jax.Array:
-        """(A, 3) ensemble-mean forces in eV/Å at `positions` (default: the batch's)."""
-        positions = batch.positions if positions is None else positions
-        de_dx, _ = jax.grad(self._mean_energy, argnums=3, has_aux=True)(
-            params, batch, capacity, positions, self._zero_strain(batch))
-        return jnp.where(batch.atom_mask[:, None], -de_dx, 0.0)
-
-    def hessian_vector_product(self, params, batch: Batch, capacity: FennolCapacity, vectors) -> jax.Array:
-        """(A, 3) Hessian of the ensemble-mean energy times `vectors` (A, 3), eV/Å²: the jvp of the forces,
-        negated (the forces change by -H v per unit displacement along v)."""
-        vectors = jnp.where(batch.atom_mask[:, None], vectors, 0.0).astype(batch.positions.dtype)
-        _, dforces = jax.jvp(lambda x: self.forces_fn(params, batch, capacity, x), (batch.positions,), (vectors,))
-        return -dforces
+            inputs, overflow = self._preprocess(self._inputs(batch), capacity)
+            deviation = jnp.asarray(np.asarray(self.constant_deviation, np.float32))
+            energies = jax.vmap(one)(params, deviation)
+        return ModelEnergies(jnp.where(batch.graph_mask[None], energies, 0.0), overflow)
 
     # ---- host side ------------------------------------------------------------------------------
 
     def _host_inputs(self, batch: Batch) -> dict:
-        return jax.tree.map(np.asarray, self._inputs(batch, batch.positions, batch.cell))
+        return jax.tree.map(np.asarray, self._inputs(batch))
 
     def measure(self, batch: Batch) -> FennolCapacity:
         """What this batch needs, without margin, from FeNNol's own numpy preprocessing (`layer.__call__`)."""
@@ -460,53 +448,3 @@ class FennolTeacher:
         """A capacity that fits `batch` (after an overflow) and everything `capacity` fitted."""
         fresh = self.capacity_for(batch, margin)
         return FennolCapacity(tuple(_merge_states(a, b) for a, b in zip(capacity.layer_states, fresh.layer_states)))
-
-    def check(self, structures: Sequence[Structure]) -> None:
-        """Raise StructureError naming the structure and the element this teacher does not know."""
-        known = ", ".join(chemical_symbols[z] for z in sorted(self.elements))
-        for s in structures:
-            unknown = sorted(set(int(z) for z in np.asarray(s.numbers)) - self.elements)
-            if unknown:
-                z = unknown[0]
-                symbol = chemical_symbols[z] if 0 <= z < len(chemical_symbols) else "?"
-                raise StructureError(
-                    f"structure '{s.name}' contains element {symbol} (Z={z}) which teacher {self.spec} "
-                    f"does not know (knows {known})"
-                )
-
-    @functools.cached_property
-    def _jit_apply_with_stress(self):
-        return jax.jit(self.apply_with_stress, static_argnums=2)
-
-    def label(self, structures: Sequence[Structure], max_atoms: int = 4096) -> list[Structure]:
-        """The structures with energy (eV), forces (eV/Å) and, for periodic ones, stress (eV/Å³) filled in.
-
-        Structures are labelled in chunks of at most `max_atoms` atoms (a larger one goes alone), all padded
-        to one shape so that jit compiles once; capacities grow until nothing overflows.
-        """
-        structures = [s.validated() for s in structures]
-        self.check(structures)
-        chunks = batching.group_by_atoms(structures, max_atoms)
-        if not chunks:
-            return []
-        shape = batching.shape_for_groups(chunks)
-        out: list[Structure] = []
-        neighbour_capacity = capacity = None
-        for chunk in chunks:
-            batch, neighbour_capacity = batching.make_batch(chunk, self.cutoff, shape, neighbour_capacity)
-            if capacity is None:
-                capacity = self.capacity_for(batch)
-            for _ in range(3):  # one grow measures exactly what the batch needs; more is a bug
-                result, stress = self._jit_apply_with_stress(self.params, batch, capacity)
-                if not bool(result.overflow):
-                    break
-                capacity = self.grow(capacity, batch)
-            else:
-                raise RuntimeError(f"teacher {self.spec}: capacity overflow persists after growing to {capacity}")
-            energies = np.asarray(result.energy, np.float64)
-            stresses = np.asarray(stress, np.float64)
-            forces = batching.unpad_atoms(batch, np.asarray(result.forces, np.float64))
-            for g, s in enumerate(chunk):
-                out.append(s.replace(energy=float(energies[g]), forces=forces[g],
-                                     stress=stresses[g] if s.periodic else None))
-        return out

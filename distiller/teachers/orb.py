@@ -24,14 +24,14 @@ within the cutoff than the cap would silently lose the farthest ones, so the cap
 ("grow", the default for them) or the structure is refused with a StructureError ("error"). Neighbours are
 counted on orb's own graph (`OrbTeacher.graph`).
 
-In-jit use (`orb_callback`) wraps the bridge in `jax.pure_callback`: every call of the jitted function leaves
-the device for the host, rebuilds the structures from the padded Batch, builds orb's graphs, runs one torch
-`predict` and copies the results back. That is a host round trip and a full teacher evaluation per step, on
+In-jit use (`orb_model(...).energies`, distiller.teachers.host) wraps the bridge in `jax.pure_callback`: every
+call of the jitted function leaves the device for the host, rebuilds the structures from the padded Batch,
+builds orb's graphs, runs one torch `predict` and copies the results back. That is a host round trip and a full teacher evaluation per step, on
 top of the student's own work: for Orb (25M parameters) usually far more expensive than the student step
 itself, and no cheaper than offline labelling of the same structures (on a 2-core CPU it took ~1.1x the time
 of `label` for four aspirins; on a GPU the Batch also crosses device -> host and the labels back); label
-offline when the structures are known in advance. The results are constants to JAX: no gradient flows into
-the teacher (its inputs are wrapped in stop_gradient), and a jitted step waits for the host on every call.
+offline when the structures are known in advance. Its derivative is orb's own forces and stress (first
+derivatives only), and a jitted step waits for the host on every call.
 
 GPU: with torch and JAX on the same GPU, `to_jax` / `from_jax` hand arrays over through DLPack without a host
 copy (`label_arrays` returns JAX arrays made this way); on a CPU they go through numpy.
@@ -58,9 +58,9 @@ import torch
 from ase import Atoms
 from ase.data import chemical_symbols
 
-from distiller.batch import Batch
+from distiller.model import EnergyModel
 from distiller.structure import Structure, StructureError
-from distiller.teachers.base import TeacherOutput
+from distiller.teachers.host import host_model
 
 PRECISIONS = {"float32-high": torch.float32, "float32-highest": torch.float32, "float64": torch.float64}
 NEIGHBOUR_POLICIES = ("truncate", "grow", "error")
@@ -655,57 +655,13 @@ class OrbTeacher:
                 "stress_mask": jnp.asarray(mask)}
 
 
-# --------------------------------------------------------------------------------------------------
-# In-jit use
+def orb_model(spec: str, weights_path: str | None = None, device: str | None = None,
+              seed: int | None = None) -> EnergyModel:
+    """The Orb teacher named by `spec` as an EnergyModel (host-only: `label`, and its pure_callback form)."""
+    return energy_model(load_orb(spec, weights_path=weights_path, device=device, seed=seed))
 
 
-def structures_from_batch(numbers, positions, atom_mask, graph_index, cell, pbc, graph_mask, info=None):
-    """The real structures of a padded Batch's arrays (numpy) and, for each, the indices of its atoms.
-    Non-periodic graphs get a zero cell (the Batch holds an identity placeholder there)."""
-    structures, atoms = [], []
-    for g in np.flatnonzero(graph_mask):
-        index = np.flatnonzero(atom_mask & (graph_index == g))
-        periodic = bool(np.any(pbc[g]))
-        structures.append(Structure(
-            numbers=np.asarray(numbers[index], np.int32), positions=np.asarray(positions[index], np.float64),
-            cell=np.asarray(cell[g], np.float64) if periodic else np.zeros((3, 3)), pbc=np.asarray(pbc[g], bool),
-            name=f"batch graph {g}", info=dict(info or {})))
-        atoms.append(index)
-    return structures, atoms
-
-
-def orb_callback(teacher: OrbTeacher, with_stress: bool = False, info: dict | None = None):
-    """f(batch) -> TeacherOutput (or (TeacherOutput, stress (G, 3, 3)) with_stress), usable inside jax.jit.
-
-    A `jax.pure_callback` with the Batch's fixed shapes: energy (G,), forces (A, 3), zero on padding;
-    energy_spread zeros (one model); overflow False (orb's graphs are built on the host, nothing is capped).
-    See the module docstring for its cost. `info` (e.g. charge and spin) is given to every structure.
-    """
-
-    def host(numbers, positions, atom_mask, graph_index, cell, pbc, graph_mask):
-        structures, atoms = structures_from_batch(numbers, positions, atom_mask, graph_index, cell, pbc,
-                                                  graph_mask, info)
-        energy = np.zeros(graph_mask.shape[0], positions.dtype)
-        forces = np.zeros(positions.shape, positions.dtype)
-        stress = np.zeros((graph_mask.shape[0], 3, 3), positions.dtype)
-        if structures:
-            labelled = teacher.label(structures)
-            for g, index, s in zip(np.flatnonzero(graph_mask), atoms, labelled):
-                energy[g], forces[index] = s.energy, s.forces
-                if s.stress is not None:
-                    stress[g] = s.stress
-        return energy, forces, stress
-
-    def apply(batch: Batch):
-        dtype = batch.positions.dtype
-        shapes = (jax.ShapeDtypeStruct(batch.graph_mask.shape, dtype),
-                  jax.ShapeDtypeStruct(batch.positions.shape, dtype),
-                  jax.ShapeDtypeStruct(batch.graph_mask.shape + (3, 3), dtype))
-        args = jax.lax.stop_gradient((batch.numbers, batch.positions, batch.atom_mask, batch.graph_index,
-                                      batch.cell, batch.pbc, batch.graph_mask))
-        energy, forces, stress = jax.pure_callback(host, shapes, *args, vmap_method="sequential")
-        output = TeacherOutput(energy=energy, forces=forces, energy_spread=jnp.zeros_like(energy),
-                               overflow=jnp.asarray(False))
-        return (output, stress) if with_stress else output
-
-    return apply
+def energy_model(teacher: OrbTeacher) -> EnergyModel:
+    """A loaded Orb teacher as an EnergyModel."""
+    return host_model(teacher.spec, teacher.label, cutoff=teacher.cutoff, elements=teacher.elements,
+                      check_more=teacher.check, source=teacher)

@@ -1,4 +1,4 @@
-"""Teacher specs -> (teacher, params).
+"""Teacher specs -> EnergyModel.
 
     fennol-pmc:ani1x      the 8-member ANI-1x ensemble of the FeNNol pre-trained models collection
     fennol-pmc:ani1x/3    one member of it
@@ -6,7 +6,8 @@
     orb:...               Orb models (distiller.teachers.orb.load_orb, imported only when asked for)
     ase:module.Class      any ASE calculator (distiller.teachers.ase_teacher.load_ase, likewise)
 
-`params` is the teacher's weights pytree for JAX teachers and None for host-only teachers.
+FeNNol-PMC teachers are loaded once per process and spec: their files are checksummed, so a spec always means
+the same weights, and one model object lets every labelling, MD and training call share compilations.
 
 FeNNol-PMC files are looked up, in order: in $FENNOL_PMC_DIR, in the user cache
 ($XDG_CACHE_HOME/distiller/fennol-pmc, else ~/.cache/distiller/fennol-pmc), then downloaded from the
@@ -17,14 +18,16 @@ found. DISTILLER_OFFLINE=1 forbids the download.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import pathlib
 import urllib.error
 import urllib.request
-from typing import Any, Callable
+from typing import Callable
 
 from distiller.files import replaced, sha256
+from distiller.model import EnergyModel
 
 PMC_REPOSITORY = "thomasple/FeNNol-PMC"
 PMC_COMMIT = "dd3f8c9fad179b851960cf4aa65e30bd5318b556"  # a commit holding the ANI .fnx files (not in Git LFS)
@@ -56,22 +59,22 @@ class ChecksumError(ValueError):
 # Spec prefixes
 
 
-Loader = Callable[[str], Any]
+Loader = Callable[[str], EnergyModel]
 _LOADERS: dict[str, Loader] = {}
 # Prefixes whose loader lives in a module with heavy dependencies (PyTorch...): imported on first use.
 _LAZY: dict[str, tuple[str, str]] = {
-    "orb": ("distiller.teachers.orb", "load_orb"),
+    "orb": ("distiller.teachers.orb", "orb_model"),
     "ase": ("distiller.teachers.ase_teacher", "load_ase"),
 }
 
 
 def register(prefix: str, loader: Loader) -> None:
-    """Make `prefix:...` specs load with `loader(spec)`, which returns (teacher, params) or a teacher."""
+    """Make `prefix:...` specs load with `loader(spec)`, which returns an EnergyModel."""
     _LOADERS[prefix] = loader
 
 
-def load_teacher(spec: str) -> tuple[Any, Any]:
-    """Resolve a teacher spec to (teacher, params); params is None for teachers without JAX weights."""
+def load_teacher(spec: str) -> EnergyModel:
+    """Resolve a teacher spec to its EnergyModel."""
     prefix, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise ValueError(f"teacher spec {spec!r} is not of the form PREFIX:NAME (prefixes: {', '.join(known_prefixes())})")
@@ -84,10 +87,10 @@ def load_teacher(spec: str) -> tuple[Any, Any]:
             raise ImportError(f"teacher spec {spec!r} needs {module_name} ({err})") from err
     if loader is None:
         raise ValueError(f"unknown teacher prefix {prefix!r} in {spec!r} (known: {', '.join(known_prefixes())})")
-    result = loader(spec)
-    if isinstance(result, tuple) and len(result) == 2:
-        return result
-    return result, None
+    model = loader(spec)
+    if not isinstance(model, EnergyModel):
+        raise TypeError(f"the loader of {prefix!r} returned {type(model).__name__} for {spec!r}, not an EnergyModel")
+    return model
 
 
 def known_prefixes() -> list[str]:
@@ -106,8 +109,6 @@ def _load_fennol_file(spec: str):
 
 
 def _load_fennol_pmc(spec: str):
-    from distiller.teachers.fennol import load_fennol
-
     name = spec.split(":", 1)[1]
     name, _, member = name.partition("/")
     if name not in PMC_MODELS:
@@ -117,7 +118,14 @@ def _load_fennol_pmc(spec: str):
         if not member.isdigit() or int(member) >= len(files):
             raise ValueError(f"{spec!r}: member must be an integer in 0..{len(files) - 1}")
         files = (files[int(member)],)
-    return load_fennol([pmc_file(f) for f in files], spec)
+    return _pmc_model(tuple(str(pmc_file(f)) for f in files), spec)  # every file checksummed, every time
+
+
+@functools.lru_cache(maxsize=8)
+def _pmc_model(paths: tuple[str, ...], spec: str) -> EnergyModel:
+    from distiller.teachers.fennol import load_fennol
+
+    return load_fennol(list(paths), spec)
 
 
 register("fennol", _load_fennol_file)

@@ -1,4 +1,4 @@
-"""Training structures drawn from seed structures inside the jitted step: rattling and cell strain."""
+"""Structures perturbed inside jit (the online trainer's step, the rattle sampler): rattling and cell strain."""
 
 from __future__ import annotations
 

@@ -1,0 +1,88 @@
+"""Loss terms: small objects over named targets, each comparing the student's predictions with the labels.
+
+A term names its `target`: a field of both `distiller.derivatives.Predictions` (what the student computes) and
+`Batch` (the labels, energies relative to the student's reference energies). It returns its mean-square error
+and the metrics it reports; the loss is Σ weight · term. A new term (e.g. on Hessian-vector products) is one
+class here and one line in `loss_terms`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from distiller.batch import Batch
+from distiller.config import LossConfig
+from distiller.derivatives import Predictions
+
+
+@dataclasses.dataclass(frozen=True)
+class EnergyPerAtom:
+    """Mean over graphs of the squared energy error per atom, (eV/atom)²."""
+
+    weight: float
+    target: ClassVar[str] = "energy"
+
+    def __call__(self, predicted: Predictions, batch: Batch) -> tuple[jax.Array, dict]:
+        graphs = batch.graph_mask.astype(predicted.energy.dtype)
+        per_atom = (predicted.energy - batch.energy) / jnp.maximum(batch.n_atoms, 1)
+        mse = jnp.sum(graphs * per_atom**2) / jnp.maximum(graphs.sum(), 1.0)
+        return mse, {"energy_rmse_per_atom": jnp.sqrt(mse)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Forces:
+    """Mean over atoms and components of the squared force error, (eV/Å)²."""
+
+    weight: float
+    target: ClassVar[str] = "forces"
+
+    def __call__(self, predicted: Predictions, batch: Batch) -> tuple[jax.Array, dict]:
+        atoms = batch.atom_mask.astype(predicted.forces.dtype)[:, None]
+        n = 3.0 * jnp.maximum(jnp.sum(atoms), 1.0)
+        error = (predicted.forces - batch.forces) * atoms
+        mse = jnp.sum(error**2) / n
+        retained = 1.0 - jnp.sqrt(jnp.sum(error**2) / jnp.maximum(jnp.sum((batch.forces * atoms) ** 2), 1e-12))
+        return mse, {"forces_rmse": jnp.sqrt(mse), "forces_mae": jnp.sum(jnp.abs(error)) / n,
+                     "accuracy_retained": retained}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stress:
+    """Mean over labelled graphs (periodic cells whose teacher gave a stress) and components, (eV/Å³)²."""
+
+    weight: float
+    target: ClassVar[str] = "stress"
+
+    def __call__(self, predicted: Predictions, batch: Batch) -> tuple[jax.Array, dict]:
+        labelled = (batch.stress_mask & batch.graph_mask).astype(predicted.stress.dtype)
+        squared = labelled[:, None, None] * (predicted.stress - batch.stress) ** 2
+        mse = jnp.sum(squared) / jnp.maximum(9.0 * labelled.sum(), 1.0)
+        return mse, {"stress_rmse": jnp.sqrt(mse)}
+
+
+def loss_terms(config: LossConfig) -> tuple:
+    """The terms an experiment's LossConfig asks for. Energy and forces always (their metrics are the run's
+    record, whatever their weights); stress only when weighed (it costs the strain derivative)."""
+    terms = [EnergyPerAtom(config.energy_weight), Forces(config.forces_weight)]
+    if config.stress_weight > 0:
+        terms.append(Stress(config.stress_weight))
+    return tuple(terms)
+
+
+def needs_stress(terms) -> bool:
+    return any(term.target == "stress" for term in terms)
+
+
+def total_loss(terms, predicted: Predictions, batch: Batch) -> tuple[jax.Array, dict]:
+    """(Σ weight · term, every term's metrics and "loss")."""
+    loss, metrics = 0.0, {}
+    for term in terms:
+        value, reported = term(predicted, batch)
+        loss = loss + term.weight * value
+        metrics.update(reported)
+    metrics["loss"] = loss
+    return loss, metrics
