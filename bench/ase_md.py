@@ -19,7 +19,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from ase import units  # noqa: E402
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution  # noqa: E402
+from ase.md.velocitydistribution import thermalize_momenta  # noqa: E402
 from ase.md.verlet import VelocityVerlet  # noqa: E402
 
 from distiller.calculator import Calculator  # noqa: E402
@@ -41,7 +41,7 @@ def main() -> None:
 
     atoms = read_structures(os.path.join(args.structures_dir, f"{args.structure}.extxyz"))[0].to_ase()
     atoms.calc = Calculator(args.model)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    thermalize_momenta(atoms, temperature_K=300, rng=np.random.default_rng(0))
     dynamics = VelocityVerlet(atoms, timestep=args.dt * units.fs)
     dynamics.run(args.warmup)  # compiles
     times, energies = [], []

@@ -1,8 +1,8 @@
 """Students: small, fast, exactly invariant and energy-conserving models trained to imitate a teacher.
 
 Architectures are registered by their config class (a `StudentConfig` subclass naming its `architecture` and
-building its network); nothing else in distiller names an architecture. A new one is one module and one
-`register` line below.
+building its network, decorated with `@register`); nothing else in distiller names an architecture. A new one
+is one module and one import line below.
 """
 
 from __future__ import annotations
@@ -10,21 +10,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from distiller.students.base import StudentConfig, atom_energies, edge_lengths, init_params, student_model
+from distiller.students.base import (_ARCHITECTURES, StudentConfig, atom_energies, edge_lengths, init_params,
+                                     register, student_model)
+# The architectures: importing one registers it.
 from distiller.students.schnet import SchNetConfig
-
-_ARCHITECTURES: dict[str, type[StudentConfig]] = {}
-
-
-def register(config_class: type[StudentConfig]) -> type[StudentConfig]:
-    """Make `config_class.architecture` a student architecture (for config.json and --set)."""
-    if not config_class.architecture or not issubclass(config_class, StudentConfig):
-        raise TypeError(f"{config_class.__name__}: a student architecture is a StudentConfig subclass with a name")
-    _ARCHITECTURES[config_class.architecture] = config_class
-    return config_class
-
-
-register(SchNetConfig)
 
 
 def architectures() -> list[str]:

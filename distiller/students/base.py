@@ -63,6 +63,17 @@ class StudentConfig:
         return table
 
 
+_ARCHITECTURES: dict[str, type[StudentConfig]] = {}
+
+
+def register(config_class: type[StudentConfig]) -> type[StudentConfig]:
+    """Class decorator: make `config_class.architecture` a student architecture (for config.json and --set)."""
+    if not issubclass(config_class, StudentConfig) or not config_class.architecture:
+        raise TypeError(f"{config_class.__name__}: a student architecture is a StudentConfig subclass with a name")
+    _ARCHITECTURES[config_class.architecture] = config_class
+    return config_class
+
+
 def edge_lengths(vectors: jax.Array, edge_mask: jax.Array) -> jax.Array:
     """|v| on real edges, 0 on padding edges, with finite gradients everywhere.
 
