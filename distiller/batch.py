@@ -47,6 +47,10 @@ class Batch(NamedTuple):
     forces: jax.Array  # (A, 3)
     stress: jax.Array  # (G, 3, 3)
     stress_mask: jax.Array  # (G,) bool: graphs that carry a stress label
+    # Hessian-vector-product labels (online training with the HVP loss term only; None elsewhere): a unit
+    # displacement direction per graph (its atoms' 3n components have norm 1) and the teacher's H·v, eV/Å².
+    directions: jax.Array | None = None  # (A, 3)
+    hvp: jax.Array | None = None  # (A, 3)
 
     @property
     def n_graphs(self) -> int:

@@ -9,14 +9,16 @@ import sys
 
 
 def _distill(args) -> int:
-    from distiller.config import load_experiment
+    import dataclasses
+
+    from distiller.config import load_experiment, parse_duration
     from distiller.train.loop import run
 
     config = load_experiment(args.experiment, args.set)
     if args.run_dir:
-        import dataclasses
-
         config = dataclasses.replace(config, run_dir=args.run_dir)
+    if args.time:
+        config = dataclasses.replace(config, time_limit=parse_duration(args.time))
     run(config, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     print(f"run directory: {config.run_dir}")
     return 0
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run directory that holds checkpoints (deletes them)")
     p.add_argument("--run-dir", help="override the run directory")
+    p.add_argument("--time", metavar="DURATION", help="stop (after a checkpoint) once training has run this long, "
+                   "e.g. 30m or 2h; --resume continues")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_distill)
 

@@ -29,6 +29,14 @@ class LossConfig:
     energy_weight: float = 1.0  # on (eV/atom)²
     forces_weight: float = 10.0  # on (eV/Å)², per component
     stress_weight: float = 0.0  # on (eV/Å³)², periodic graphs only; costs the teacher's strain derivative
+    # On (eV/Å²)²: H·v of student against teacher along a random unit direction per structure and step (online
+    # training only); costs a forward-over-reverse pass of both models.
+    hvp_weight: float = 0.0
+
+    def __post_init__(self):
+        for name in ("energy_weight", "forces_weight", "stress_weight", "hvp_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +46,13 @@ class OptimizerConfig:
     final_learning_rate: float = 1e-4  # cosine decay to this
     gradient_clip: float = 10.0
     weight_decay: float = 0.0
+    # Exponential moving average of the weights, the student that is evaluated and exported (checkpoint item
+    # "params"); 0: the trained weights themselves. Its decay ramps up as min(ema_decay, (1 + t) / (10 + t)).
+    ema_decay: float = 0.99
+
+    def __post_init__(self):
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"optimizer.ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +62,20 @@ class LoaderConfig:
     threads: int = 4  # grain threads reading and padding batches ahead of the step
     prefetch: int = 16  # batches read ahead
     max_atoms: int = 0  # if > 0, fewer than batch_size structures per batch for large structures
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationConfig:
+    """A validation set: structures the training never samples (e.g. teacher MD from other seeds), labelled once
+    by the teacher at the start (RUN/validation.extxyz), on which the averaged student is evaluated every
+    `every` steps; the best one (lowest force RMSE) is kept in RUN/best/."""
+
+    structures: tuple[str, ...] = ()  # structure files (any ASE-readable format)
+    every: int = 0  # steps between evaluations; 0: no validation
+
+    def __post_init__(self):
+        if self.every < 0 or (self.every > 0 and not self.structures):
+            raise ValueError(f"validation.every={self.every} needs validation.structures (and every >= 0)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +98,28 @@ class Experiment:
     checkpoint_every: int = 100
     log_every: int = 10
     held_out: int = 16  # structures sampled with a different seed for the final report
+    validation: ValidationConfig = ValidationConfig()
+    time_limit: float = 0.0  # seconds of training per call (`--time 30m`); 0: none. The schedules follow `steps`.
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError(f"experiment {self.name!r}: steps, batch_size, checkpoint_every and log_every must be "
+                             f">= 1 (got {self.steps}, {self.batch_size}, {self.checkpoint_every}, {self.log_every})")
+        if self.time_limit < 0:
+            raise ValueError(f"experiment {self.name!r}: time_limit must be >= 0 seconds, got {self.time_limit}")
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '1.5h' or a number of seconds -> seconds."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    text = text.strip().lower()
+    try:
+        seconds = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"a duration is a positive number with an optional unit s, m or h (e.g. 30m), got {text!r}")
+    return seconds
 
 
 def load_experiment(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Experiment:
@@ -87,6 +138,9 @@ def load_experiment(path: str | os.PathLike, overrides: Sequence[str] = ()) -> E
     config = dataclasses.replace(
         config, structures=tuple(s if os.path.isabs(s) else os.path.normpath(os.path.join(here, s)) for s in config.structures)
     )
+    validation = tuple(s if os.path.isabs(s) else os.path.normpath(os.path.join(here, s))
+                       for s in config.validation.structures)
+    config = dataclasses.replace(config, validation=dataclasses.replace(config.validation, structures=validation))
     if config.dataset and not os.path.isabs(config.dataset):
         config = dataclasses.replace(config, dataset=os.path.normpath(os.path.join(here, config.dataset)))
     for item in overrides:

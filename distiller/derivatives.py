@@ -28,6 +28,7 @@ class Predictions(NamedTuple):
     stress: jax.Array  # (G, 3, 3) eV/Å³, 0 for non-periodic graphs (and all graphs unless asked for)
     spread: jax.Array  # (G,) eV, standard deviation of the ensemble members' energies (0 for one model)
     overflow: jax.Array  # () bool: a capacity was too small; the numbers are not to be used
+    hvp: jax.Array | None = None  # (A, 3) eV/Å², H·v along the `directions` given (None without)
 
 
 def strained(batch: Batch, positions: jax.Array, strain: jax.Array) -> Batch:
@@ -42,28 +43,47 @@ def _periodic(batch: Batch) -> jax.Array:
 
 
 def predictions(model: EnergyModel, params: Any, batch: Batch, capacity: Any = None, *,
-                stress: bool = False) -> Predictions:
-    """Energy, forces and (if `stress`) stress of every graph, from one reverse pass. Jittable."""
+                stress: bool = False, directions: jax.Array | None = None) -> Predictions:
+    """Energy, forces and (if `stress`) stress of every graph, from one reverse pass; with `directions` (A, 3)
+    also H·v along them, the same pass differentiated forward (forward over reverse). Jittable."""
     if stress:
-        def total(positions, strain):
-            out = model.energies(params, strained(batch, positions, strain), capacity)
-            return jnp.sum(out.energy), out
+        def gradient(positions, strain):
+            def total(positions, strain):
+                out = model.energies(params, strained(batch, positions, strain), capacity)
+                return jnp.sum(out.energy), out
 
-        strain = jnp.zeros((batch.n_graphs, 3, 3), batch.positions.dtype)
-        (de_dx, de_deps), out = jax.grad(total, argnums=(0, 1), has_aux=True)(batch.positions, strain)
+            return jax.grad(total, argnums=(0, 1), has_aux=True)(positions, strain)
+
+        primals = (batch.positions, jnp.zeros((batch.n_graphs, 3, 3), batch.positions.dtype))
+    else:  # no strain at all: XLA cannot drop x + x·0 (NaN semantics), and forces alone are MD's hot path
+        def gradient(positions):
+            def total(positions):
+                out = model.energies(params, batch._replace(positions=positions), capacity)
+                return jnp.sum(out.energy), out
+
+            de_dx, out = jax.grad(total, has_aux=True)(positions)
+            return (de_dx,), out
+
+        primals = (batch.positions,)
+    if directions is None:
+        grads, out = gradient(*primals)
+        hvp = None
+    else:
+        _second_order(model)
+        v = jnp.where(batch.atom_mask[:, None], directions, 0.0).astype(batch.positions.dtype)
+        tangents = (v,) + tuple(jnp.zeros_like(p) for p in primals[1:])
+        (grads, out), (grad_tangents, _) = jax.jvp(gradient, primals, tangents)
+        hvp = jnp.where(batch.atom_mask[:, None], grad_tangents[0], 0.0)
+    if stress:
+        de_deps = grads[1]
         volume = jnp.abs(cell_determinant(batch.cell))
         periodic = _periodic(batch)
         sigma = 0.5 * (de_deps + jnp.swapaxes(de_deps, -1, -2)) / jnp.where(periodic, volume, 1.0)[:, None, None]
         sigma = jnp.where(periodic[:, None, None], sigma, 0.0)
-    else:  # no strain at all: XLA cannot drop x + x·0 (NaN semantics), and forces alone are MD's hot path
-        def total(positions):
-            out = model.energies(params, batch._replace(positions=positions), capacity)
-            return jnp.sum(out.energy), out
-
-        de_dx, out = jax.grad(total, has_aux=True)(batch.positions)
+    else:
         sigma = jnp.zeros((batch.n_graphs, 3, 3), batch.positions.dtype)
-    forces = jnp.where(batch.atom_mask[:, None], -de_dx, 0.0)
-    return Predictions(out.energy, forces, sigma, out.spread, out.overflow)
+    forces = jnp.where(batch.atom_mask[:, None], -grads[0], 0.0)
+    return Predictions(out.energy, forces, sigma, out.spread, out.overflow, hvp)
 
 
 def forces(model: EnergyModel, params: Any, batch: Batch, capacity: Any = None) -> jax.Array:
@@ -85,13 +105,7 @@ def _second_order(model: EnergyModel) -> None:
 
 def hessian_vector_product(model: EnergyModel, params: Any, batch: Batch, capacity: Any, vectors: jax.Array) -> jax.Array:
     """(A, 3) H v in eV/Å² for displacements `vectors` (A, 3) (forward over reverse; padding atoms give 0)."""
-    _second_order(model)
-    vectors = jnp.where(batch.atom_mask[:, None], vectors, 0.0).astype(batch.positions.dtype)
-
-    def gradient(positions):
-        return -forces(model, params, batch._replace(positions=positions), capacity)
-
-    return jax.jvp(gradient, (batch.positions,), (vectors,))[1]
+    return predictions(model, params, batch, capacity, directions=vectors).hvp
 
 
 def hessian(model: EnergyModel, params: Any, batch: Batch, capacity: Any, n_atoms: int, block: int = 64) -> jax.Array:

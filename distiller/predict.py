@@ -2,6 +2,7 @@
 
     predictor = Predictor(model)                 # a teacher or a student
     labelled = predictor(structures)             # energy (float64 total), forces, stress of periodic ones
+    labelled = predictor(structures, params)     # with other weights (a training run's), same compilations
 
 JAX models: structures go into size buckets (`neighbours.round_up` of their atom counts); a bucket's structures
 are padded into batches of one shape (at most `max_atoms` atoms and `max_structures` structures), so jit
@@ -54,15 +55,18 @@ class Predictor:
         self.shapes_seen: set[BatchShape] = set()
         self.grown = 0  # capacity growths (each one a recompilation), for summaries
 
-    def __call__(self, structures: Sequence[Structure]) -> list[Structure]:
+    def __call__(self, structures: Sequence[Structure], params: Any = None) -> list[Structure]:
+        """`structures` labelled by the model, with `params` (JAX models; default: the model's own)."""
         structures = [s.validated() for s in structures]
         self.model.check(structures)
         if not structures:
             return []
         if self.model.host_only:
+            if params is not None:
+                raise TypeError(f"{self.model.name} is computed outside JAX and takes no parameters")
             out = [t for group in group_by_atoms(structures, self.max_atoms) for t in self.model.label(group)]
         else:
-            out = self._predict(structures)
+            out = self._predict(structures, self.model.params if params is None else params)
         return checked(self.model.name, structures, out)
 
     # -- JAX models ---------------------------------------------------------------------------------------
@@ -71,7 +75,7 @@ class Predictor:
         most = self.max_structures or count
         return bucket_shape(bucket, min(nl.round_up(count), most), self.max_atoms)
 
-    def _predict(self, structures: list[Structure]) -> list[Structure]:
+    def _predict(self, structures: list[Structure], params: Any) -> list[Structure]:
         # A call straddling size buckets is labelled bucket by bucket: small structures are not padded to the
         # large ones' shape.
         buckets = np.array([nl.round_up(s.n_atoms) for s in structures])
@@ -86,9 +90,10 @@ class Predictor:
                 chunk = members[start:start + step]
                 group = [structures[k] for k in chunk]
                 batch = jax.tree.map(jnp.asarray, pad_structures(group, shape))
-                flights.append((chunk, group, shape, batch, self._dispatch(shape, batch, self._capacity(shape, batch))))
+                capacity = self._capacity(shape, batch)
+                flights.append((chunk, group, shape, batch, self._dispatch(params, batch, capacity)))
         for chunk, group, shape, batch, flight in flights:
-            for k, s in zip(chunk, self._collect(group, shape, batch, flight)):
+            for k, s in zip(chunk, self._collect(params, group, shape, batch, flight)):
                 out[k] = s
         return out  # type: ignore[return-value]
 
@@ -102,13 +107,13 @@ class Predictor:
             self.capacities[shape] = capacities.allocate(self.model, batch, self.cutoff)
         return self.capacities[shape]
 
-    def _dispatch(self, shape: BatchShape, batch: Batch, capacity: capacities.Capacity):
+    def _dispatch(self, params: Any, batch: Batch, capacity: capacities.Capacity):
         stress = bool(np.any(np.asarray(batch.pbc)[np.asarray(batch.graph_mask)]))
-        return batch_predictions(self.model, self.model.params, batch, capacity, self.cutoff, stress)
+        return batch_predictions(self.model, params, batch, capacity, self.cutoff, stress)
 
-    def _collect(self, group: list[Structure], shape: BatchShape, batch: Batch, flight) -> list[Structure]:
+    def _collect(self, params: Any, group: list[Structure], shape: BatchShape, batch: Batch, flight) -> list[Structure]:
         def compute(capacity):
-            result = flight if capacity is self.capacities[shape] else self._dispatch(shape, batch, capacity)
+            result = flight if capacity is self.capacities[shape] else self._dispatch(params, batch, capacity)
             return result, result[0].overflow
 
         def grow(capacity, result, attempt):

@@ -2,8 +2,12 @@
 
     RUN/config.json          the Experiment (config.from_dict reads it back)
     RUN/reference.json       the student's per-element reference energies (float64, fitted once at the start)
-    RUN/checkpoints/STEP/    orbax: item "params" (the student's weights) and item "optimizer" (optimizer
-                             state and step); the student alone is loaded without the optimizer
+    RUN/checkpoints/STEP/    orbax: item "params" (the student: the weights' moving average) and item
+                             "optimizer" (the trained weights, optimizer state and step); the student alone
+                             is loaded without the optimizer
+    RUN/validation.extxyz    the validation set with the teacher's labels (written once, at the start)
+    RUN/best/STEP/, best.json
+                             the student at its best validation step (orbax item "params"), and its metrics
     RUN/capacity/STEP.pkl    the capacities STEP was trained with, so a resumed run pads exactly as the
                              uninterrupted one did (padding changes reduction shapes, hence float rounding)
     RUN/metrics.jsonl        one JSON row per logged step
@@ -103,8 +107,39 @@ class RunDirectory:
         return step, restored["params"], restored["optimizer"] if optimizer_like is not None else None
 
     def clear_checkpoints(self) -> None:
-        for stale in ("checkpoints", "capacity"):
+        for stale in ("checkpoints", "capacity", "best"):
             shutil.rmtree(self.file(stale), ignore_errors=True)
+        for stale in ("best.json", "validation.extxyz"):
+            if os.path.exists(self.file(stale)):
+                os.remove(self.file(stale))
+
+    # -- the best student (validation) --------------------------------------------------------------------
+    def _best(self) -> ocp.CheckpointManager:
+        options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False)
+        return ocp.CheckpointManager(os.path.abspath(self.file("best")), options=options, item_names=("params",))
+
+    def save_best(self, step: int, params: Any, metrics: dict) -> None:
+        """The student of `step` as the best so far; best.json (written last) names it."""
+        manager = self._best()
+        manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
+        manager.wait_until_finished()
+        write_json_atomic(self.file("best.json"), {"step": step, **metrics})
+
+    def read_best(self) -> dict | None:
+        """best.json ({"step", metrics}), None before the first validation."""
+        path = self.file("best.json")
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def restore_best(self, params_like: Any) -> tuple[int, Any]:
+        best = self.read_best()
+        if best is None:
+            raise FileNotFoundError(f"{self.path}: no best student (the run has no validation set)")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, params_like)
+        restored = self._best().restore(best["step"], args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+        return best["step"], restored["params"]
 
     # -- capacities -------------------------------------------------------------------------------------
     def _capacity_path(self, step: int) -> str:
@@ -151,8 +186,12 @@ def params_template(config: StudentConfig) -> Any:
 
 
 def load_student(run_dir: str | os.PathLike, step: int | None = None) -> EnergyModel:
-    """The trained student of a run directory (its latest checkpoint, or `step`) as an EnergyModel."""
+    """The trained student of a run directory as an EnergyModel: the checkpoint of `step`; by default the best
+    one on the validation set where the run has one, else the latest."""
     run = RunDirectory(run_dir)
     config = run.read_config()
-    _, params, _ = run.restore(params_template(config.student), step=step)
+    if step is None and run.read_best() is not None:
+        _, params = run.restore_best(params_template(config.student))
+    else:
+        _, params, _ = run.restore(params_template(config.student), step=step)
     return student_model(config.student, params, run.read_reference(), name=os.path.abspath(run.path))

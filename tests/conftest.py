@@ -1,11 +1,27 @@
 import os
 import pathlib
+import tempfile
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("DISTILLER_SHARED", ROOT.parent / "shared"))
 os.environ.setdefault("FENNOL_PMC_DIR", str(SHARED / "teachers" / "fennol-pmc"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def compilation_cache():
+    """XLA's persistent compilation cache, for this session only: a program compiled again (a new Distillation's
+    step, a model after `jax.clear_caches`) loads the same executable instead of compiling it, so the numbers
+    are unchanged and the suite takes minutes less. An empty directory per session: nothing carries over."""
+    import jax
+
+    with tempfile.TemporaryDirectory(prefix="distiller-xla-cache-") as path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        yield path
+        jax.config.update("jax_compilation_cache_dir", None)
 
 
 @pytest.fixture(scope="session")

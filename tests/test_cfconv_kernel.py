@@ -17,7 +17,7 @@ from jax.test_util import check_grads
 from distiller.capacity import make_batch
 from distiller.derivatives import predictions
 from distiller.structure import read_structures
-from distiller.students import SchNetConfig, init_params, student_model
+from distiller.students import PaiNNConfig, SchNetConfig, init_params, student_model
 from pallas_kernels import KERNELS, cfconv, pallas_set
 from pallas_kernels.cfconv import cfconv_reference
 from pallas_kernels.cfconv.pallas import cfconv_pallas
@@ -244,14 +244,15 @@ def aspirin(structures_dir):
     return read_structures(str(structures_dir / "aspirin.extxyz"))
 
 
-def test_student_with_pallas_kernel_matches_xla(aspirin, monkeypatch):
+@pytest.mark.parametrize("architecture", [SchNetConfig, PaiNNConfig])
+def test_student_with_pallas_kernel_matches_xla(aspirin, monkeypatch, architecture):
     """Energies, forces and training gradients (forces inside the loss: second order) agree: every edge kernel
-    of the student (cfconv and the edge vectors' difference) in the interpreter."""
+    of each student (cfconv and the edge vectors' difference) in the interpreter."""
     results = {}
     # The student's "pallas" entry with the kernels interpreted (on the CPU it would otherwise be the reference).
     monkeypatch.setitem(KERNELS, "pallas-interpreted", pallas_set(PallasConfig(interpret=True)))
     for kernel in ("xla", "pallas-interpreted"):
-        config = SchNetConfig(features=16, n_rbf=8, layers=2, cutoff=4.0, kernel=kernel)
+        config = architecture(features=16, n_rbf=8, layers=2, cutoff=4.0, kernel=kernel)
         batch, _ = make_batch(aspirin, config.cutoff)
         model = student_model(config)
         params = init_params(config, jax.random.key(0), batch)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from ase.neighborlist import neighbor_list
 
-from distiller.data.sampling import (MDConfig, NormalModeConfig, RattleConfig, RattleRelaxConfig, sample,
-                                     vibrational_modes)
+from distiller.data.sampling import MDConfig, NormalModeConfig, RattleConfig, RattleRelaxConfig, sample
 from distiller.structure import Structure, StructureError, read_structures, write_structures
+from distiller.vibrations import frequencies, vibrational_modes
 
 TEACHER = "fennol-pmc:ani1x/0"
 MIN_DISTANCE = 0.5
@@ -106,6 +106,11 @@ def test_vibrational_modes_of_a_harmonic_bond():
     assert directions.shape == (1, 2, 3)
     np.testing.assert_allclose(constants, [2 * k])
     np.testing.assert_allclose(np.abs(directions[0]), np.array([[1, 0, 0], [1, 0, 0]]) / np.sqrt(2), atol=1e-12)
+    # ν = sqrt(k / μ) / (2π c) with μ = m/2, in SI units (CODATA): 30 eV/Å² between two oxygens ≈ 1471 cm⁻¹.
+    mass = pair.to_ase().get_masses()[0] * 1.66053906660e-27
+    expected = np.sqrt(k * 16.02176634 / (mass / 2)) / (2 * np.pi * 2.99792458e10)
+    np.testing.assert_allclose(frequencies(pair, H), [expected], rtol=1e-6)
+    np.testing.assert_allclose(frequencies(pair, -H), [-expected], rtol=1e-6)  # unstable: negative
 
 
 def test_normal_modes(model, ethanol):

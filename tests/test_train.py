@@ -12,7 +12,8 @@ import pytest
 from distiller.calculator import Calculator
 from distiller.capacity import Capacity
 from distiller.cli import main as cli
-from distiller.config import Experiment, LossConfig, OptimizerConfig, SamplingConfig, apply_override, from_dict, to_dict
+from distiller.config import (Experiment, LossConfig, OptimizerConfig, SamplingConfig, ValidationConfig, apply_override,
+                              from_dict, parse_duration, to_dict)
 from distiller.run_directory import RunDirectory, load_student
 from distiller.structure import read_structures
 from distiller.students import SchNetConfig
@@ -67,12 +68,13 @@ def test_training_lowers_the_loss(trained):
     assert int(state.step) == 80 and latest_step(config.run_dir) == 80
 
 
-@pytest.mark.parametrize("in_flight", [0, 1])
-def test_resume_after_a_stop_continues_identically(tmp_path, structures_dir, monkeypatch, in_flight):
-    monkeypatch.setattr(loop, "steps_in_flight", lambda: in_flight)  # 1: a step in flight when it stops
+def test_resume_after_a_stop_continues_identically(tmp_path, structures_dir, monkeypatch):
+    """Stopped with a step in flight (as on GPUs) and resumed, the run is the one stepped one at a time."""
     whole = small_config(structures_dir, tmp_path / "whole")
     stopped = small_config(structures_dir, tmp_path / "stopped")
+    monkeypatch.setattr(loop, "steps_in_flight", lambda: 0)
     final = run(whole, progress=False)
+    monkeypatch.setattr(loop, "steps_in_flight", lambda: 1)
     run(stopped, progress=False, stop_after=5)  # stops after step 5: the last checkpoint is step 4
     assert latest_step(stopped.run_dir) == 4
     resumed = run(stopped, resume=True, progress=False)
@@ -80,8 +82,47 @@ def test_resume_after_a_stop_continues_identically(tmp_path, structures_dir, mon
     assert [r["step"] for r in b] == list(range(1, 9)), "each step logged exactly once"
     for ra, rb in zip(a, b):
         assert {k: v for k, v in ra.items() if k != "seconds"} == {k: v for k, v in rb.items() if k != "seconds"}
-    for x, y in zip(jax.tree_util.tree_leaves(final.params), jax.tree_util.tree_leaves(resumed.params)):
+    for x, y in zip(jax.tree.leaves((final.params, final.ema)), jax.tree.leaves((resumed.params, resumed.ema))):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_validation_averages_and_time_limit_resume_exactly(tmp_path, structures_dir):
+    """A run stopped by its time limit (after its first step) and resumed is the uninterrupted run: the same
+    metrics (validation of the averaged weights included), trained and averaged weights, and best student."""
+    validation = ValidationConfig(structures=(str(structures_dir / "aspirin.extxyz"),), every=4)
+    base = dataclasses.replace(small_config(structures_dir, tmp_path / "whole"), validation=validation)
+    final = run(base, progress=False)
+    stopped = dataclasses.replace(base, run_dir=str(tmp_path / "stopped"))
+    run(dataclasses.replace(stopped, time_limit=1e-9), progress=False)
+    assert latest_step(stopped.run_dir) == 1  # the time limit checkpoints the step it stops at
+    resumed = run(stopped, resume=True, progress=False)
+    a, b = metrics(tmp_path / "whole"), metrics(tmp_path / "stopped")
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b):
+        assert {k: v for k, v in ra.items() if k != "seconds"} == {k: v for k, v in rb.items() if k != "seconds"}
+    assert [r["step"] for r in a if "val_forces_rmse" in r] == [4, 8]
+    for x, y in zip(jax.tree.leaves((final.params, final.ema)), jax.tree.leaves((resumed.params, resumed.ema))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(final.params), jax.tree.leaves(final.ema)))
+    best = RunDirectory(base.run_dir).read_best()
+    assert best == RunDirectory(stopped.run_dir).read_best()
+    assert best["forces_rmse"] == min(r["val_forces_rmse"] for r in a if "val_forces_rmse" in r)
+    step, best_params = RunDirectory(stopped.run_dir).restore_best(final.ema)
+    assert step == best["step"]
+    for x, y in zip(jax.tree.leaves(load_student(stopped.run_dir).params), jax.tree.leaves(best_params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # the best student is what is loaded
+
+
+def test_hessian_vector_product_loss_trains_online_and_is_refused_offline(tmp_path, structures_dir):
+    config = dataclasses.replace(small_config(structures_dir, tmp_path / "hvp", steps=2),
+                                 structures=(str(structures_dir / "aspirin.extxyz"),),
+                                 loss=LossConfig(energy_weight=1.0, forces_weight=10.0, hvp_weight=1.0))
+    run(config, progress=False)
+    rows = metrics(tmp_path / "hvp")
+    assert all(np.isfinite(r["hvp_rmse"]) and r["hvp_rmse"] > 0.1 for r in rows)  # eV/Å²: a random student's
+    offline = dataclasses.replace(config, structures=(), dataset=str(tmp_path / "any-dataset"))
+    with pytest.raises(ValueError, match="hvp_weight needs the teacher in the step"):
+        Distillation.create(offline)
 
 
 @pytest.mark.parametrize("in_flight", [0, 1])
@@ -141,7 +182,7 @@ def test_evaluate_writes_report_and_plot(trained, tmp_path):
     assert (tmp_path / "eval" / "parity.png").stat().st_size > 10_000
     student = load_student(config.run_dir)
     assert student.source == config.student and student.reference == RunDirectory(config.run_dir).read_reference()
-    for x, y in zip(jax.tree_util.tree_leaves(student.params), jax.tree_util.tree_leaves(state.params)):
+    for x, y in zip(jax.tree_util.tree_leaves(student.params), jax.tree_util.tree_leaves(state.ema)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
@@ -172,3 +213,20 @@ def test_config_overrides_and_round_trip(structures_dir, tmp_path):
     assert from_dict(json.loads(json.dumps(to_dict(changed)))) == changed
     with pytest.raises(KeyError, match="no field 'featurs'"):
         apply_override(config, "student.featurs=8")
+    with_validation = dataclasses.replace(config, validation=ValidationConfig(structures=("a.xyz",), every=5))
+    assert from_dict(json.loads(json.dumps(to_dict(with_validation)))) == with_validation
+    assert apply_override(config, "student.architecture=painn").student.architecture == "painn"
+
+
+def test_bad_training_settings_are_clear_errors():
+    assert parse_duration("30m") == 1800 and parse_duration("1.5h") == 5400 and parse_duration("90") == 90
+    with pytest.raises(ValueError, match="a duration is a positive number"):
+        parse_duration("ten minutes")
+    with pytest.raises(ValueError, match="validation.every=10 needs validation.structures"):
+        ValidationConfig(every=10)
+    with pytest.raises(ValueError, match="ema_decay must be in"):
+        OptimizerConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="loss.hvp_weight must be >= 0"):
+        LossConfig(hvp_weight=-1.0)
+    with pytest.raises(ValueError, match="steps, batch_size"):
+        Experiment(name="x", steps=0)

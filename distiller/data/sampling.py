@@ -41,6 +41,7 @@ from distiller import batch as batching
 from distiller.data.perturb import perturb
 from distiller.load import as_model
 from distiller.structure import Structure, StructureError, closest_pair, read_structures
+from distiller.vibrations import vibrational_modes
 
 MIN_DISTANCE = 0.5  # Å
 MAX_ATTEMPTS = 20
@@ -271,33 +272,6 @@ def rattle(seeds, config: RattleConfig, key=0, *, min_distance: float = MIN_DIST
 
             out.append(_redrawn(make, _keys(key, i, j), min_distance, seed, config.method))
     return out
-
-
-def vibrational_modes(structure: Structure, hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(directions (M, N, 3) unit Cartesian vectors, force constants (M,) eV/Å²) of the non-zero modes.
-
-    Modes are eigenvectors e of the mass-weighted Hessian M^-1/2 H M^-1/2 (eigenvalue λ); the Cartesian
-    direction is u = M^-1/2 e normalised, and its force constant u·H·u/|u|² = λ/|M^-1/2 e|². The modes with the
-    smallest |λ| (6 for molecules, 5 for linear ones, 3 for periodic cells) are rigid motions and are dropped.
-    """
-    n = structure.n_atoms
-    if structure.periodic:
-        n_zero = 3
-    else:
-        centred = structure.positions - structure.positions.mean(axis=0)
-        singular = np.linalg.svd(centred, compute_uv=False)
-        n_zero = 5 if n > 1 and singular[1] < 1e-2 else 6
-    if 3 * n <= n_zero:
-        raise StructureError(f"{structure.name}: {n} atom(s) have no vibrational modes")
-    from distiller.md.simulate import masses
-
-    scale = 1.0 / np.sqrt(np.repeat(masses(structure), 3))
-    eigenvalues, vectors = np.linalg.eigh(hessian * scale[:, None] * scale[None, :])
-    keep = np.sort(np.argsort(np.abs(eigenvalues))[n_zero:])
-    u = vectors[:, keep] * scale[:, None]
-    norm2 = np.sum(u**2, axis=0)
-    directions = (u / np.sqrt(norm2)).T.reshape(-1, n, 3)
-    return directions, eigenvalues[keep] / norm2
 
 
 @functools.partial(jax.jit, static_argnums=1)

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 from distiller.students.base import (_ARCHITECTURES, StudentConfig, atom_energies, edge_lengths, init_params,
                                      register, student_model)
 # The architectures: importing one registers it.
+from distiller.students.painn import PaiNNConfig
 from distiller.students.schnet import SchNetConfig
 
 
@@ -44,5 +45,5 @@ def with_architecture(config: StudentConfig, architecture: str) -> StudentConfig
     return config_class(architecture)(**common)
 
 
-__all__ = ["StudentConfig", "SchNetConfig", "architectures", "atom_energies", "config_class", "config_from_dict",
+__all__ = ["StudentConfig", "PaiNNConfig", "SchNetConfig", "architectures", "atom_energies", "config_class", "config_from_dict",
            "edge_lengths", "init_params", "register", "student_model", "with_architecture"]

@@ -26,6 +26,7 @@ from distiller.model import EnergyModel, ModelEnergies
 from distiller.precision import full_precision_scope
 from distiller.reference import MAX_Z, ZERO, ReferenceEnergies
 from pallas_kernels import check_kernel
+from pallas_kernels.cfconv import MIN_BASIS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,35 @@ class StudentConfig:
         table = np.full(MAX_Z + 1, -1, np.int32)
         table[list(self.elements)] = np.arange(len(self.elements), dtype=np.int32)
         return table
+
+
+@dataclasses.dataclass(frozen=True)
+class MessagePassingConfig(StudentConfig):
+    """The sizes every message-passing architecture here has (SchNet, PaiNN): atom features, layers, the radial
+    filter's spline functions and the fixed message normalisation."""
+
+    features: int = 64
+    layers: int = 2  # interaction blocks
+    n_rbf: int = 16  # cubic B-splines spanning [0, cutoff] (the filter's radial basis), at least 4
+    avg_neighbours: float = 10.0  # messages are divided by this fixed constant so initial layers stay O(1)
+    min_layers: ClassVar[int] = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if (self.features < 1 or self.layers < self.min_layers or self.n_rbf < MIN_BASIS
+                or not self.avg_neighbours > 0):
+            raise ValueError(f"invalid {type(self).__name__} sizes: features={self.features}, layers={self.layers} "
+                             f"(at least {self.min_layers}), n_rbf={self.n_rbf} (at least {MIN_BASIS}), "
+                             f"avg_neighbours={self.avg_neighbours}")
+
+
+def energy_readout(module: nn.Module, h: jax.Array, species: jax.Array, n_elements: int) -> jax.Array:
+    """(A, F) features -> (A,) per-atom energies: Dense(silu(Dense(h))) plus a learned per-element offset on top of
+    the fitted reference energies (small: float32 is exact enough). Called inside `module`'s compact method, whose
+    parameters it adds (readout_hidden, readout, element_offsets)."""
+    hidden = nn.silu(nn.Dense(max(h.shape[-1] // 2, 1), name="readout_hidden")(h))
+    offset = module.param("element_offsets", nn.initializers.zeros, (n_elements,))
+    return nn.Dense(1, name="readout")(hidden)[:, 0] + offset[species]
 
 
 _ARCHITECTURES: dict[str, type[StudentConfig]] = {}

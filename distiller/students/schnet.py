@@ -15,25 +15,14 @@ import dataclasses
 
 import flax.linen as nn
 
-from distiller.students.base import StudentConfig, edge_lengths, register
+from distiller.students.base import MessagePassingConfig, edge_lengths, energy_readout, register
 from pallas_kernels import cfconv
-from pallas_kernels.cfconv import MIN_BASIS
 
 
 @register
 @dataclasses.dataclass(frozen=True)
-class SchNetConfig(StudentConfig):
-    features: int = 64
-    layers: int = 2  # interaction blocks
-    n_rbf: int = 16  # cubic B-splines spanning [0, cutoff] (the filter's radial basis), at least 4
-    avg_neighbours: float = 10.0  # messages are divided by this fixed constant so initial layers stay O(1)
+class SchNetConfig(MessagePassingConfig):
     architecture = "schnet"
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.features < 1 or self.layers < 0 or self.n_rbf < MIN_BASIS or not self.avg_neighbours > 0:
-            raise ValueError(f"invalid SchNetConfig sizes: features={self.features}, layers={self.layers}, "
-                             f"n_rbf={self.n_rbf} (at least {MIN_BASIS}), avg_neighbours={self.avg_neighbours}")
 
     def network(self) -> nn.Module:
         return SchNet(self)
@@ -70,7 +59,4 @@ class SchNet(nn.Module):
         h = nn.Embed(len(c.elements), c.features, name="embedding")(species)
         for t in range(c.layers):
             h = InteractionBlock(c, name=f"interaction_{t}")(h, lengths, senders, receivers, edge_mask)
-        h = nn.silu(nn.Dense(max(c.features // 2, 1), name="readout_hidden")(h))
-        # A learned per-element correction to the fitted reference energies (small: float32 is exact enough).
-        offset = self.param("element_offsets", nn.initializers.zeros, (len(c.elements),))
-        return nn.Dense(1, name="readout")(h)[:, 0] + offset[species]
+        return energy_readout(self, h, species, len(c.elements))

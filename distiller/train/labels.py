@@ -37,6 +37,14 @@ def step_key(seed: int, step: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), step)
 
 
+def unit_directions(batch: Batch, key: jax.Array) -> jax.Array:
+    """(A, 3) a random direction per graph, uniform on the sphere of its atoms' 3n components (norm 1 per graph),
+    0 on padding atoms."""
+    v = jnp.where(batch.atom_mask[:, None], jax.random.normal(key, batch.positions.shape, batch.positions.dtype), 0.0)
+    norm = jnp.sqrt(jax.ops.segment_sum(jnp.sum(v * v, axis=1), batch.graph_index, num_segments=batch.n_graphs))
+    return v / jnp.maximum(norm, 1e-12)[batch.graph_index][:, None]
+
+
 def _graph_numbers(batch: Batch) -> list[np.ndarray]:
     gi, z, atoms = np.asarray(batch.graph_index), np.asarray(batch.numbers), np.asarray(batch.atom_mask)
     return [z[(gi == g) & atoms] for g in np.flatnonzero(np.asarray(batch.graph_mask))]
@@ -94,14 +102,17 @@ class OnlineTeacher:
 
     # --- inside the step ----------------------------------------------------------------------------------
     def labelled(self, capacity: capacities.Capacity, teacher_params: Any, inputs: Batch, key: jax.Array,
-                 shift: jax.Array, stress: bool = False) -> tuple[Batch, jax.Array]:
-        """Sample, build edges and ask the teacher (energy, forces; stress if asked); energies shifted by the
-        per-element `shift` table (teacher's reference minus the student's)."""
+                 shift: jax.Array, stress: bool = False, hvp: bool = False) -> tuple[Batch, jax.Array]:
+        """Sample, build edges and ask the teacher (energy, forces; stress if asked; H·v along random unit
+        directions if `hvp`); energies shifted by the per-element `shift` table (teacher's reference minus the
+        student's)."""
         batch = self.sample(inputs, key)
         batch, neighbours = with_neighbours(batch, self.cutoff, capacity.neighbours)
-        labels = jax.lax.stop_gradient(predictions(self.teacher, teacher_params, batch, capacity.model, stress=stress))
+        directions = unit_directions(batch, jax.random.fold_in(key, 1)) if hvp else None
+        labels = jax.lax.stop_gradient(predictions(self.teacher, teacher_params, batch, capacity.model, stress=stress,
+                                                   directions=directions))
         energy = labels.energy + graph_sum(shift[batch.numbers], batch)
-        batch = batch._replace(energy=energy, forces=labels.forces)
+        batch = batch._replace(energy=energy, forces=labels.forces, directions=directions, hvp=labels.hvp)
         if stress:
             batch = batch._replace(stress=labels.stress, stress_mask=jnp.any(batch.pbc, axis=-1) & batch.graph_mask)
         return batch, neighbours.overflow | labels.overflow
@@ -206,8 +217,9 @@ class DatasetLabels:
         self.capacities = dict(state)
 
     def labelled(self, capacity: capacities.Capacity, teacher_params: Any, inputs: Batch, key: jax.Array,
-                 shift: jax.Array, stress: bool = False) -> tuple[Batch, jax.Array]:
-        """Edges for the dataset's structures; their labels came with them (relative to the loader's reference)."""
+                 shift: jax.Array, stress: bool = False, hvp: bool = False) -> tuple[Batch, jax.Array]:
+        """Edges for the dataset's structures; their labels came with them (relative to the loader's reference).
+        Datasets carry no H·v labels (`Distillation.create` refuses the HVP term offline)."""
         batch, neighbours = with_neighbours(inputs, self.cutoff, capacity.neighbours)
         return batch, neighbours.overflow
 

@@ -18,6 +18,7 @@ from distiller.files import write_json_atomic
 from distiller.run_directory import RunDirectory
 from distiller.structure import Structure, write_structures
 from distiller.train.step import Distillation, TrainState
+from distiller.train.validation import Validation, read_validation_set
 
 
 def run(config: Experiment, resume: bool = False, progress: bool = True, stop_after: int | None = None,
@@ -27,7 +28,8 @@ def run(config: Experiment, resume: bool = False, progress: bool = True, stop_af
     `resume`: continue from the run directory's last checkpoint (a fresh start if it has none).
     `overwrite`: start afresh in a run directory that holds another run's checkpoints, deleting them; without
     it (and without `resume`) such a directory is a FileExistsError, raised before any work.
-    `stop_after` ends the job after that many steps of this call, as a kill would (after a checkpoint).
+    `stop_after` ends the job after that many steps of this call, as a kill would (after a checkpoint);
+    `config.time_limit` likewise after the first step that ends past it, with a checkpoint of that step.
     `job`: a Distillation of `config` already made (its teacher loaded), to use again afterwards.
     """
     run_dir = RunDirectory(config.run_dir)
@@ -45,8 +47,9 @@ def run(config: Experiment, resume: bool = False, progress: bool = True, stop_af
     if resume and previous is not None:
         job.use_reference(run_dir.read_reference())
         template = job.state_template()
-        start, params, (opt_state, step) = run_dir.restore(template.params, (template.opt_state, template.step))
-        state = TrainState(params, opt_state, step)
+        start, ema, (params, opt_state, step) = run_dir.restore(
+            template.ema, (template.params, template.opt_state, template.step))
+        state = TrainState(params, opt_state, step, ema)
         run_dir.truncate_metrics(start)
         capacity = run_dir.load_capacity(start)
         if capacity is not None:
@@ -56,6 +59,10 @@ def run(config: Experiment, resume: bool = False, progress: bool = True, stop_af
         run_dir.write_reference(job.reference)
         if os.path.exists(run_dir.metrics_path):
             os.remove(run_dir.metrics_path)
+    validation = None
+    if config.validation.every:
+        structures = read_validation_set(config, job.student(), run_dir, job.teacher)
+        validation = Validation(structures, job.student(), run_dir)
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=config.name,
                disable=not progress, dynamic_ncols=True)
     inputs_iter = job.data.batches(start)
@@ -63,18 +70,28 @@ def run(config: Experiment, resume: bool = False, progress: bool = True, stop_af
         t0 = time.perf_counter()
 
         def record(done: int, state: TrainState, metrics: dict) -> bool:
-            """Log and checkpoint a checked step; True when the job should stop after it."""
-            if done % config.log_every == 0 or done == config.steps:
-                row = {"step": done, **{k: float(v) for k, v in metrics.items()},
-                       "seconds": round(time.perf_counter() - t0, 3)}
+            """Log, validate and checkpoint a checked step; True when the job should stop after it."""
+            out_of_time = config.time_limit > 0 and time.perf_counter() - t0 >= config.time_limit
+            validated = validation is not None and (done % config.validation.every == 0 or done == config.steps)
+            if done % config.log_every == 0 or done == config.steps or validated:
+                row = {"step": done, **{k: float(v) for k, v in metrics.items()}}
+                if validated:
+                    row.update(validation(done, state.ema))
+                row["seconds"] = round(time.perf_counter() - t0, 3)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
-                bar.set_postfix(loss=f"{row['loss']:.4g}", F_rmse=f"{row['forces_rmse']:.3f}")
-            if done % config.checkpoint_every == 0 or done == config.steps:
+                postfix = {"loss": f"{row['loss']:.4g}", "F_rmse": f"{row['forces_rmse']:.3f}"}
+                if validated:
+                    postfix["val_F_rmse"] = f"{row['val_forces_rmse']:.3f}"
+                bar.set_postfix(postfix)
+            if done % config.checkpoint_every == 0 or done == config.steps or out_of_time:
                 # Capacities first: a checkpoint on disk always has the capacities it was trained with.
                 run_dir.save_capacity(done, job.data.capacity_state())
-                run_dir.save_checkpoint(checkpoints, done, state.params, (state.opt_state, state.step))
-            return stop_after is not None and done - start >= stop_after
+                run_dir.save_checkpoint(checkpoints, done, state.ema, (state.params, state.opt_state, state.step))
+            if out_of_time and done < config.steps:
+                tqdm.write(f"{config.name}: time limit of {config.time_limit:g} s reached at step {done} of "
+                           f"{config.steps} (checkpointed; --resume continues)")
+            return out_of_time or (stop_after is not None and done - start >= stop_after)
 
         # Steps are dispatched ahead of reading their overflow flags (`steps_in_flight`). A step that
         # overflowed (rare: capacities grow) is redone at grown capacities and the steps after it again from

@@ -3,7 +3,7 @@
 A term names its `target`: a field of both `distiller.derivatives.Predictions` (what the student computes) and
 `Batch` (the labels, energies relative to the student's reference energies). It returns its mean-square error
 and the metrics it reports; the loss is Σ weight · term. A new term (e.g. on Hessian-vector products) is one
-class here and one line in `loss_terms`.
+class here and one line in `loss_terms` (as `HessianVectorProducts` is).
 """
 
 from __future__ import annotations
@@ -64,17 +64,39 @@ class Stress:
         return mse, {"stress_rmse": jnp.sqrt(mse)}
 
 
+@dataclasses.dataclass(frozen=True)
+class HessianVectorProducts:
+    """Mean over atoms and components of the squared error of H·v along the batch's random unit directions (one
+    per structure, new every step), (eV/Å²)²: the teacher's curvature, which energies and forces only sample
+    at points. Online training only (the teacher's H·v is computed in the same step)."""
+
+    weight: float
+    target: ClassVar[str] = "hvp"
+
+    def __call__(self, predicted: Predictions, batch: Batch) -> tuple[jax.Array, dict]:
+        atoms = batch.atom_mask.astype(predicted.hvp.dtype)[:, None]
+        error = (predicted.hvp - batch.hvp) * atoms
+        mse = jnp.sum(error**2) / (3.0 * jnp.maximum(jnp.sum(atoms), 1.0))
+        return mse, {"hvp_rmse": jnp.sqrt(mse)}
+
+
 def loss_terms(config: LossConfig) -> tuple:
     """The terms an experiment's LossConfig asks for. Energy and forces always (their metrics are the run's
     record, whatever their weights); stress only when weighed (it costs the strain derivative)."""
     terms = [EnergyPerAtom(config.energy_weight), Forces(config.forces_weight)]
     if config.stress_weight > 0:
         terms.append(Stress(config.stress_weight))
+    if config.hvp_weight > 0:
+        terms.append(HessianVectorProducts(config.hvp_weight))
     return tuple(terms)
 
 
 def needs_stress(terms) -> bool:
     return any(term.target == "stress" for term in terms)
+
+
+def needs_hvp(terms) -> bool:
+    return any(term.target == "hvp" for term in terms)
 
 
 def total_loss(terms, predicted: Predictions, batch: Batch) -> tuple[jax.Array, dict]:

@@ -27,13 +27,21 @@ from distiller.run_directory import RunDirectory, params_template
 from distiller.students import init_params, student_model
 from distiller.teachers.registry import load_teacher
 from distiller.train.labels import DatasetLabels, OnlineTeacher, step_key
-from distiller.train.losses import loss_terms, needs_stress, total_loss
+from distiller.train.losses import loss_terms, needs_hvp, needs_stress, total_loss
 
 
 class TrainState(NamedTuple):
-    params: Any
+    params: Any  # the weights the optimiser moves
     opt_state: Any
     step: jax.Array
+    ema: Any  # their exponential moving average: the student evaluated and exported
+
+
+def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
+    """The average after optimiser step `step` (1, 2, ...): decay min(decay, (1 + t) / (10 + t)), so early
+    averages are not dominated by the random initial weights."""
+    rate = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, ema, params)
 
 
 def make_optimizer(config: Experiment) -> optax.GradientTransformation:
@@ -66,6 +74,9 @@ class Distillation:
     @classmethod
     def create(cls, config: Experiment) -> "Distillation":
         if config.dataset:
+            if config.loss.hvp_weight > 0:
+                raise ValueError(f"experiment {config.name!r}: loss.hvp_weight needs the teacher in the step (online "
+                                 "training, `structures`); datasets carry no Hessian-vector products")
             data, teacher = DatasetLabels(config, float(config.student.cutoff)), None
         else:
             teacher = load_teacher(config.teacher)
@@ -109,18 +120,21 @@ class Distillation:
         capacity is static (one compilation per capacity and input shape). `shift`: the labels' per-element
         reference shift (labels.py)."""
         terms = loss_terms(self.config.loss)
-        stress = needs_stress(terms)
+        stress, hvp = needs_stress(terms), needs_hvp(terms)
         student = student_model(self.config.student)  # its energies do not involve its reference energies
 
         def loss_fn(params, batch):
-            return total_loss(terms, predictions(student, params, batch, stress=stress), batch)
+            return total_loss(terms, predictions(student, params, batch, stress=stress, directions=batch.directions),
+                              batch)
 
         @functools.partial(jax.jit, static_argnums=0)
         def step(capacity, state: TrainState, teacher_params, inputs: Batch, key, shift):
-            batch, overflow = self.data.labelled(capacity, teacher_params, inputs, key, shift, stress)
+            batch, overflow = self.data.labelled(capacity, teacher_params, inputs, key, shift, stress, hvp)
             (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
             updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-            new = TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
+            params = optax.apply_updates(state.params, updates)
+            ema = ema_update(state.ema, params, state.step + 1, self.config.optimizer.ema_decay)
+            new = TrainState(params, opt_state, state.step + 1, ema)
             # An overflowing step is not applied: the host grows capacities and recomputes it.
             new = jax.tree.map(lambda old, upd: jnp.where(overflow, old, upd), state, new)
             return new, metrics, overflow
@@ -157,9 +171,9 @@ class Distillation:
         prior = references.ZERO if self.teacher is None else self.teacher.reference
         self.use_reference(references.fit(numbers, energies, self.config.student.elements, prior))
         params = init_params(self.config.student, jax.random.key(self.config.seed), batch)
-        return TrainState(params, self.optimizer.init(params), jnp.zeros((), jnp.int32))
+        return TrainState(params, self.optimizer.init(params), jnp.zeros((), jnp.int32), params)
 
     def state_template(self) -> TrainState:
         """A TrainState of the run's structure (shapes and dtypes) to restore a checkpoint into."""
         params = params_template(self.config.student)
-        return TrainState(params, self.optimizer.init(params), jnp.zeros((), jnp.int32))
+        return TrainState(params, self.optimizer.init(params), jnp.zeros((), jnp.int32), params)

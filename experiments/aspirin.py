@@ -1,0 +1,192 @@
+"""Issue 12's aspirin experiment: students of the ANI-1x ensemble judged on teacher MD they never saw.
+
+    python experiments/aspirin.py                  # sample, train every student, evaluate: a GPU job
+    python experiments/aspirin.py --only painn-64x3 [--time 10m]
+    python experiments/aspirin.py --tiny           # the same pipeline at toy sizes (a CPU smoke run)
+    distiller distill experiments/aspirin.py       # the PaiNN student alone (the sampled sets must exist)
+
+Everything lives under runs/aspirin/ and resumes: sampled sets are kept, training continues from its
+checkpoints (a `--time` stop included), evaluation is redone from the checkpoints.
+
+1. Structures, all by the teacher (the 8-member ensemble) from the aspirin seed, each set from its own keys:
+     train       NVT (Langevin) MD at 300, 400, 500 and 600 K, and normal-mode samples at 400 K
+     validation  MD at 300 and 500 K (keys 500+): the best checkpoint is chosen on it
+     test-300K, test-500K
+                 MD from keys 900+: the structures every number below is measured on
+2. Online training: each step draws training structures, rattles them by 0.02 Å and labels them with the
+   ensemble inside the step (unlimited fresh labels near the physical distribution); the averaged weights
+   (EMA) are validated every `validation.every` steps and the best kept.
+3. Evaluation on both test sets; harmonic frequencies of student and teacher at the teacher's minimum (BFGS to
+   1 meV/Å; their Hessians there); student and teacher speed (µs/atom/step, energy and forces, one call of 64 molecules).
+   Written to bench/results/fidelity-<device>.json.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+
+from distiller.config import Experiment, LossConfig, OptimizerConfig, SamplingConfig, ValidationConfig
+from distiller.students import PaiNNConfig, SchNetConfig
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+SHARED = os.environ.get("DISTILLER_SHARED", os.path.join(ROOT, "..", "shared"))
+SEED = os.path.join(SHARED, "structures", "aspirin.extxyz")
+WORK = os.path.join(ROOT, "runs", "aspirin")
+TEACHER = "fennol-pmc:ani1x"
+
+config = Experiment(
+    name="aspirin-painn-64x3",
+    teacher=TEACHER,
+    structures=(os.path.join(WORK, "train.extxyz"),),
+    sampling=SamplingConfig(rattle=0.02, strain=0.0),
+    student=PaiNNConfig(cutoff=5.0, features=64, layers=3, n_rbf=16, elements=(1, 6, 7, 8)),
+    # Per-atom energy errors of 0.5 meV weigh (5e-4)² · 1000 = 2.5e-4 against 10 · (0.03 eV/Å)² = 9e-3 for forces.
+    loss=LossConfig(energy_weight=1000.0, forces_weight=10.0),
+    optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=500, final_learning_rate=1e-5, ema_decay=0.999),
+    steps=30000,
+    batch_size=32,
+    seed=0,
+    run_dir=os.path.join(WORK, "painn-64x3"),
+    checkpoint_every=1000,
+    log_every=100,
+    held_out=16,
+    validation=ValidationConfig(structures=(os.path.join(WORK, "validation.extxyz"),), every=1000),
+)
+
+STUDENTS = {
+    "painn-64x3": config,
+    "schnet-64x3": dataclasses.replace(config, name="aspirin-schnet-64x3", run_dir=os.path.join(WORK, "schnet-64x3"),
+                                       student=SchNetConfig(cutoff=5.0, features=64, layers=3, n_rbf=16)),
+    "painn-64x3-hvp": dataclasses.replace(config, name="aspirin-painn-64x3-hvp",
+                                          run_dir=os.path.join(WORK, "painn-64x3-hvp"),
+                                          loss=dataclasses.replace(config.loss, hvp_weight=1.0)),
+}
+
+# (temperature K, trajectories, snapshots per trajectory, first key) of each MD set.
+MD_SETS = {
+    "train": [(t, 4, 250, 100 + 10 * k) for k, t in enumerate((300.0, 400.0, 500.0, 600.0))],
+    "validation": [(300.0, 2, 32, 500), (500.0, 2, 32, 510)],
+    "test-300K": [(300.0, 4, 50, 900)],
+    "test-500K": [(500.0, 4, 50, 910)],
+}
+NORMAL_MODES = 1000  # normal-mode samples at 400 K in the training set
+
+
+def structures(name: str, teacher, tiny: bool) -> str:
+    """The set `name` (MD_SETS), sampled by the teacher once and kept; its path."""
+    from distiller.data.sampling import MDConfig, NormalModeConfig, sample
+    from distiller.structure import write_structures
+
+    path = os.path.join(WORK, f"{name}.extxyz")
+    if os.path.isfile(path):
+        return path
+    out = []
+    for temperature, trajectories, count, key in MD_SETS[name]:
+        md = MDConfig(count=2 if tiny else count, temperature=temperature, interval=5 if tiny else 20,
+                      equilibration=10 if tiny else 1000, dt=0.5, replicas=1 if tiny else trajectories)
+        out += sample(SEED, md, teacher, key=key)
+    if name == "train":
+        modes = NormalModeConfig(count=4 if tiny else NORMAL_MODES, temperature=400.0, relax_fmax=0.01)
+        out += sample(SEED, modes, teacher, key=7)
+    os.makedirs(WORK, exist_ok=True)
+    write_structures(path + ".partial.extxyz", out)
+    os.replace(path + ".partial.extxyz", path)
+    print(f"{name}: {len(out)} structures -> {path}")
+    return path
+
+
+def teacher_minimum(teacher, tiny: bool):
+    """The seed relaxed by the teacher to 1 meV/Å: ASE's BFGS on the calculator's float64 energies and forces
+    (distiller.md.minimize's FIRE stalls near 0.05 eV/Å on aspirin, too far from a minimum for frequencies)."""
+    from ase.optimize import BFGS
+
+    from distiller.calculator import Calculator
+    from distiller.structure import Structure, read_structures
+
+    atoms = read_structures(SEED)[0].to_ase()
+    atoms.calc = Calculator(teacher)
+    BFGS(atoms, logfile=None).run(fmax=1e-2 if tiny else 1e-3, steps=2000)
+    return Structure.from_ase(atoms, name="aspirin at the teacher's minimum")
+
+
+def normal_modes_mae(student, teacher, minimum) -> dict:
+    """Harmonic wavenumbers (cm⁻¹) of student and teacher at the teacher's minimum, and their MAE."""
+    import numpy as np
+
+    from distiller.md.minimize import hessian
+    from distiller.vibrations import frequencies
+
+    nu_t = frequencies(minimum, hessian(teacher, minimum))
+    nu_s = frequencies(minimum, hessian(student, minimum))
+    return {"normal_modes_mae_cm1": float(np.mean(np.abs(nu_s - nu_t))),
+            "normal_modes_max_error_cm1": float(np.max(np.abs(nu_s - nu_t))),
+            "teacher_cm1": [round(float(x), 2) for x in nu_t], "student_cm1": [round(float(x), 2) for x in nu_s]}
+
+
+def main(argv) -> dict:
+    import jax
+
+    from distiller.evaluate import evaluate_run
+    from distiller.files import write_json_atomic
+    from distiller.run_directory import RunDirectory, load_student
+    from distiller.speed import compare_speed, device_name, versions
+    from distiller.structure import read_structures
+    from distiller.teachers.registry import load_teacher
+    from distiller.train.loop import run
+
+    tiny = "--tiny" in argv
+    only = argv[argv.index("--only") + 1].split(",") if "--only" in argv else list(STUDENTS)
+    time_limit = 0.0
+    if "--time" in argv:
+        from distiller.config import parse_duration
+
+        time_limit = parse_duration(argv[argv.index("--time") + 1])
+    unknown = sorted(set(only) - set(STUDENTS))
+    if unknown:
+        raise SystemExit(f"unknown student(s) {', '.join(unknown)} (known: {', '.join(STUDENTS)})")
+    teacher = load_teacher(TEACHER)
+    tests = {name: structures(name, teacher, tiny) for name in MD_SETS}
+    minimum = teacher_minimum(teacher, tiny)
+
+    results = []
+    for name in only:
+        student_config = STUDENTS[name]
+        if tiny:
+            student_config = dataclasses.replace(student_config, steps=20, batch_size=2, checkpoint_every=10,
+                                                 log_every=5, validation=dataclasses.replace(student_config.validation,
+                                                                                             every=10))
+        student_config = dataclasses.replace(student_config, time_limit=time_limit)
+        run(student_config, resume=True)
+        run_dir = RunDirectory(student_config.run_dir)
+        rows = run_dir.read_metrics()
+        done = rows[-1]["step"] if rows else 0
+        if done < student_config.steps:
+            print(f"{name}: stopped at step {done} of {student_config.steps}; run again to continue")
+        test_sets = {}
+        for test in ("test-300K", "test-500K"):
+            report = evaluate_run(student_config.run_dir, tests[test], teacher=teacher,
+                                  out=os.path.join(student_config.run_dir, f"evaluation-{test}"))
+            test_sets[test] = {k: report["summary"][k] for k in ("structures", "accuracy_retained", "forces_mae",
+                                                                 "forces_rmse", "energy_mae_per_atom")}
+        student = load_student(student_config.run_dir)
+        speed = compare_speed(teacher, student_config.run_dir, {"aspirin x64": read_structures(SEED) * 64},
+                              repeats=3 if tiny else 20, native=False)
+        results.append({"name": name, "student": student_config.student.to_dict(), "loss": dataclasses.asdict(
+            student_config.loss), "steps": done, "best": run_dir.read_best(),
+            "train_seconds": rows[-1]["seconds"] if rows else None, "test_sets": test_sets,
+            **normal_modes_mae(student, teacher, minimum), "speed": speed["results"]})
+        print(json.dumps({k: results[-1][k] for k in ("name", "steps", "test_sets", "normal_modes_mae_cm1")}, indent=1))
+    out = {"command": "python experiments/aspirin.py " + " ".join(argv), "device": device_name(),
+           "versions": versions(), "teacher": TEACHER,
+           "test_sets": {name: {"file": os.path.relpath(path, ROOT), "structures": len(read_structures(path))}
+                         for name, path in tests.items()}, "students": results}
+    kind = "tiny" if tiny else jax.devices()[0].device_kind.split()[-1].lower()
+    path = os.path.join(WORK if tiny else os.path.join(ROOT, "bench", "results"), f"fidelity-{kind}.json")
+    write_json_atomic(path, out)
+    print(f"results: {path}")
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
