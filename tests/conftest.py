@@ -18,7 +18,7 @@ def compilation_cache():
 
     with tempfile.TemporaryDirectory(prefix="distiller-xla-cache-") as path:
         jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
         yield path
         jax.config.update("jax_compilation_cache_dir", None)

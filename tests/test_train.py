@@ -131,7 +131,7 @@ def test_overflowing_steps_are_redone_as_when_stepping_one_at_a_time(tmp_path, s
     """A step whose neighbour list overflows is redone at grown capacities, and with a step in flight (as on
     GPUs) the one dispatched after it again: the result is bit for bit that of `apply_step` one at a time."""
     monkeypatch.setattr(loop, "steps_in_flight", lambda: in_flight)
-    config = small_config(structures_dir, tmp_path / "run", steps=6)
+    config = small_config(structures_dir, tmp_path / "run")
     initial_state = Distillation.initial_state
 
     def with_tiny_capacity(job):  # every step's list overflows until the capacities grow
@@ -144,11 +144,11 @@ def test_overflowing_steps_are_redone_as_when_stepping_one_at_a_time(tmp_path, s
     job = Distillation.create(config)
     final = run(config, progress=False, job=job)
     assert job.data.capacity_state().neighbours.edges > 16
-    assert [r["step"] for r in metrics(tmp_path / "run")] == list(range(1, 7))
+    assert [r["step"] for r in metrics(tmp_path / "run")] == list(range(1, 9))
 
     state = job.initial_state()  # tiny capacities again
     inputs = job.data.batches(0)
-    for step in range(6):
+    for step in range(8):
         state, _, _ = job.apply_step(state, next(inputs), job.step_key(step))
     for x, y in zip(jax.tree_util.tree_leaves(final.params), jax.tree_util.tree_leaves(state.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -159,11 +159,11 @@ def test_a_fresh_run_never_overwrites_checkpoints_unasked(trained, tmp_path, str
     with pytest.raises(FileExistsError, match="up to step 80.*--resume.*--overwrite"):
         run(config, progress=False)
     assert latest_step(config.run_dir) == 80  # nothing touched
-    again = small_config(structures_dir, tmp_path / "again", steps=4)
-    run(again, progress=False)
+    again = small_config(structures_dir, tmp_path / "again")  # the resume tests' config: compiled already
+    run(again, progress=False, stop_after=2)
     run(again, progress=False, overwrite=True)  # the demo's way: start again, old checkpoints deleted
-    assert [r["step"] for r in metrics(tmp_path / "again")] == [1, 2, 3, 4]
-    assert latest_step(again.run_dir) == 4
+    assert [r["step"] for r in metrics(tmp_path / "again")] == list(range(1, 9))
+    assert latest_step(again.run_dir) == 8
 
 
 def test_evaluate_writes_report_and_plot(trained, tmp_path):
