@@ -90,8 +90,7 @@ def structures(name: str, teacher, tiny: bool) -> str:
         modes = NormalModeConfig(count=4 if tiny else NORMAL_MODES, temperature=400.0, relax_fmax=0.01)
         out += sample(SEED, modes, teacher, key=7)
     os.makedirs(WORK, exist_ok=True)
-    write_structures(path + ".partial.extxyz", out)
-    os.replace(path + ".partial.extxyz", path)
+    write_structures(path, out)  # atomic: a killed job samples the set again
     print(f"{name}: {len(out)} structures -> {path}")
     return path
 
@@ -122,6 +121,16 @@ def normal_modes_mae(student, teacher, minimum) -> dict:
     return {"normal_modes_mae_cm1": float(np.mean(np.abs(nu_s - nu_t))),
             "normal_modes_max_error_cm1": float(np.max(np.abs(nu_s - nu_t))),
             "teacher_cm1": [round(float(x), 2) for x in nu_t], "student_cm1": [round(float(x), 2) for x in nu_s]}
+
+
+def training_seconds(rows: list[dict]) -> float:
+    """Wall-clock seconds of training over every call of a run: each call's clock starts at 0 in metrics.jsonl."""
+    total, last = 0.0, 0.0
+    for row in rows:
+        if row["seconds"] < last:
+            total += last
+        last = row["seconds"]
+    return round(total + last, 1)
 
 
 def main(argv) -> dict:
@@ -174,7 +183,7 @@ def main(argv) -> dict:
                               repeats=3 if tiny else 20, native=False)
         results.append({"name": name, "student": student_config.student.to_dict(), "loss": dataclasses.asdict(
             student_config.loss), "steps": done, "best": run_dir.read_best(),
-            "train_seconds": rows[-1]["seconds"] if rows else None, "test_sets": test_sets,
+            "train_seconds": training_seconds(rows), "test_sets": test_sets,
             **normal_modes_mae(student, teacher, minimum), "speed": speed["results"]})
         print(json.dumps({k: results[-1][k] for k in ("name", "steps", "test_sets", "normal_modes_mae_cm1")}, indent=1))
     out = {"command": "python experiments/aspirin.py " + " ".join(argv), "device": device_name(),

@@ -230,3 +230,15 @@ def test_bad_training_settings_are_clear_errors():
         LossConfig(hvp_weight=-1.0)
     with pytest.raises(ValueError, match="steps, batch_size"):
         Experiment(name="x", steps=0)
+
+
+def test_a_validation_structure_the_student_cannot_take_is_refused_before_anything_is_written(tmp_path,
+                                                                                              structures_dir):
+    copper = tmp_path / "copper.extxyz"
+    copper.write_text("1\nLattice=\"3.6 0 0 0 3.6 0 0 0 3.6\" Properties=species:S:1:pos:R:3 pbc=\"T T T\"\n"
+                      "Cu 0 0 0\n")
+    config = dataclasses.replace(small_config(structures_dir, tmp_path / "run"),
+                                 validation=ValidationConfig(structures=(str(copper),), every=4))
+    with pytest.raises(ValueError, match="copper.extxyz"):
+        run(config, progress=False)
+    assert not (tmp_path / "run" / "config.json").exists()

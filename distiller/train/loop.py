@@ -41,10 +41,14 @@ def run(config: Experiment, resume: bool = False, progress: bool = True, stop_af
                                   "directory (--run-dir)")
         run_dir.clear_checkpoints()
     job = job or Distillation.create(config)
+    resuming = resume and previous is not None
+    # Before config.json: a validation structure either model cannot take is refused with nothing written.
+    validation_set = read_validation_set(config, run_dir, job.teacher, fresh=not resuming) \
+        if config.validation.every else None
     run_dir.write_config(config)
     checkpoints = run_dir.checkpoints()
     start = 0
-    if resume and previous is not None:
+    if resuming:
         job.use_reference(run_dir.read_reference())
         template = job.state_template()
         start, ema, (params, opt_state, step) = run_dir.restore(
@@ -59,10 +63,7 @@ def run(config: Experiment, resume: bool = False, progress: bool = True, stop_af
         run_dir.write_reference(job.reference)
         if os.path.exists(run_dir.metrics_path):
             os.remove(run_dir.metrics_path)
-    validation = None
-    if config.validation.every:
-        structures = read_validation_set(config, job.student(), run_dir, job.teacher)
-        validation = Validation(structures, job.student(), run_dir)
+    validation = None if validation_set is None else Validation(validation_set, job.student(), run_dir)
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=config.name,
                disable=not progress, dynamic_ncols=True)
     inputs_iter = job.data.batches(start)

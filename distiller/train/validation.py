@@ -16,28 +16,27 @@ from distiller.load import as_model
 from distiller.predict import Predictor
 from distiller.run_directory import RunDirectory
 from distiller.structure import Structure, read_structures, write_structures
+from distiller.students import student_model
 
 METRICS = ("accuracy_retained", "forces_rmse", "forces_mae", "energy_mae_per_atom")
 
 
-def read_validation_set(config, student, run_dir: RunDirectory, teacher=None) -> list[Structure]:
-    """The run's labelled validation set: RUN/validation.extxyz, or the configured files labelled by `teacher`
-    (default: the experiment's, loaded) and written there. Refuses structures either model cannot take before
-    any labelling."""
+def read_validation_set(config, run_dir: RunDirectory, teacher=None, fresh: bool = False) -> list[Structure]:
+    """The run's labelled validation set: RUN/validation.extxyz (unless `fresh`: a new run labels afresh), or the
+    configured files labelled by `teacher` (default: the experiment's, loaded) and written there. Refuses
+    structures the student or the teacher cannot take before any labelling."""
     path = run_dir.file("validation.extxyz")
-    if os.path.isfile(path):
+    if os.path.isfile(path) and not fresh:
         return read_structures(path)
     structures = [s for file in config.validation.structures for s in read_structures(file)]
     if not structures:
         raise ValueError(f"experiment {config.name!r}: validation.structures "
                          f"({', '.join(config.validation.structures)}) hold no structures")
     teacher = teacher if teacher is not None else as_model(config.teacher)
-    for model in (student, teacher):
+    for model in (student_model(config.student), teacher):
         model.check(structures)
-    labelled = Predictor(teacher)(structures)
-    partial = path + ".partial.extxyz"
-    write_structures(partial, labelled)
-    os.replace(partial, path)  # whole or absent: a killed run labels it again
+    os.makedirs(run_dir.path, exist_ok=True)
+    write_structures(path, Predictor(teacher)(structures))  # atomic: a killed run labels it again
     # The file's numbers (rounded by extxyz), not the teacher's: a resumed run validates against the same ones.
     return read_structures(path)
 
@@ -53,9 +52,7 @@ class Validation:
 
     def __call__(self, step: int, params: Any) -> dict:
         summary = compare(self.predictor(self.structures, params), self.structures)["summary"]
-        metrics = {name: summary[name] for name in METRICS}
-        if not math.isfinite(metrics["forces_rmse"]):
-            raise FloatingPointError(f"validation at step {step}: the student's force RMSE is {metrics['forces_rmse']}")
+        metrics = {name: summary[name] for name in METRICS}  # finite: the Predictor refuses non-finite labels
         # Strictly better only: a resumed run recomputing a step already validated keeps the first.
         if metrics["forces_rmse"] < self.best:
             self.best = metrics["forces_rmse"]
