@@ -2,11 +2,18 @@
 
     python experiments/aspirin.py                  # sample, train every student, evaluate: a GPU job
     python experiments/aspirin.py --only painn-64x3 [--time 10m]
+    python experiments/aspirin.py --only painn-64x3,painn-64x3-hvp --steps 10000   # shorter runs, like for like
+    python experiments/aspirin.py --only painn-64x3,painn-64x3-hvp --timing 400    # training ms/step alone
     python experiments/aspirin.py --tiny           # the same pipeline at toy sizes (a CPU smoke run)
     distiller distill experiments/aspirin.py       # the PaiNN student alone (the sampled sets must exist)
 
 Everything lives under runs/aspirin/ and resumes: sampled sets are kept, training continues from its
-checkpoints (a `--time` stop included), evaluation is redone from the checkpoints.
+checkpoints (a `--time` stop included), evaluation is redone from the checkpoints. A student is evaluated once
+its run has all its steps. `--steps N` trains each student for N steps instead (its own run directory and entry,
+NAME-Nk, since the learning-rate schedule follows the step count). `--timing K` trains K steps of each student in
+NAME-timing (no validation, evaluation or checkpoints before the last step) and records its training ms/step.
+The results of a call are merged into bench/results/fidelity-<device>.json: entries of the same name are
+replaced, the others kept.
 
 1. Structures, all by the teacher (the 8-member ensemble) from the aspirin seed, each set from its own keys:
      train       NVT (Langevin) MD at 300, 400, 500 and 600 K, and normal-mode samples at 400 K
@@ -18,7 +25,8 @@ checkpoints (a `--time` stop included), evaluation is redone from the checkpoint
    (EMA) are validated every `validation.every` steps and the best kept.
 3. Evaluation on both test sets; harmonic frequencies of student and teacher at the teacher's minimum (BFGS to
    1 meV/Å; their Hessians there); student and teacher speed (µs/atom/step, energy and forces, one call of 64 molecules).
-   Written to bench/results/fidelity-<device>.json.
+   Written to bench/results/fidelity-<device>.json, with each student's training ms/step (metrics.jsonl: the
+   logged intervals of each call after its first, without those that hold a validation or a checkpoint).
 """
 
 import dataclasses
@@ -97,7 +105,9 @@ def structures(name: str, teacher, tiny: bool) -> str:
 
 def teacher_minimum(teacher, tiny: bool):
     """The seed relaxed by the teacher to 1 meV/Å: ASE's BFGS on the calculator's float64 energies and forces
-    (distiller.md.minimize's FIRE stalls near 0.05 eV/Å on aspirin, too far from a minimum for frequencies)."""
+    (distiller.md.minimize's FIRE stalls near 0.05 eV/Å on aspirin, too far from a minimum for frequencies).
+    Returns (structure, largest force there in eV/Å)."""
+    import numpy as np
     from ase.optimize import BFGS
 
     from distiller.calculator import Calculator
@@ -106,7 +116,8 @@ def teacher_minimum(teacher, tiny: bool):
     atoms = read_structures(SEED)[0].to_ase()
     atoms.calc = Calculator(teacher)
     BFGS(atoms, logfile=None).run(fmax=1e-2 if tiny else 1e-3, steps=2000)
-    return Structure.from_ase(atoms, name="aspirin at the teacher's minimum")
+    fmax = float(np.max(np.linalg.norm(atoms.get_forces(), axis=1)))
+    return Structure.from_ase(atoms, name="aspirin at the teacher's minimum"), fmax
 
 
 def normal_modes_mae(student, teacher, minimum) -> dict:
@@ -133,6 +144,42 @@ def training_seconds(rows: list[dict]) -> float:
     return round(total + last, 1)
 
 
+def step_timing(rows: list[dict], checkpoint_every: int) -> dict:
+    """Training ms/step from metrics.jsonl: over the logged intervals of each call after its first (which holds
+    the compilation), leaving out those ending in a validation and those starting at a checkpoint. The median
+    of the intervals' ms/step (robust to a recompilation after a capacity grew) and their overall mean."""
+    import numpy as np
+
+    intervals, previous = [], None
+    for row in rows:
+        if previous is not None and row["seconds"] >= previous["seconds"]:  # the same call
+            validated = any(k.startswith("val_") for k in row)
+            checkpointed = previous["step"] % checkpoint_every == 0
+            if not validated and not checkpointed and row["step"] > previous["step"]:
+                intervals.append((row["step"] - previous["step"], row["seconds"] - previous["seconds"]))
+        previous = row
+    if not intervals:
+        return {"ms_per_step": None, "ms_per_step_mean": None, "timed_steps": 0}
+    steps, seconds = np.array(intervals).T
+    return {"ms_per_step": round(float(np.median(1000 * seconds / steps)), 3),
+            "ms_per_step_mean": round(float(1000 * seconds.sum() / steps.sum()), 3), "timed_steps": int(steps.sum())}
+
+
+def merged(path: str, out: dict) -> dict:
+    """`out` with the students and step timings of the results already at `path` that it does not replace (by
+    name); each older entry keeps the command, device and versions it was made with."""
+    if not os.path.isfile(path):
+        return out
+    with open(path) as f:
+        old = json.load(f)
+    made = {key: old[key] for key in ("command", "device", "versions") if key in old}
+    new = {entry["name"]: entry for entry in out["students"]}
+    students = [new.pop(entry["name"], {**made, **entry}) for entry in old.get("students", [])]
+    timing = {name: {**made, **entry} for name, entry in old.get("step_timing", {}).items()}
+    timing.update(out.get("step_timing", {}))
+    return {**out, "students": students + list(new.values()), "step_timing": timing}
+
+
 def main(argv) -> dict:
     import jax
 
@@ -151,27 +198,49 @@ def main(argv) -> dict:
         from distiller.config import parse_duration
 
         time_limit = parse_duration(argv[argv.index("--time") + 1])
+    steps = int(argv[argv.index("--steps") + 1]) if "--steps" in argv else None
+    timing = int(argv[argv.index("--timing") + 1]) if "--timing" in argv else None
     unknown = sorted(set(only) - set(STUDENTS))
     if unknown:
         raise SystemExit(f"unknown student(s) {', '.join(unknown)} (known: {', '.join(STUDENTS)})")
+    command = "python experiments/aspirin.py " + " ".join(argv)
     teacher = load_teacher(TEACHER)
     tests = {name: structures(name, teacher, tiny) for name in MD_SETS}
-    minimum = teacher_minimum(teacher, tiny)
+    minimum = None
 
-    results = []
+    results, timings = [], {}
     for name in only:
         student_config = STUDENTS[name]
         if tiny:
             student_config = dataclasses.replace(student_config, steps=20, batch_size=2, checkpoint_every=10,
                                                  log_every=5, validation=dataclasses.replace(student_config.validation,
                                                                                              every=10))
+        if steps is not None and steps != student_config.steps:
+            suffix = f"-{steps // 1000}k" if steps % 1000 == 0 else f"-{steps}"
+            name += suffix
+            student_config = dataclasses.replace(student_config, name=student_config.name + suffix, steps=steps,
+                                                 run_dir=student_config.run_dir + suffix)
+        if timing is not None:  # K steps alone in their own run directory: no validation, one checkpoint
+            student_config = dataclasses.replace(
+                student_config, name=student_config.name + "-timing", run_dir=student_config.run_dir + "-timing",
+                steps=timing, checkpoint_every=timing, log_every=5 if tiny else 20,
+                validation=dataclasses.replace(student_config.validation, every=0), time_limit=0.0)
+            run(student_config, overwrite=True)
+            rows = RunDirectory(student_config.run_dir).read_metrics()
+            timings[name] = {"command": command, "device": device_name(), "steps": timing,
+                             "batch_size": student_config.batch_size, "hvp_weight": student_config.loss.hvp_weight,
+                             **step_timing(rows, student_config.checkpoint_every)}
+            print(json.dumps({name: timings[name]}))
+            continue
         student_config = dataclasses.replace(student_config, time_limit=time_limit)
         run(student_config, resume=True)
         run_dir = RunDirectory(student_config.run_dir)
         rows = run_dir.read_metrics()
         done = rows[-1]["step"] if rows else 0
         if done < student_config.steps:
-            print(f"{name}: stopped at step {done} of {student_config.steps}; run again to continue")
+            print(f"{name}: stopped at step {done} of {student_config.steps}; run again to continue "
+                  "(evaluated once complete)")
+            continue
         test_sets = {}
         for test in ("test-300K", "test-500K"):
             report = evaluate_run(student_config.run_dir, tests[test], teacher=teacher,
@@ -181,17 +250,25 @@ def main(argv) -> dict:
         student = load_student(student_config.run_dir)
         speed = compare_speed(teacher, student_config.run_dir, {"aspirin x64": read_structures(SEED) * 64},
                               repeats=3 if tiny else 20, native=False)
-        results.append({"name": name, "student": student_config.student.to_dict(), "loss": dataclasses.asdict(
-            student_config.loss), "steps": done, "best": run_dir.read_best(),
-            "train_seconds": training_seconds(rows), "test_sets": test_sets,
-            **normal_modes_mae(student, teacher, minimum), "speed": speed["results"]})
-        print(json.dumps({k: results[-1][k] for k in ("name", "steps", "test_sets", "normal_modes_mae_cm1")}, indent=1))
-    out = {"command": "python experiments/aspirin.py " + " ".join(argv), "device": device_name(),
-           "versions": versions(), "teacher": TEACHER,
+        if minimum is None:
+            minimum, minimum_fmax = teacher_minimum(teacher, tiny)
+        results.append({"name": name, "command": command, "student": student_config.student.to_dict(),
+                        "loss": dataclasses.asdict(student_config.loss), "steps": done,
+                        "batch_size": student_config.batch_size, "best": run_dir.read_best(),
+                        "train_seconds": training_seconds(rows),
+                        **step_timing(rows, student_config.checkpoint_every), "test_sets": test_sets,
+                        "teacher_minimum_fmax": minimum_fmax, **normal_modes_mae(student, teacher, minimum),
+                        "speed": speed["results"]})
+        print(json.dumps({k: results[-1][k] for k in ("name", "steps", "ms_per_step", "test_sets",
+                                                      "normal_modes_mae_cm1")}, indent=1))
+    if not results and not timings:
+        return {}
+    out = {"command": command, "device": device_name(), "versions": versions(), "teacher": TEACHER,
            "test_sets": {name: {"file": os.path.relpath(path, ROOT), "structures": len(read_structures(path))}
-                         for name, path in tests.items()}, "students": results}
+                         for name, path in tests.items()}, "students": results, "step_timing": timings}
     kind = "tiny" if tiny else jax.devices()[0].device_kind.split()[-1].lower()
     path = os.path.join(WORK if tiny else os.path.join(ROOT, "bench", "results"), f"fidelity-{kind}.json")
+    out = merged(path, out)
     write_json_atomic(path, out)
     print(f"results: {path}")
     return out
