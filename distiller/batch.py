@@ -171,10 +171,25 @@ def binning_cell(structure: Structure) -> np.ndarray:
     return cell
 
 
+def near_origin(structure: Structure) -> np.ndarray:
+    """The structure's positions (float64) moved near the origin before they become float32, where an atom 1e4 Å
+    away is resolved to 1e-3 Å only (aspirin there had forces 0.04 eV/Å off): each atom by whole lattice vectors
+    into the cell along periodic directions, the whole structure by whole cell vectors (Å for a molecule)
+    towards the origin along the others. Energies, forces and stress do not change under these moves; atoms
+    already in place do not move at all, and a molecule moves by whole Å, exactly."""
+    cell = binning_cell(structure)
+    positions = np.asarray(structure.positions, np.float64)
+    fractional = positions @ np.linalg.inv(cell)
+    lattice = np.where(structure.pbc, np.floor(fractional), np.round(fractional.mean(axis=0)))
+    return positions - lattice @ cell if np.any(lattice) else positions
+
+
 def pad_structures(structures: Sequence[Structure], shape: BatchShape | None = None,
                    reference: ReferenceEnergies | None = None) -> Batch:
     """Concatenate and pad structures into a Batch without edges (E = 0); labels where present, energies minus
-    `reference` (taken in float64, before the labels become float32)."""
+    `reference` (taken in float64, before the labels become float32). Positions are `near_origin`'s: a batch's
+    structures may sit away from the given ones by lattice vectors and whole Å, so the positions of structures
+    taken back out of a batch (`unbatch`) are where the model saw them."""
     shape = shape or shape_for(structures)
     n_real = sum(s.n_atoms for s in structures)
     if n_real >= shape.atoms or len(structures) >= shape.graphs:
@@ -195,7 +210,7 @@ def pad_structures(structures: Sequence[Structure], shape: BatchShape | None = N
     start = 0
     for g, s in enumerate(structures):
         sl = slice(start, start + s.n_atoms)
-        numbers[sl], positions[sl], atom_mask[sl], graph_index[sl] = s.numbers, s.positions, True, g
+        numbers[sl], positions[sl], atom_mask[sl], graph_index[sl] = s.numbers, near_origin(s), True, g
         cell[g], pbc[g], n_atoms[g], graph_mask[g] = binning_cell(s), s.pbc, s.n_atoms, True
         if s.energy is not None:
             energy[g] = s.energy - (reference.energy(s.numbers) if reference is not None else 0.0)

@@ -1,4 +1,8 @@
-"""The `distiller` command line: distil, profile, evaluate."""
+"""The `distiller` command line: distill, profile, evaluate, label, export and md.
+
+A command that fails prints `distiller: error: MESSAGE` and exits 2 for a usage error (a bad option or --set
+value, refused before any work), 1 for any other failure; `--debug` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +12,37 @@ import os
 import sys
 
 
+class UsageError(ValueError):
+    """A command line that cannot be right (a bad --set value, options that exclude each other): exit code 2."""
+
+
+def _experiment(args):
+    """The experiment file's config with the --set overrides, each checked before any work."""
+    from distiller.config import apply_override, load_experiment
+
+    config = load_experiment(args.experiment)
+    for item in args.set:
+        try:
+            config = apply_override(config, item)
+        except (ValueError, KeyError, TypeError) as err:
+            raise UsageError(f"--set {item}: {_message(err)}") from err
+    return config
+
+
 def _distill(args) -> int:
     import dataclasses
 
-    from distiller.config import load_experiment, parse_duration
+    from distiller.config import parse_duration
     from distiller.train.loop import run
 
-    config = load_experiment(args.experiment, args.set)
+    config = _experiment(args)
     if args.run_dir:
         config = dataclasses.replace(config, run_dir=args.run_dir)
     if args.time:
-        config = dataclasses.replace(config, time_limit=parse_duration(args.time))
+        try:
+            config = dataclasses.replace(config, time_limit=parse_duration(args.time))
+        except ValueError as err:
+            raise UsageError(f"--time: {err}") from err
     run(config, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     print(f"run directory: {config.run_dir}")
     return 0
@@ -27,30 +51,60 @@ def _distill(args) -> int:
 def _profile(args) -> int:
     import jax
 
-    from distiller.config import load_experiment
     from distiller.train.step import Distillation
 
-    config = load_experiment(args.experiment, args.set)
+    config = _experiment(args)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise FileExistsError(f"{args.out} is a file; --out takes a directory")
+    _status(args, f"setting up {config.name}: teacher {config.teacher}, student {config.student.architecture}")
     job = Distillation.create(config)
     state = job.initial_state()
+    _status(args, "compiling the training step and running it once (outside the trace)")
     # Compile and run once outside the trace so the trace shows steady-state steps.
     state, _, _ = job.dispatch_step(state, job.seed_batch(0), job.step_key(0))
     jax.block_until_ready(state)
     os.makedirs(args.out, exist_ok=True)
+    before = set(_trace_folders(args.out))
+    _status(args, f"tracing {args.steps} steps")
     with jax.profiler.trace(args.out, create_perfetto_trace=True):
         for step in range(1, args.steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, metrics, _ = job.dispatch_step(state, job.seed_batch(step), job.step_key(step))
         jax.block_until_ready(state)
-    print(f"trace of {args.steps} steps written under {args.out} (open with TensorBoard's profile plugin or ui.perfetto.dev)")
+    written = sorted(set(_trace_folders(args.out)) - before) or [args.out]
+    print(f"trace of {args.steps} steps written to {written[-1]} (open with TensorBoard's profile plugin, or its "
+          f"perfetto_trace.json.gz with ui.perfetto.dev)")
     return 0
+
+
+def _trace_folders(out: str) -> list[str]:
+    """The folders jax.profiler.trace has written under `out` (OUT/plugins/profile/TIMESTAMP/)."""
+    base = os.path.join(out, "plugins", "profile")
+    return [os.path.join(base, name) for name in os.listdir(base)] if os.path.isdir(base) else []
 
 
 def _evaluate(args) -> int:
     from distiller.evaluate import evaluate_run
 
-    report = evaluate_run(args.run_dir, args.structures, teacher=args.teacher, out=args.out)
+    report = evaluate_run(args.run_dir, args.structures, teacher=args.teacher, out=args.out, progress=not args.quiet)
     print(json.dumps(report["summary"], indent=2))
+    out = args.out or os.path.join(args.run_dir, "evaluation")
+    print(f"report written to {os.path.join(out, 'report.json')}, parity plot to {os.path.join(out, 'parity.png')}")
+    return 0
+
+
+def _export(args) -> int:
+    from distiller.data.dataset import open_dataset
+    from distiller.structure import write_structures
+
+    if os.path.exists(args.out):
+        raise FileExistsError(f"{args.out} exists; export writes a new file (remove it or choose another --out)")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise FileNotFoundError(f"{os.path.dirname(os.path.abspath(args.out))}: no such directory for --out")
+    dataset = open_dataset(args.dataset)
+    write_structures(args.out, list(dataset))
+    print(f"{len(dataset)} structures of {args.dataset} (labels of {dataset.teacher}: energy eV, forces eV/Å, "
+          f"stress eV/Å³ where present) written to {args.out}")
     return 0
 
 
@@ -59,14 +113,17 @@ def _label(args) -> int:
 
     if args.merge:
         if args.teacher or args.structures or args.shard:
-            raise SystemExit("distiller label --merge takes only the shard directories and --out")
+            raise UsageError("distiller label --merge takes only the shard directories and --out")
         summary = label.merge(args.merge, args.out)
     else:
         if not args.teacher or not args.structures:
-            raise SystemExit("distiller label needs --teacher and --structures (or --merge DIR...)")
-        summary = label.label_dataset(args.teacher, args.structures, args.out,
-                                      shard=label.parse_shard(args.shard or "0/1"), chunk=args.chunk,
-                                      max_atoms=args.max_atoms, progress=not args.quiet)
+            raise UsageError("distiller label needs --teacher and --structures (or --merge DIR...)")
+        try:
+            shard = label.parse_shard(args.shard or "0/1")
+        except ValueError as err:
+            raise UsageError(str(err)) from err
+        summary = label.label_dataset(args.teacher, args.structures, args.out, shard=shard, chunk=args.chunk,
+                                      max_atoms=args.max_atoms, skip_bad=args.skip_bad, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -77,10 +134,13 @@ def _md(args) -> int:
     from distiller.md.run import run_md
     from distiller.md.simulate import Dynamics
 
-    dynamics = Dynamics(ensemble=args.ensemble, temperature=args.temperature, dt=args.dt, thermostat=args.thermostat,
-                        friction=args.friction, tau=args.tau, dr_threshold=args.skin)
+    try:
+        dynamics = Dynamics(ensemble=args.ensemble, temperature=args.temperature, dt=args.dt,
+                            thermostat=args.thermostat, friction=args.friction, tau=args.tau, dr_threshold=args.skin)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     # The command as it would be typed again (from the parsed arguments: main() may be called with argv).
-    options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "quiet") and v is not None}
+    options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "quiet", "debug") and v is not None}
     command = "distiller md " + " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in options.items())
     summary = run_md(args.model, args.structure, args.out, dynamics, args.steps, index=args.index,
                      log_every=args.log_every, write_every=args.write_every, chunk=args.chunk, seed=args.seed,
@@ -91,11 +151,57 @@ def _md(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="distiller", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _status(args, message: str) -> None:
+    """A status line on stderr for a phase without a progress bar (stdout keeps the results)."""
+    if not getattr(args, "quiet", False):
+        print(message, file=sys.stderr, flush=True)
 
-    p = sub.add_parser("distill", help="train a student from a teacher as an experiment file says")
+
+def _message(err: BaseException) -> str:
+    """An exception as one line for `distiller: error:`; the kinds that are not errors of the input, e.g. a
+    bug's TypeError, keep their name."""
+    text = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else str(err)
+    if isinstance(err, (ValueError, OSError, KeyError, LookupError, ImportError, FloatingPointError)):
+        return text or type(err).__name__
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("distiller")
+    except metadata.PackageNotFoundError:
+        import distiller
+
+        return getattr(distiller, "__version__", "unknown")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distiller", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"distiller {_version()}")
+    debug = "show the traceback of an error instead of a one-line message"
+    parser.add_argument("--debug", action="store_true", help=debug)
+    # Also accepted after the command; SUPPRESS keeps a command's absent flag from hiding the top-level one.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_parser(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    p = add_parser("distill", help="train a student from a teacher as an experiment file says")
     p.add_argument("experiment", help="Python file defining `config = Experiment(...)`")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. steps=200")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run directory")
@@ -107,21 +213,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_distill)
 
-    p = sub.add_parser("profile", help="write a jax.profiler trace of N training steps")
-    p.add_argument("experiment")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--out", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p = add_parser("profile", help="write a jax.profiler trace of N training steps")
+    p.add_argument("experiment", help="Python file defining `config = Experiment(...)`")
+    p.add_argument("--steps", type=_positive_int, default=10, metavar="N", help="training steps traced (default 10)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="trace directory (the trace goes to DIR/plugins/profile/TIMESTAMP/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. optimizer.learning_rate=1e-3")
+    p.add_argument("--quiet", action="store_true", help="no status lines")
     p.set_defaults(func=_profile)
 
-    p = sub.add_parser("evaluate", help="compare a trained student with its teacher; writes report.json and plots")
-    p.add_argument("run_dir")
-    p.add_argument("--structures", required=True, help="structure file (ASE-readable)")
+    p = add_parser("evaluate", help="compare a trained student with its teacher; writes report.json and parity.png")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the student's run directory (written by `distiller distill`)")
+    p.add_argument("--structures", required=True, metavar="FILE_OR_DATASET",
+                   help="structure file (ASE-readable) or dataset directory (`distiller label`; labelled by the "
+                        "teacher, its labels are used)")
     p.add_argument("--teacher", help="teacher spec (default: the run's teacher)")
-    p.add_argument("--out", help="output directory (default: RUN_DIR/evaluation)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: RUN_DIR/evaluation)")
+    p.add_argument("--quiet", action="store_true", help="no status lines")
     p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("label", help="label structures with a teacher into a dataset (resumable, shardable)")
+    p = add_parser("export", help="write a dataset as an extxyz file (energies eV, forces eV/Å, stress eV/Å³)")
+    p.add_argument("dataset", metavar="DATASET", help="dataset directory (written by `distiller label`)")
+    p.add_argument("--out", required=True, metavar="FILE.extxyz", help="the extxyz file (new: never overwritten)")
+    p.set_defaults(func=_export)
+
+    p = add_parser("label", help="label structures with a teacher into a dataset (resumable, shardable)")
     p.add_argument("--teacher", help="teacher spec, e.g. fennol-pmc:ani1x or orb:orb-v3-conservative-inf-omat")
     p.add_argument("--structures", nargs="+", metavar="FILE_OR_DATASET",
                    help="structure files (ASE-readable) and/or dataset directories, labelled in this order")
@@ -130,25 +247,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=64, help="structures per committed chunk (default 64)")
     p.add_argument("--max-atoms", type=int, default=4096, help="atoms per teacher batch, JAX teachers (default 4096)")
     p.add_argument("--merge", nargs="+", metavar="DIR", help="gather the shard directories of one job into --out")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out bad structures (listed with the reasons in OUT/rejected.json) instead of stopping")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_label)
 
-    p = sub.add_parser("md", help="molecular dynamics (JAX-MD) with a teacher or a student; writes an extxyz "
-                                  "trajectory and a thermo log")
+    p = add_parser("md", help="molecular dynamics (JAX-MD) with a teacher or a student; writes an extxyz "
+                              "trajectory and a thermo log")
     p.add_argument("--model", required=True, metavar="SPEC_OR_RUN_DIR",
                    help="teacher spec (e.g. fennol-pmc:ani1x/0) or a student run directory")
     p.add_argument("--structure", required=True, metavar="FILE", help="starting structure (ASE-readable)")
     p.add_argument("--index", type=int, default=0, help="which structure of FILE (default 0)")
-    p.add_argument("--ensemble", choices=["nve", "nvt"], default="nve")
+    p.add_argument("--ensemble", choices=["nve", "nvt"], default="nve",
+                   help="nve: constant energy; nvt: with the --thermostat (default nve)")
     p.add_argument("--temperature", type=float, default=300.0, metavar="K",
                    help="initial velocities (and the thermostat for nvt), default 300")
     p.add_argument("--dt", type=float, default=0.5, metavar="FS", help="time step in fs (default 0.5)")
-    p.add_argument("--steps", type=int, required=True, metavar="N")
+    p.add_argument("--steps", type=_positive_int, required=True, metavar="N",
+                   help="MD steps, a multiple of --log-every")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output directory (trajectory.extxyz, thermo.log, md.json)")
-    p.add_argument("--chunk", type=int, default=100, help="steps per compiled lax.scan chunk (default 100)")
-    p.add_argument("--log-every", type=int, default=10, metavar="K", help="thermo log interval in steps (default 10)")
-    p.add_argument("--write-every", type=int, metavar="M",
+    p.add_argument("--chunk", type=_positive_int, default=100, help="steps per compiled lax.scan chunk (default 100)")
+    p.add_argument("--log-every", type=_positive_int, default=10, metavar="K",
+                   help="thermo log interval in steps (default 10)")
+    p.add_argument("--write-every", type=_positive_int, metavar="M",
                    help="trajectory interval in steps, a multiple of --log-every (default: --log-every)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial velocities and Langevin noise")
     p.add_argument("--thermostat", choices=["langevin", "nose-hoover"], default="langevin", help="for nvt")
@@ -157,9 +279,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skin", type=float, default=0.5, metavar="ANGSTROM", help="neighbour-list skin (default 0.5)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_md)
+    return parser
 
-    args = parser.parse_args(argv)
-    return args.func(args)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt as err:
+        if args.debug:
+            raise
+        print(f"distiller: interrupted{f': {err}' if str(err) else ''}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
+    except Exception as err:
+        if args.debug:
+            raise
+        print(f"distiller: error: {_message(err)}", file=sys.stderr)
+        return 2 if isinstance(err, UsageError) else 1
 
 
 if __name__ == "__main__":

@@ -9,11 +9,45 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import math
+import numbers
 import os
-from typing import Any, Sequence
+import types
+import typing
+from typing import Any, Callable, Sequence
 
 from distiller import students
 from distiller.students import SchNetConfig, StudentConfig
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+Condition = tuple[Callable[[Any], bool], str]  # a test and what it says, e.g. (lambda x: x >= 1, ">= 1")
+
+
+def check_fields(config: Any, prefix: str, integers: dict[str, Condition] | None = None,
+                 reals: dict[str, Condition] | None = None) -> None:
+    """Refuse a field that is not an integer (`integers`) or a real number (`reals`), or fails its condition,
+    naming it (`prefix` + name): experiment files and config.json are checked here as `--set` values are."""
+    integers, reals = integers or {}, reals or {}
+    for name, (ok, wanted) in {**integers, **reals}.items():
+        value = getattr(config, name)
+        kind = "an integer" if name in integers else "a number"
+        if not (_is_int(value) if name in integers else _is_number(value)):
+            raise ValueError(f"{prefix}{name} must be {kind} {wanted}, got {value!r}")
+        if not ok(value):
+            raise ValueError(f"{prefix}{name} must be {wanted}, got {value!r}")
+
+
+AT_LEAST_0 = (lambda x: x >= 0, ">= 0")
+AT_LEAST_1 = (lambda x: x >= 1, ">= 1")
+POSITIVE = (lambda x: x > 0, "> 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +56,11 @@ class SamplingConfig:
 
     rattle: float = 0.1  # Å, standard deviation of Gaussian displacements
     strain: float = 0.02  # largest symmetric strain component applied to periodic cells
+
+    def __post_init__(self):
+        # Below 1/3 every eigenvalue of I + ε stays positive (Gershgorin): a strained cell never folds flat.
+        check_fields(self, "sampling.", reals={"rattle": AT_LEAST_0,
+                                               "strain": (lambda x: 0 <= x < 1 / 3, "in [0, 1/3)")})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +73,8 @@ class LossConfig:
     hvp_weight: float = 0.0
 
     def __post_init__(self):
-        for name in ("energy_weight", "forces_weight", "stress_weight", "hvp_weight"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        check_fields(self, "loss.", reals={name: AT_LEAST_0 for name in
+                                           ("energy_weight", "forces_weight", "stress_weight", "hvp_weight")})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +89,10 @@ class OptimizerConfig:
     ema_decay: float = 0.99
 
     def __post_init__(self):
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"optimizer.ema_decay must be in [0, 1), got {self.ema_decay}")
+        check_fields(self, "optimizer.", integers={"warmup_steps": AT_LEAST_0},
+                     reals={"learning_rate": POSITIVE, "final_learning_rate": AT_LEAST_0,
+                            "gradient_clip": POSITIVE, "weight_decay": AT_LEAST_0,
+                            "ema_decay": (lambda x: 0 <= x < 1, "in [0, 1)")})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +102,10 @@ class LoaderConfig:
     threads: int = 4  # grain threads reading and padding batches ahead of the step
     prefetch: int = 16  # batches read ahead
     max_atoms: int = 0  # if > 0, fewer than batch_size structures per batch for large structures
+
+    def __post_init__(self):
+        check_fields(self, "loader.", integers={"threads": AT_LEAST_0, "prefetch": AT_LEAST_1,
+                                                "max_atoms": AT_LEAST_0})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +118,9 @@ class ValidationConfig:
     every: int = 0  # steps between evaluations; 0: no validation
 
     def __post_init__(self):
-        if self.every < 0 or (self.every > 0 and not self.structures):
-            raise ValueError(f"validation.every={self.every} needs validation.structures (and every >= 0)")
+        check_fields(self, "validation.", integers={"every": AT_LEAST_0})
+        if self.every > 0 and not self.structures:
+            raise ValueError(f"validation.every={self.every} needs validation.structures")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,11 +147,10 @@ class Experiment:
     time_limit: float = 0.0  # seconds of training per call (`--time 30m`); 0: none. The schedules follow `steps`.
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.log_every < 1:
-            raise ValueError(f"experiment {self.name!r}: steps, batch_size, checkpoint_every and log_every must be "
-                             f">= 1 (got {self.steps}, {self.batch_size}, {self.checkpoint_every}, {self.log_every})")
-        if self.time_limit < 0:
-            raise ValueError(f"experiment {self.name!r}: time_limit must be >= 0 seconds, got {self.time_limit}")
+        check_fields(self, "", integers={"steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "seed": AT_LEAST_0,
+                                         "checkpoint_every": AT_LEAST_1, "log_every": AT_LEAST_1,
+                                         "held_out": AT_LEAST_0},
+                     reals={"time_limit": AT_LEAST_0})
 
 
 def parse_duration(text: str) -> float:
@@ -126,13 +170,13 @@ def load_experiment(path: str | os.PathLike, overrides: Sequence[str] = ()) -> E
     """Run an experiment file and return its `config`, with `key.sub=value` overrides applied."""
     path = os.fspath(path)
     spec = importlib.util.spec_from_file_location(f"experiment_{abs(hash(path))}", path)
-    if spec is None or spec.loader is None:
+    if not os.path.isfile(path) or spec is None or spec.loader is None:
         raise FileNotFoundError(f"experiment file not found: {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = getattr(module, "config", None)
     if not isinstance(config, Experiment):
-        raise TypeError(f"{path} must define `config = Experiment(...)`")
+        raise ValueError(f"{path} must define `config = Experiment(...)`")
     # Relative structure and dataset paths are relative to the experiment file, so a run works from any directory.
     here = os.path.dirname(os.path.abspath(path))
     config = dataclasses.replace(
@@ -149,31 +193,69 @@ def load_experiment(path: str | os.PathLike, overrides: Sequence[str] = ()) -> E
 
 
 def apply_override(config: Any, item: str) -> Any:
-    """`a.b=value` → a copy of config with field a.b replaced (value parsed as a Python literal)."""
+    """`a.b=value` → a copy of config with field a.b replaced (value parsed as a Python literal, and checked
+    against the field's type: an error names the field before anything runs)."""
     if "=" not in item:
         raise ValueError(f"--set expects key=value, got {item!r}")
     key, raw = item.split("=", 1)
+    key, raw = key.strip(), raw.strip()
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         value = raw  # a bare string
-    return _replace_path(config, key.strip().split("."), value)
+    return _replace_path(config, key.split("."), value, key, raw)
 
 
-def _replace_path(obj: Any, path: list[str], value: Any) -> Any:
+def _replace_path(obj: Any, path: list[str], value: Any, key: str, raw: str) -> Any:
     if isinstance(obj, StudentConfig) and path == ["architecture"]:
         return students.with_architecture(obj, value)
+    if not dataclasses.is_dataclass(obj):
+        raise KeyError(f"{key}: {'.'.join(key.split('.')[:-len(path)])} is a value, not a group of fields")
     names = {f.name for f in dataclasses.fields(obj)}
     if path[0] not in names:
         raise KeyError(f"{type(obj).__name__} has no field {path[0]!r} (fields: {', '.join(sorted(names))})")
     current = getattr(obj, path[0])
     if len(path) > 1:
-        return dataclasses.replace(obj, **{path[0]: _replace_path(current, path[1:], value)})
-    if isinstance(current, tuple) and isinstance(value, (list, tuple)):
-        value = tuple(value)
-    elif isinstance(current, float) and isinstance(value, int):
-        value = float(value)
-    return dataclasses.replace(obj, **{path[0]: value})
+        return dataclasses.replace(obj, **{path[0]: _replace_path(current, path[1:], value, key, raw)})
+    if dataclasses.is_dataclass(current):
+        fields = [f.name for f in dataclasses.fields(current)]
+        raise ValueError(f"{key} is a group of fields ({', '.join(fields)}): set one of them, e.g. {key}.{fields[0]}=...")
+    try:
+        hint = typing.get_type_hints(type(obj))[path[0]]
+    except NameError:  # an annotation this module cannot resolve (a config defined elsewhere): no check here
+        hint = Any
+    return dataclasses.replace(obj, **{path[0]: _typed(value, hint, key, raw)})
+
+
+def _typed(value: Any, hint: Any, key: str, raw: str) -> Any:
+    """`value` (parsed from the text `raw`) as a field of type `hint` holds it; ValueError naming `key` if it
+    cannot be one."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    if value is None and type(None) in options:
+        return None
+    hint = next(h for h in options if h is not type(None))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if _is_int(value) or (_is_number(value) and float(value).is_integer()):  # steps=1e4
+            return int(value)
+    elif hint is float:
+        if _is_number(value):
+            return float(value)
+    elif hint is str:
+        return value if isinstance(value, str) else raw  # name=2024 is the text as typed
+    elif typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0] if typing.get_args(hint) else Any
+        items = value if isinstance(value, (list, tuple)) else [raw if item is str else value]
+        return tuple(_typed(v, item, key, v if isinstance(v, str) else repr(v)) for v in items)
+    else:
+        return value  # a type without a check here (Any...): the dataclass's own check decides
+    raise ValueError(f"{key} must be {_WHAT.get(hint, hint)}, got {raw!r}")
+
+
+_WHAT = {bool: "True or False", int: "an integer", float: "a finite number", str: "a string"}
 
 
 def to_dict(config: Any) -> dict:

@@ -8,10 +8,11 @@ restarted job recognises its own leftovers), is flushed to disk and renamed over
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 TEMPORARY_MARK = ".tmp-"
 
@@ -61,7 +62,25 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any, indent: int | None = 2) -> None:
-    write_text_atomic(path, json.dumps(data, indent=indent, ensure_ascii=False))
+    """Strict JSON only: NaN and infinity are not JSON (other readers refuse them), so they are refused here."""
+    try:
+        text = json.dumps(data, indent=indent, ensure_ascii=False, allow_nan=False)
+    except ValueError as err:
+        raise ValueError(f"{path}: not written, {err} (NaN or infinity)") from None
+    write_text_atomic(path, text)
+
+
+def lock_exclusively(path: str | os.PathLike) -> IO | None:
+    """An exclusive lock on the file `path` (created if missing): the open file, which holds it until closed, or
+    None while another process holds it. The kernel releases it when its process dies, even by kill -9, so a
+    killed job never leaves a stale lock behind."""
+    lock = open(path, "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return None
+    return lock
 
 
 def sha256(path: str | os.PathLike) -> str:

@@ -7,7 +7,13 @@ order given). A shard labels its structures sorted by atom count (ties by index)
 each teacher call sees structures of similar size; every chunk is committed atomically as one part file of the
 dataset (see distiller.data.dataset). A job killed at any point and restarted with the same command skips the
 committed chunks: it loses at most the chunk in flight and duplicates nothing. n processes (a SLURM array)
-can label one set into one directory, or into several that `distiller label --merge` gathers.
+can label one set into one directory, or into several that `distiller label --merge` gathers. A directory that
+holds another job's shards (another teacher, teacher file, inputs, shard count...) is refused before any work.
+
+Bad input structures (invalid, or with elements the teacher does not know) stop the job before it labels
+anything, naming the first; with `--skip-bad` (`skip_bad=True`) the whole input is screened first, the bad
+ones are left out (shards and counts are those of the good ones; source indices stay the input's) and listed
+with their reasons in the dataset's rejected.json.
 
 Any energy model labels through one `distiller.predict.Predictor`: JAX teachers (FeNNol) in padded batches of a
 few bucketed shapes, capacities kept between chunks (saved with every commit, so a restarted job pads exactly
@@ -27,12 +33,13 @@ import numpy as np
 from tqdm import tqdm
 
 from distiller.capacity import Capacity
-from distiller.data.dataset import Dataset, ShardWriter, is_dataset, merge_datasets, open_dataset
-from distiller.files import sha256
+from distiller.data.dataset import REJECTED, Dataset, ShardWriter, is_dataset, merge_datasets, open_dataset
+from distiller.files import sha256, write_json_atomic
 from distiller.load import as_model
 from distiller.model import EnergyModel
 from distiller.predict import Predictor
-from distiller.structure import Structure, read_structures
+from distiller.structure import Structure, StructureError, read_structures
+from distiller.teachers.registry import teacher_files
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -51,7 +58,10 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 class Inputs:
-    """The job's input structures, from structure files (read whole) and datasets (read chunk by chunk)."""
+    """The job's input structures, from structure files (read whole) and datasets (read chunk by chunk).
+
+    Files are read without validating their structures, so that the bad ones can be set aside: the job checks
+    them up front (`refuse_bad` or `screen`); a dataset's structures are validated as they come in (`get`)."""
 
     def __init__(self, paths: Sequence[str | os.PathLike]):
         if not paths:
@@ -72,7 +82,7 @@ class Inputs:
                 self.sources.append({"file": os.path.basename(os.path.normpath(path)), "kind": "dataset",
                                      "sha256": digest, "structures": len(dataset)})
             else:
-                structures = read_structures(path)
+                structures = read_structures(path, validate=False)
                 self._parts.append(structures)
                 sizes.append(np.array([s.n_atoms for s in structures], np.int64))
                 self.sources.append({"file": os.path.basename(path), "kind": "file", "sha256": sha256(path),
@@ -83,7 +93,8 @@ class Inputs:
     def __len__(self) -> int:
         return int(self.n_atoms.shape[0])
 
-    def get(self, indices: Sequence[int]) -> list[Structure]:
+    def get(self, indices: Sequence[int], validate: bool = True) -> list[Structure]:
+        """The structures at input positions `indices`; a dataset's validated unless not `validate`."""
         indices = np.asarray(indices, np.int64)
         which = np.searchsorted(self._offsets, indices, side="right") - 1
         out: list[Structure | None] = [None] * len(indices)
@@ -91,26 +102,57 @@ class Inputs:
             where = np.flatnonzero(which == p)
             local = (indices[where] - self._offsets[p]).tolist()
             part = self._parts[p]
-            # Files were validated when read; a dataset's structures are validated here, as they come in.
-            got = [x.validated() for x in part.get(local)] if isinstance(part, Dataset) else [part[k] for k in local]
+            if isinstance(part, Dataset):
+                got = [x.validated() for x in part.get(local)] if validate else part.get(local)
+            else:
+                got = [part[k] for k in local]
             for j, k, s in zip(where, local, got):
                 info = {key: v for key, v in s.info.items() if key != "energy_spread"}  # a previous teacher's
                 info.setdefault("source", {"path": self.paths[p], "index": k})
                 out[j] = s.replace(info=info)
         return out  # type: ignore[return-value]
 
-    def in_memory(self) -> list[Structure] | None:
-        """All structures, if no dataset is among the inputs (then they can be checked up front)."""
-        if any(isinstance(p, Dataset) for p in self._parts):
-            return None
-        return [s for p in self._parts for s in p]
+    @property
+    def has_datasets(self) -> bool:
+        return any(isinstance(p, Dataset) for p in self._parts)
+
+    def from_files(self) -> list[Structure]:
+        """The structures of the structure files among the inputs (in memory: checked up front), unvalidated."""
+        return [s for p in self._parts if not isinstance(p, Dataset) for s in p]
 
 
-def shard_chunks(n_atoms: np.ndarray, shard: int, shards: int, chunk: int) -> list[list[int]]:
-    """The chunks of shard i/n: its indices (k = i mod n) sorted by (atom count, index), `chunk` at a time."""
+def screen(inputs: Inputs, teacher: EnergyModel, block: int = 1024) -> list[dict]:
+    """The input structures that `teacher` cannot label (invalid, or with an element it does not know): input
+    index, name, source and the reason, as rejected.json lists them."""
+    rejected = []
+    for start in range(0, len(inputs), block):
+        indices = range(start, min(start + block, len(inputs)))
+        for k, s in zip(indices, inputs.get(indices, validate=False)):
+            try:
+                teacher.check([s.validated()])
+            except StructureError as err:
+                rejected.append({"index": k, "name": s.name, "source": s.info["source"], "reason": str(err)})
+    return rejected
+
+
+def refuse_bad(teacher: EnergyModel, structures: Sequence[Structure]) -> None:
+    """StructureError naming the first structure that is invalid or that `teacher` cannot label."""
+    try:
+        teacher.check([s.validated() for s in structures])
+    except StructureError as err:
+        raise StructureError(f"{err} (with --skip-bad, or skip_bad=True, the others are labelled and the bad ones "
+                             f"listed in {REJECTED})") from None
+
+
+def shard_chunks(n_atoms: np.ndarray, shard: int, shards: int, chunk: int,
+                 keep: np.ndarray | None = None) -> list[list[int]]:
+    """The chunks of shard i/n: its indices (k = i mod n; only those where `keep`, if given) sorted by (atom
+    count, index), `chunk` at a time."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     members = np.arange(shard, len(n_atoms), shards)
+    if keep is not None:
+        members = members[keep[members]]
     members = members[np.lexsort((members, n_atoms[members]))]
     return [members[k:k + chunk].tolist() for k in range(0, len(members), chunk)]
 
@@ -121,28 +163,38 @@ def shard_chunks(n_atoms: np.ndarray, shard: int, shards: int, chunk: int) -> li
 
 def label_dataset(teacher: EnergyModel | str, structures: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                   shard: tuple[int, int] = (0, 1), chunk: int = 64, max_atoms: int = 4096,
-                  progress: bool = True) -> dict:
+                  skip_bad: bool = False, progress: bool = True) -> dict:
     """Label shard `shard` = (i, n) of the structures in `structures` (files and datasets) into dataset `out`.
 
-    `teacher` is an EnergyModel or a teacher spec ("fennol-pmc:ani1x"). Resumes a killed job.
-    Returns a summary: structures of the shard, how many were labelled now, time, rate, batch shapes, and
-    whether the dataset is complete (the last shard to finish writes its metadata.json).
+    `teacher` is an EnergyModel or a teacher spec ("fennol-pmc:ani1x"). Resumes a killed job. A bad structure
+    stops the job before any work (a dataset's, before its chunk), unless `skip_bad`: then the bad ones are
+    left out and listed in `out`/rejected.json.
+    Returns a summary: structures of the shard, how many were labelled now, time, rate, batch shapes, how many
+    were rejected, and whether the dataset is complete (the last shard to finish writes its metadata.json).
     """
     i, n = shard
     out = os.fspath(out)
     teacher = as_model(teacher)
     inputs = Inputs(structures)
-    everything = inputs.in_memory()
-    if everything is not None:  # fail before labelling anything, naming the bad structure
-        teacher.check(everything)
-    chunks = shard_chunks(inputs.n_atoms, i, n, chunk)
-    job = {"teacher": teacher.name, "teacher_class": type(teacher.source).__name__, "sources": inputs.sources,
-           "structures": len(inputs), "chunk": chunk, "shards": n,
-           "shard_sizes": [len(range(s, len(inputs), n)) for s in range(n)]}
+    if skip_bad:
+        rejected = screen(inputs, teacher)
+    else:  # the files' structures are in memory: fail before labelling anything, naming the bad one
+        rejected = []
+        refuse_bad(teacher, inputs.from_files())
+    keep = np.ones(len(inputs), bool)
+    keep[[r["index"] for r in rejected]] = False
+    chunks = shard_chunks(inputs.n_atoms, i, n, chunk, keep)
+    # The sha256 of the teacher's files: a dataset is never resumed or extended with other weights.
+    job = {"teacher": teacher.name, "teacher_files": teacher_files(teacher.name),
+           "teacher_class": type(teacher.source).__name__, "sources": inputs.sources,
+           "structures": int(keep.sum()), "rejected": len(rejected), "chunk": chunk, "shards": n,
+           "shard_sizes": [int(keep[s::n].sum()) for s in range(n)]}
     labeller = Predictor(teacher, max_atoms=max_atoms, max_structures=chunk)
     t0 = time.perf_counter()
     labelled_now = 0
     with ShardWriter(out, job, i, n) as writer:
+        if skip_bad:  # the same list from every shard (the whole input was screened)
+            write_json_atomic(os.path.join(out, REJECTED), {"inputs": len(inputs), "rejected": rejected})
         if writer.state is not None:  # the capacities of the last commit: pad and size as before the kill
             labeller.capacities = {shape: Capacity(*c) for shape, c in pickle.loads(writer.state).items()}
         done = writer.committed_chunks
@@ -153,8 +205,8 @@ def label_dataset(teacher: EnergyModel | str, structures: Sequence[str | os.Path
             if k in done:
                 continue
             structures = inputs.get(indices)
-            if everything is None:  # datasets among the inputs: checked chunk by chunk
-                teacher.check(structures)
+            if inputs.has_datasets and not skip_bad:  # a dataset's structures: checked chunk by chunk
+                refuse_bad(teacher, structures)
             labels = labeller(structures)
             writer.commit(k, labels, indices, pickle.dumps(labeller.capacities))
             labelled_now += len(indices)
@@ -163,7 +215,8 @@ def label_dataset(teacher: EnergyModel | str, structures: Sequence[str | os.Path
         complete = writer.finish()
     seconds = time.perf_counter() - t0
     return {"out": out, "shard": f"{i}/{n}", "teacher": teacher.name, "structures": sum(map(len, chunks)),
-            "labelled": labelled_now, "resumed_from": skipped, "seconds": round(seconds, 3),
+            "labelled": labelled_now, "resumed_from": skipped, "rejected": len(rejected),
+            "seconds": round(seconds, 3),
             "structures_per_second": round(labelled_now / seconds, 3) if labelled_now else None,
             "shapes": sorted([list(s) for s in labeller.shapes_seen]), "capacity_growths": labeller.grown,
             "dataset_complete": complete}

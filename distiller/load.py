@@ -19,8 +19,11 @@ def load_model(spec_or_run_dir: str | os.PathLike) -> EnergyModel:
         if not RunDirectory(name).is_run():
             raise FileNotFoundError(f"{name}: a directory but not a distiller run (no config.json)")
         return load_student(name)
-    from distiller.teachers.registry import load_teacher
+    from distiller.teachers.registry import known_prefixes, load_teacher
 
+    if name.partition(":")[0] not in known_prefixes():  # `runs/typo` is a missing run more often than a spec
+        raise FileNotFoundError(f"{name!r} is neither a run directory (no such directory) nor a teacher spec "
+                                f"PREFIX:NAME (prefixes: {', '.join(known_prefixes())})")
     return load_teacher(name)
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 from distiller.config import Experiment
+from distiller.files import write_json_atomic
 
 
 def main(config: Experiment) -> dict:
@@ -23,10 +23,10 @@ def main(config: Experiment) -> dict:
 
     held_out_path = os.path.join(config.run_dir, "held_out.extxyz")
     write_held_out(job, held_out_path)
-    report = evaluate_run(config.run_dir, held_out_path)
+    report = evaluate_run(config.run_dir, held_out_path, progress=True)
 
     seeds = [s for path in config.structures for s in read_structures(path)]
-    speed = compare_speed(config.teacher, config.run_dir, {s.name: [s] for s in seeds}, repeats=10)
+    speed = compare_speed(config.teacher, config.run_dir, {s.name: [s] for s in seeds}, repeats=10, progress=True)
     summary = {
         "train_seconds": round(train_seconds, 1),
         "steps": config.steps,
@@ -37,8 +37,7 @@ def main(config: Experiment) -> dict:
         "speed": speed["results"],
         "device": speed["device"],
     }
-    with open(os.path.join(config.run_dir, "quickstart.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json_atomic(os.path.join(config.run_dir, "quickstart.json"), summary)
     print()
     print(f"trained {config.steps} steps in {train_seconds:.0f} s")
     print(f"held-out ({summary['held_out_structures']} structures): accuracy retained "

@@ -134,12 +134,13 @@ def fennol_native_timer(model: EnergyModel, structures: Sequence[Structure]):
 
 
 def compare_speed(teacher: EnergyModel | str, student, systems: Mapping[str, Sequence[Structure]], repeats: int = 20,
-                  native: bool = True, on_row: Callable[[dict], None] | None = None) -> dict:
+                  native: bool = True, on_row: Callable[[dict], None] | None = None, progress: bool = False) -> dict:
     """Time teacher and student on each system (a name and its structures, batched together).
 
     `student` is a run directory, an EnergyModel or a student config (random weights: speed does not depend on
     them). native: also time FeNNol's own API (one more compilation per system). on_row: called with the report
-    so far after each system (a long run cut short keeps what it measured).
+    so far after each system (a long run cut short keeps what it measured). progress: a status line on stderr
+    per system (each one compiles both models first).
     """
     from distiller.load import as_model
     from distiller.students import StudentConfig
@@ -160,6 +161,9 @@ def compare_speed(teacher: EnergyModel | str, student, systems: Mapping[str, Seq
     }
     for name, structures in systems.items():
         atoms = sum(s.n_atoms for s in structures)
+        if progress:
+            print(f"timing teacher and student on {name} ({atoms} atoms, {repeats} calls each after compiling)",
+                  file=sys.stderr, flush=True)
         teacher_s = median_seconds(model_timer(teacher, structures), repeats)
         student_s = median_seconds(model_timer(student, structures), repeats)
         row = {"system": name, "structures": len(structures), "atoms": atoms,

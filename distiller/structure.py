@@ -136,8 +136,9 @@ def matrix_to_voigt(matrix: np.ndarray) -> np.ndarray:
     return np.array([m[0, 0], m[1, 1], m[2, 2], m[1, 2], m[0, 2], m[0, 1]])
 
 
-def read_structures(path: str | os.PathLike, index: str | int = ":") -> list[Structure]:
-    """Read every structure of an ASE-readable file, each named `file.ext:i` and validated."""
+def read_structures(path: str | os.PathLike, index: str | int = ":", validate: bool = True) -> list[Structure]:
+    """Read every structure of an ASE-readable file, each named `file.ext:i` and validated (unless not
+    `validate`: then the caller validates them, e.g. to set the bad ones aside)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"structure file not found: {path}")
@@ -148,7 +149,8 @@ def read_structures(path: str | os.PathLike, index: str | int = ":") -> list[Str
     if isinstance(images, ase.Atoms):
         images = [images]
     base = os.path.basename(path)
-    return [Structure.from_ase(a, name=f"{base}:{k}").validated() for k, a in enumerate(images)]
+    structures = [Structure.from_ase(a, name=f"{base}:{k}") for k, a in enumerate(images)]
+    return [s.validated() for s in structures] if validate else structures
 
 
 def write_structures(path: str | os.PathLike, structures: Iterable[Structure]) -> None:

@@ -34,6 +34,22 @@ def structures_dir(shared) -> pathlib.Path:
     return shared / "structures"
 
 
+@pytest.fixture(scope="session")
+def aspirin(structures_dir):
+    """The shared aspirin molecule (21 atoms)."""
+    from distiller.structure import read_structures
+
+    return read_structures(structures_dir / "aspirin.extxyz")[0]
+
+
+@pytest.fixture(scope="session")
+def water(structures_dir):
+    """The shared periodic water box of 81 atoms (watertiny)."""
+    from distiller.structure import read_structures
+
+    return read_structures(structures_dir / "watertiny.extxyz")[0]
+
+
 @pytest.fixture(autouse=True, scope="module")
 def release_compilations():
     """Drop every compiled program after each test module. XLA's CPU executables each map ~100 memory regions;

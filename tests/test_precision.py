@@ -51,13 +51,14 @@ def student(watertiny):
 
 def md_chunk_jaxpr(model, structure):
     """The jaxpr of one `distiller.md.simulate` chunk (NVE: integrator, shift, forces, list update)."""
-    from distiller.md.simulate import Dynamics, _integration, masses
+    from distiller.md.simulate import Dynamics, _integration, _quiet, masses
 
     neighbor_fn, init_fn, run_chunk, _ = _integration(model, structure, Dynamics("nve"), log_every=2)
     R = jnp.asarray(structure.positions, jnp.float32)
     nbrs = neighbor_fn.allocate(R)
-    state = init_fn(jax.random.key(0), R, jnp.asarray(masses(structure), jnp.float32), neighbor=nbrs)
-    return jax.make_jaxpr(run_chunk, static_argnums=2)(state, nbrs, 1)
+    with _quiet():  # as simulate() runs it: JAX-MD's float64 kinetic-energy sums warn without x64
+        state = init_fn(jax.random.key(0), R, jnp.asarray(masses(structure), jnp.float32), neighbor=nbrs)
+        return jax.make_jaxpr(run_chunk, static_argnums=2)(state, nbrs, 1)
 
 
 def test_the_check_finds_a_default_precision_product():

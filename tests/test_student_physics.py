@@ -23,7 +23,7 @@ from distiller.capacity import make_batch
 from distiller.derivatives import predictions
 from distiller.predict import Predictor
 from distiller.reference import ZERO, ReferenceEnergies
-from distiller.structure import Structure, StructureError, read_structures
+from distiller.structure import Structure, StructureError
 from distiller.students import SchNetConfig, init_params, student_model
 from pallas_kernels import cfconv
 from pallas_kernels.cfconv import cfconv_reference, envelope, spline_basis
@@ -38,11 +38,6 @@ CAPACITY = nl.NeighbourCapacity(edges=12288, bins=64, bin_size=128, reach=2)  # 
 
 
 # --- fixtures and helpers -----------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def aspirin(structures_dir):
-    return read_structures(structures_dir / "aspirin.extxyz")[0]
-
 
 @pytest.fixture(scope="module")
 def batch_of():

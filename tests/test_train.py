@@ -228,7 +228,7 @@ def test_bad_training_settings_are_clear_errors():
         OptimizerConfig(ema_decay=1.0)
     with pytest.raises(ValueError, match="loss.hvp_weight must be >= 0"):
         LossConfig(hvp_weight=-1.0)
-    with pytest.raises(ValueError, match="steps, batch_size"):
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
         Experiment(name="x", steps=0)
 
 

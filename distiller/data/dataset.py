@@ -7,6 +7,8 @@ Layout of a dataset directory:
     manifest-00000-of-00002.json            one per labelling shard: the job that wrote it (teacher, sources,
                                             chunk size, shard count) and its committed parts, in commit order
     part-00000-of-00002-000003.arrayrecord  one per committed chunk of a shard; one record per structure
+    rejected.json                           input structures left out by `distiller label --skip-bad`, with
+                                            the reason for each (only when labelled with it)
 
 A dataset is the union of the parts of all its manifests; several shards may write into one directory at the
 same time (each owns its manifest and part names), so reading a directory merges its shards. Structures are
@@ -28,6 +30,7 @@ rewritten the same way with the part appended. A process killed at any moment le
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import datetime
 import fcntl
@@ -59,6 +62,7 @@ MAGIC = b"DSR1"
 WRITER_OPTIONS = "group_size:1"
 READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
 METADATA = "metadata.json"
+REJECTED = "rejected.json"
 _MANIFEST = re.compile(r"^manifest-(\d{5})-of-(\d{5})\.json$")
 
 
@@ -183,9 +187,11 @@ def provenance_method(info: dict) -> str:
 class ShardWriter:
     """The output of one shard of a labelling job: chunks committed atomically, listed in the shard's manifest.
 
-    `job` identifies the job (teacher, sources, chunk size, shard count...); a directory that already holds a
-    manifest for this shard continues it if the job is the same and refuses otherwise. One process per
-    shard: a lock file (released by the kernel when the process dies, even by kill -9) enforces it.
+    `job` identifies the job (teacher and the sha256 of its files, sources, chunk size, shard count...); this
+    shard's manifest continues if it holds the same job, and any manifest of another job in the directory (this
+    shard's or another's) is refused on opening, before any work. The manifest is written on opening, so a job
+    started later beside this one sees it. One process per shard: a lock file (released by the kernel when the
+    process dies, even by kill -9) enforces it.
     """
 
     def __init__(self, path: str | os.PathLike, job: dict, shard: int = 0, shards: int = 1):
@@ -202,14 +208,12 @@ class ShardWriter:
             self._lock.close()
             raise DatasetError(f"{self.path}: shard {shard}/{shards} is being written by another process") from None
         self.manifest_path = os.path.join(self.path, manifest_name(shard, shards))
-        if os.path.exists(self.manifest_path):
-            self.manifest = _read_json(self.manifest_path)
-            if self.manifest.get("job") != self.job:
-                self.close()
-                raise DatasetError(_job_mismatch(self.manifest_path, self.manifest.get("job"), self.job))
-        else:
-            self.manifest = {"format": FORMAT, "version": FORMAT_VERSION, "job": self.job, "shard": [shard, shards],
-                             "complete": False, "parts": [], "state": None}
+        try:
+            with _directory_lock(self.path):  # checked and claimed by one job at a time
+                self._claim()
+        except DatasetError:
+            self.close()
+            raise
         self._remove_leftovers()
         for part in self.manifest["parts"]:  # a resumed job builds on these: they must be whole
             file = os.path.join(self.path, part["file"])
@@ -219,6 +223,27 @@ class ShardWriter:
                 raise DatasetError(f"{file}: committed by {self.manifest_path} with {part['bytes']} bytes, but it is "
                                    f"{'missing' if size is None else f'{size} bytes'}; delete this shard's manifest "
                                    f"and parts (or the directory) and label again")
+
+    def _claim(self) -> None:
+        """Continue this shard's manifest, or start it at once (so that a job started later beside it sees this
+        one); refuse, before any work, a directory that holds shards of another job (another teacher or teacher
+        file, other inputs, another shard count...): writing beside them would leave a dataset that no longer
+        opens."""
+        if os.path.exists(self.manifest_path):
+            self.manifest = _read_json(self.manifest_path)
+            if self.manifest.get("job") != self.job:
+                raise DatasetError(_job_mismatch(self.manifest_path, self.manifest.get("job"), self.job))
+        else:
+            self.manifest = {"format": FORMAT, "version": FORMAT_VERSION, "job": self.job,
+                             "shard": [self.shard, self.shards], "complete": False, "parts": [], "state": None}
+        for name in sorted(os.listdir(self.path)):
+            other = os.path.join(self.path, name)
+            if _MANIFEST.match(name) and other != self.manifest_path:
+                job = _read_json(other).get("job")
+                if job != self.job:
+                    raise DatasetError(_job_mismatch(other, job, self.job))
+        if not os.path.exists(self.manifest_path):
+            write_json_atomic(self.manifest_path, self.manifest, indent=None)
 
     def _remove_leftovers(self) -> None:
         """Temporary files of this shard from a killed process, and parts that never reached the manifest."""
@@ -287,6 +312,17 @@ class ShardWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+@contextlib.contextmanager
+def _directory_lock(path: str):
+    """An exclusive lock on the directory itself (flock on its descriptor: no file to leave behind)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _element_counts(structures: Iterable[Structure]) -> dict[str, int]:
@@ -387,10 +423,10 @@ def summarise(path: str, manifests: list[dict]) -> dict:
         methods.update(p["methods"])
     return {
         "format": FORMAT, "version": FORMAT_VERSION,
-        "teacher": job.get("teacher"), "units": UNITS,
+        "teacher": job.get("teacher"), "teacher_files": job.get("teacher_files"), "units": UNITS,
         "structures": sum(p["records"] for p in parts), "atoms": sum(sum(p["atoms"]) for p in parts),
         "periodic": sum(p["periodic"] for p in parts), "with_stress": sum(p["stress"] for p in parts),
-        "with_energy_spread": sum(p["spread"] for p in parts),
+        "with_energy_spread": sum(p["spread"] for p in parts), "rejected": job.get("rejected", 0),
         "elements": dict(sorted(elements.items())),
         "provenance": {"sources": job.get("sources"), "methods": dict(sorted(methods.items()))},
         "shards": manifests[0]["shard"][1], "chunk": job.get("chunk"),
@@ -609,6 +645,10 @@ def merge_datasets(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) 
     missing = _completeness(out, manifests)
     if missing:
         raise IncompleteDataset(f"cannot merge {', '.join(map(os.fspath, inputs))}: " + "; ".join(missing))
+    if is_dataset(out):  # never copy another job's shards beside these: neither would open any more
+        for manifest in read_manifests(out):
+            if manifest["job"] != job:
+                raise DatasetError(_job_mismatch(f"{out}/{manifest['_file']}", manifest["job"], job))
     os.makedirs(out, exist_ok=True)
     for _, (directory, manifest) in sorted(found.items()):
         if os.path.realpath(directory) == os.path.realpath(out):
@@ -621,5 +661,10 @@ def merge_datasets(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) 
                     raise DatasetError(f"{source}: sha256 differs from its manifest's record: corrupt, not merged")
         manifest = {k: v for k, v in manifest.items() if k != "_file"}
         write_json_atomic(os.path.join(out, manifest_name(*manifest["shard"])), manifest, indent=None)
+    # Every shard of a job lists the same rejected structures (the whole input is screened); one copy travels.
+    listed = [d for d in map(os.fspath, inputs) if os.path.isfile(os.path.join(d, REJECTED))]
+    if listed and os.path.realpath(listed[0]) != os.path.realpath(out):
+        with replaced(os.path.join(out, REJECTED)) as tmp:
+            shutil.copyfile(os.path.join(listed[0], REJECTED), tmp)
     write_metadata(out)
     return open_dataset(out)

@@ -17,7 +17,7 @@ import jax_md
 import numpy as np
 
 from distiller import capacity as capacities
-from distiller.batch import BatchShape, pad_structures, with_neighbours
+from distiller.batch import BatchShape, near_origin, pad_structures, with_neighbours
 from distiller.derivatives import hessian as model_hessian
 from distiller.load import as_model
 from distiller.md.potential import DEFAULT_SKIN, memoised, potential
@@ -78,8 +78,12 @@ class Relaxer:
         after the first chunk whose largest force is below `fmax` eV/Å. Returns (positions (N, 3) float64,
         largest force eV/Å at them, steps taken)."""
         steps = self.chunk if steps is None else int(steps)
+        positions = np.asarray(positions, np.float64)
+        # Relaxed near the origin (float32 far from it is coarse), moved back by the same whole vectors after.
+        offset = positions - near_origin(self.structure.replace(
+            positions=positions, cell=self.structure.cell if cell is None else np.asarray(cell, np.float64)))
         cell = self._cell(cell)
-        R = jnp.asarray(positions, jnp.float32)
+        R = jnp.asarray(positions - offset, jnp.float32)
         if self._nbrs is None:
             self._nbrs = self.neighbor_fn.allocate(R, cell=cell)
         nbrs = self._nbrs.update(R, cell=cell)
@@ -98,7 +102,7 @@ class Relaxer:
             if not np.isfinite(largest):
                 raise FloatingPointError(f"{self.structure.name}: relaxation with {self.model.name} became non-finite")
         self._nbrs = nbrs  # its capacities serve the next call
-        return np.asarray(state.position, np.float64), largest, done
+        return np.asarray(state.position, np.float64) + offset, largest, done
 
 
 def _largest_force(force) -> float:

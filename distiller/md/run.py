@@ -54,20 +54,30 @@ def trajectory_text(structure, records: Records, dt_fs: float, every: int) -> st
 def run_md(model, structure_file: str, out: str, dynamics: Dynamics, steps: int, *, index: int = 0,
            log_every: int = 10, write_every: int | None = None, chunk: int = 100, seed: int = 0, capacity=None,
            model_capacity=None, progress: bool = True, command: str | None = None) -> dict[str, Any]:
-    """Run MD of structure `index` of `structure_file` and write OUT/{trajectory.extxyz, thermo.log, md.json}."""
-    write_every = log_every if write_every is None else int(write_every)
-    if write_every < 1 or write_every % log_every:
-        raise ValueError(f"write_every ({write_every}) must be a positive multiple of log_every ({log_every})")
+    """Run MD of structure `index` of `structure_file` and write OUT/{trajectory.extxyz, thermo.log, md.json}.
+
+    Everything is checked (steps, intervals, the structure, the model and its elements, OUT) before anything is
+    written, so a corrected command can be given the same `out`."""
+    write_every = log_every if write_every is None else write_every
+    for name, value in (("steps", steps), ("log_every", log_every), ("write_every", write_every), ("chunk", chunk)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if steps % log_every or write_every % log_every:
+        raise ValueError(f"steps ({steps}) and write_every ({write_every}) must be multiples of log_every "
+                         f"({log_every})")
     structures = read_structures(structure_file)
     if not -len(structures) <= index < len(structures):
         raise IndexError(f"{structure_file} holds {len(structures)} structures; index {index} does not exist")
     structure = structures[index]
     model = as_model(model)
-    os.makedirs(out, exist_ok=True)
+    model.check([structure])
     paths = {name: os.path.join(out, name) for name in (TRAJECTORY, THERMO, SUMMARY)}
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"{out} is a file; --out takes a directory")
     for name in (TRAJECTORY, THERMO):
         if os.path.exists(paths[name]):
             raise FileExistsError(f"{paths[name]} exists; choose another --out or remove it")
+    os.makedirs(out, exist_ok=True)
     summary: dict[str, Any] = {
         "command": command, "model": model.name, "structure": {"file": os.path.abspath(structure_file),
                                                                 "index": index, "name": structure.name,
@@ -77,9 +87,10 @@ def run_md(model, structure_file: str, out: str, dynamics: Dynamics, steps: int,
         "thermo_columns": list(THERMO_COLUMNS),
     }
     write_json_atomic(paths[SUMMARY], summary)
-    _append(paths[THERMO], f"# distiller md: {model.name} on {structure.name} ({structure.n_atoms} atoms), "
-                           f"{dynamics.ensemble} {dynamics.temperature} K, dt {dynamics.dt} fs\n"
-                           f"# {' '.join(THERMO_COLUMNS)}\n")
+    # Written with the first chunk: a run that fails before its first step leaves no thermo.log to refuse.
+    header = (f"# distiller md: {model.name} on {structure.name} ({structure.n_atoms} atoms), "
+              f"{dynamics.ensemble} {dynamics.temperature} K, dt {dynamics.dt} fs\n"
+              f"# {' '.join(THERMO_COLUMNS)}\n")
 
     bar = None
     if progress:
@@ -95,8 +106,9 @@ def run_md(model, structure_file: str, out: str, dynamics: Dynamics, steps: int,
         rows.append(table)
         redone += records.redone
         _append(paths[TRAJECTORY], trajectory_text(structure, records, dynamics.dt, write_every))
-        _append(paths[THERMO], "".join(f"{int(r[0])} {r[1]:.3f} {r[2]:.3f} {r[3]:.6f} {r[4]:.6f} {r[5]:.6f}\n"
-                                       for r in table))
+        _append(paths[THERMO], header + "".join(f"{int(r[0])} {r[1]:.3f} {r[2]:.3f} {r[3]:.6f} {r[4]:.6f} {r[5]:.6f}\n"
+                                                for r in table))
+        header = ""
         last_step = int(records.step[-1])
         if timed_from is None and last_step > 0:
             timed_from = (time.perf_counter(), last_step)

@@ -29,6 +29,7 @@ import jax_md
 import numpy as np
 from ase import units
 
+from distiller.batch import near_origin
 from distiller.capacity import until_fits
 from distiller.load import as_model
 from distiller.md.potential import DEFAULT_SKIN, memoised, potential, space
@@ -207,7 +208,7 @@ def simulate(model, structure: Structure, dynamics: Dynamics, steps: int, *, log
     neighbor_fn, init_fn, run_chunk, force_fn = memoised("simulate", model, structure, (dynamics, log_every),
                                                          lambda: _integration(model, structure, dynamics, log_every))
     mass = jnp.asarray(masses(structure), jnp.float32)
-    R = jnp.asarray(structure.positions, jnp.float32)
+    R = jnp.asarray(near_origin(structure), jnp.float32)  # float32 far from the origin is coarse (batch.near_origin)
     nbrs = neighbor_fn.allocate(R, capacity=capacity, model_capacity=model_capacity)
     key_velocities, key_noise = jax.random.split(key)
     with _quiet():
@@ -250,13 +251,15 @@ def _records(step, arrays, redone, structure, model, dynamics) -> Records:
 
 def frames(structure: Structure, records: Records, dt_fs: float, every: int = 1) -> list[Structure]:
     """The logged steps whose step is a multiple of `every`, as Structures labelled with the MD model's energy
-    and forces; `info` gains `step` and `time_fs`."""
+    and forces; `info` gains `step` and `time_fs`. A molecule is where it started (it ran near the origin, moved
+    there by whole Å); periodic atoms are wrapped into the cell."""
+    offset = 0.0 if structure.periodic else structure.positions - near_origin(structure)
     out = []
     for k, step in enumerate(np.asarray(records.step).tolist()):
         if step % every:
             continue
         out.append(structure.replace(
-            positions=np.asarray(records.position[k], np.float64), name=f"{structure.name}@{step}",
+            positions=np.asarray(records.position[k], np.float64) + offset, name=f"{structure.name}@{step}",
             energy=float(records.potential[k]), forces=np.asarray(records.force[k], np.float64), stress=None,
             info={**structure.info, "step": step, "time_fs": step * dt_fs}))
     return out

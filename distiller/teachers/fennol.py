@@ -120,18 +120,43 @@ def _plain(value):
 
 
 def read_fnx(path: str | os.PathLike):
-    """Load one FeNNol model file; a missing file or an unreadable one is an error naming the file."""
+    """Load one FeNNol model file; a missing file, an unreadable one or one with non-finite parameters is an
+    error naming the file."""
     from fennol import FENNIX
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"FeNNol model file not found: {path}")
     try:
-        return FENNIX.load(path)
+        model = FENNIX.load(path)
     except Exception as err:  # msgpack, KeyError, flax...: all mean "this is not a usable .fnx file".
         raise ModelFileError(
             f"{path}: not a readable FeNNol model file (corrupt or truncated?): {type(err).__name__}: {err}"
         ) from err
+    # A .fnx holds no checksum: damaged bytes inside a weight array decode. Non-finite values at least are
+    # certainly damage (the sha256 recorded by datasets and runs catches the rest when a file changes).
+    for name, value in _parameters(model.variables).items():
+        if not np.all(np.isfinite(np.asarray(value))):
+            raise ModelFileError(f"{path}: parameter {name} has non-finite values: the file is corrupt")
+    return model
+
+
+def _parameters(variables) -> dict[str, Any]:
+    """A model's variables by their path ("params/energy/H/Layer_1/kernel")."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(variables)
+    return {"/".join(str(getattr(k, "key", k)) for k in keys): v for keys, v in leaves}
+
+
+def _check_shapes(model, path: str) -> None:
+    """The file's parameters are those its architecture builds (names and shapes), found without computing."""
+    inputs, _ = model.reinitialize_preprocessing()  # FeNNol's dummy system, as its own initialisation uses
+    abstract = jax.eval_shape(model.modules.init, jax.random.PRNGKey(0), inputs)  # traced, not compiled
+    expected = {k: tuple(v.shape) for k, v in _parameters(abstract).items()}
+    found = {k: tuple(np.shape(v)) for k, v in _parameters(model.variables).items()}
+    for name in sorted(set(expected) | set(found)):
+        if expected.get(name) != found.get(name):
+            raise ModelFileError(f"{path}: parameter {name} has shape {found.get(name, 'missing')}, its architecture "
+                                 f"needs {expected.get(name, 'none')}: the file is corrupt or inconsistent")
 
 
 _SUPPORTED_LAYERS = ("GraphFilter", "GraphAngularExtension", "SpeciesIndexer")
@@ -255,6 +280,7 @@ def load_fennol(paths: Sequence[str | os.PathLike], spec: str) -> EnergyModel:
         raise ValueError(f"teacher {spec}: no model files given")
     models = [read_fnx(p) for p in paths]
     _check_supported(models[0], paths[0])
+    _check_shapes(models[0], paths[0])  # once: the other members must have the same shapes
     reference = _architecture(models[0])
     for path, model in zip(paths[1:], models[1:]):
         if _architecture(model) != reference:

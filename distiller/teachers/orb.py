@@ -208,6 +208,18 @@ def from_jax(array: jax.Array, device: str | torch.device | None = None) -> torc
 # (radius, max_num_neighbors): a SystemConfig in 0.5, a ForcefieldAtomsAdapter from 0.6 on.
 
 
+@contextlib.contextmanager
+def orb_library_warnings_silenced() -> Iterator[None]:
+    """orb-models 0.5 passes a torch tensor to ASE's cell_to_cellpar (numpy 2 then warns, once per structure, that
+    torch's __array__ takes no copy keyword) and decorates a function with torch.jit.script (deprecated by torch):
+    neither is a problem of the labels nor ours to fix, and hundreds of them bury the warnings that matter."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword",
+                                category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=DeprecationWarning)
+        yield
+
+
 class Orb05:
     """orb-models 0.5.x: a model carries its SystemConfig; `atomic_system` builds graphs (scipy kd-tree on the
     host); AtomGraphs is a NamedTuple, batched by `base.batch_graphs`."""
@@ -232,8 +244,9 @@ class Orb05:
         """orb's AtomGraphs of one structure, built on the host with at most `cap` neighbours per atom."""
         from orb_models.forcefield.atomic_system import ase_atoms_to_atom_graphs
 
-        return ase_atoms_to_atom_graphs(atoms, config, max_num_neighbors=cap, device=torch.device("cpu"),
-                                        output_dtype=dtype, graph_construction_dtype=dtype)
+        with orb_library_warnings_silenced():
+            return ase_atoms_to_atom_graphs(atoms, config, max_num_neighbors=cap, device=torch.device("cpu"),
+                                            output_dtype=dtype, graph_construction_dtype=dtype)
 
     @staticmethod
     def with_cap(graph, cap: int):
@@ -317,6 +330,8 @@ class Orb06:
 @functools.cache
 def orb_api() -> type:
     """Orb05 or Orb06 for the installed orb-models, by feature: 0.6 added `forcefield.forcefield_adapter`."""
+    with orb_library_warnings_silenced():
+        importlib.import_module("orb_models.forcefield.pretrained")  # the import that calls torch.jit.script
     return Orb06 if importlib.util.find_spec("orb_models.forcefield.forcefield_adapter") else Orb05
 
 

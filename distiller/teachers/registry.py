@@ -97,6 +97,26 @@ def known_prefixes() -> list[str]:
     return sorted(set(_LOADERS) | set(_LAZY))
 
 
+def teacher_files(spec: str) -> dict[str, str]:
+    """The sha256 of every model file a teacher spec reads, by file name: what a dataset or a run records, so that
+    it refuses to be extended or resumed with other weights under the same spec. FeNNol-PMC files are checked
+    against the recorded sums whenever they load; a `fennol:PATH` file is hashed here. Teachers whose weights
+    are not a file named by the spec (Orb, ASE calculators) give {}."""
+    prefix, _, rest = spec.partition(":")
+    if prefix == "fennol-pmc":
+        name, _, member = rest.partition("/")
+        files = PMC_MODELS.get(name, ())
+        if member.isdigit() and int(member) < len(files):
+            files = (files[int(member)],)
+        return {f: PMC_SHA256[f] for f in files}
+    if prefix == "fennol":
+        path = os.path.expanduser(rest)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"teacher {spec!r}: no file {path}")
+        return {rest: sha256(path)}  # by the path as the spec names it: the same on every machine of a job
+    return {}
+
+
 # --------------------------------------------------------------------------------------------------
 # FeNNol
 

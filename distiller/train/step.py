@@ -131,6 +131,9 @@ class Distillation:
         def step(capacity, state: TrainState, teacher_params, inputs: Batch, key, shift):
             batch, overflow = self.data.labelled(capacity, teacher_params, inputs, key, shift, stress, hvp)
             (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+            # Before clipping: the loop stops at the first step where it is not finite (a diverging run).
+            gradient_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+            metrics = {**metrics, "gradient_norm": gradient_norm}
             updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             ema = ema_update(state.ema, params, state.step + 1, self.config.optimizer.ema_decay)
