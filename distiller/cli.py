@@ -132,11 +132,12 @@ def _md(args) -> int:
     import shlex
 
     from distiller.md.run import run_md
-    from distiller.md.simulate import Dynamics
+    from distiller.md.simulate import Dynamics, Safety
 
     try:
         dynamics = Dynamics(ensemble=args.ensemble, temperature=args.temperature, dt=args.dt,
                             thermostat=args.thermostat, friction=args.friction, tau=args.tau, dr_threshold=args.skin)
+        safety = Safety(max_temperature=args.max_temperature, max_energy_jump=args.max_energy_jump)
     except ValueError as err:
         raise UsageError(str(err)) from err
     # The command as it would be typed again (from the parsed arguments: main() may be called with argv).
@@ -144,7 +145,7 @@ def _md(args) -> int:
     command = "distiller md " + " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in options.items())
     summary = run_md(args.model, args.structure, args.out, dynamics, args.steps, index=args.index,
                      log_every=args.log_every, write_every=args.write_every, chunk=args.chunk, seed=args.seed,
-                     progress=not args.quiet, command=command)
+                     safety=safety, progress=not args.quiet, command=command)
     print(json.dumps({k: summary[k] for k in ("final", "ns_per_day", "drift_meV_per_atom_ps", "wall_s")
                       if k in summary}, indent=2))
     print(f"trajectory and thermo log written under {args.out}")
@@ -277,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--friction", type=float, default=0.01, metavar="PER_FS", help="Langevin friction, 1/fs")
     p.add_argument("--tau", type=float, default=100.0, metavar="FS", help="Nose-Hoover time constant, fs")
     p.add_argument("--skin", type=float, default=0.5, metavar="ANGSTROM", help="neighbour-list skin (default 0.5)")
+    p.add_argument("--max-temperature", type=float, metavar="K",
+                   help="stop as blown up above this temperature (default 5000, or 3x --temperature if higher)")
+    p.add_argument("--max-energy-jump", type=float, default=1.0, metavar="EV_PER_ATOM",
+                   help="stop as blown up when the total energy changes more between logged steps (default 1.0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_md)
     return parser

@@ -71,10 +71,26 @@ class LossConfig:
     # On (eV/Å²)²: H·v of student against teacher along a random unit direction per structure and step (online
     # training only); costs a forward-over-reverse pass of both models.
     hvp_weight: float = 0.0
+    # Weight schedules: a *_final weight is reached at the last step, ramped from the weight above over the run
+    # (`weight_ramp`: "linear" or "cosine"), e.g. the usual late rise of energy_weight; None: constant.
+    energy_weight_final: float | None = None
+    forces_weight_final: float | None = None
+    stress_weight_final: float | None = None
+    hvp_weight_final: float | None = None
+    weight_ramp: str = "linear"
+
+    WEIGHTS: typing.ClassVar[tuple[str, ...]] = ("energy_weight", "forces_weight", "stress_weight", "hvp_weight")
 
     def __post_init__(self):
-        check_fields(self, "loss.", reals={name: AT_LEAST_0 for name in
-                                           ("energy_weight", "forces_weight", "stress_weight", "hvp_weight")})
+        check_fields(self, "loss.", reals={name: AT_LEAST_0 for name in self.WEIGHTS})
+        check_fields(self, "loss.", reals={f"{name}_final": AT_LEAST_0 for name in self.WEIGHTS
+                                           if getattr(self, f"{name}_final") is not None})
+        if self.weight_ramp not in ("linear", "cosine"):
+            raise ValueError(f"loss.weight_ramp must be 'linear' or 'cosine', got {self.weight_ramp!r}")
+
+    def weighs(self, name: str) -> bool:
+        """Whether the term `name` ("stress", "hvp"...) has a positive weight at some step of the run."""
+        return getattr(self, f"{name}_weight") > 0 or (getattr(self, f"{name}_weight_final") or 0) > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,12 +103,20 @@ class OptimizerConfig:
     # Exponential moving average of the weights, the student that is evaluated and exported (checkpoint item
     # "params"); 0: the trained weights themselves. Its decay ramps up as min(ema_decay, (1 + t) / (10 + t)).
     ema_decay: float = 0.99
+    # Reduce on plateau (runs with a validation set): after `plateau_patience` validations without a new best
+    # force RMSE, the learning rate (the cosine schedule's) is multiplied by `plateau_factor`, down to
+    # `plateau_min_scale` times the schedule's; 0: off.
+    plateau_patience: int = 0
+    plateau_factor: float = 0.5
+    plateau_min_scale: float = 0.01
 
     def __post_init__(self):
-        check_fields(self, "optimizer.", integers={"warmup_steps": AT_LEAST_0},
+        check_fields(self, "optimizer.", integers={"warmup_steps": AT_LEAST_0, "plateau_patience": AT_LEAST_0},
                      reals={"learning_rate": POSITIVE, "final_learning_rate": AT_LEAST_0,
                             "gradient_clip": POSITIVE, "weight_decay": AT_LEAST_0,
-                            "ema_decay": (lambda x: 0 <= x < 1, "in [0, 1)")})
+                            "ema_decay": (lambda x: 0 <= x < 1, "in [0, 1)"),
+                            "plateau_factor": (lambda x: 0 < x < 1, "in (0, 1)"),
+                            "plateau_min_scale": (lambda x: 0 < x <= 1, "in (0, 1]")})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,12 +169,18 @@ class Experiment:
     held_out: int = 16  # structures sampled with a different seed for the final report
     validation: ValidationConfig = ValidationConfig()
     time_limit: float = 0.0  # seconds of training per call (`--time 30m`); 0: none. The schedules follow `steps`.
+    tensorboard: bool = True  # the logged rows also as TensorBoard scalars in RUN/tensorboard/
 
     def __post_init__(self):
         check_fields(self, "", integers={"steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "seed": AT_LEAST_0,
                                          "checkpoint_every": AT_LEAST_1, "log_every": AT_LEAST_1,
                                          "held_out": AT_LEAST_0},
                      reals={"time_limit": AT_LEAST_0})
+        if not isinstance(self.tensorboard, bool):
+            raise ValueError(f"tensorboard must be True or False, got {self.tensorboard!r}")
+        if self.optimizer.plateau_patience and not self.validation.every:
+            raise ValueError(f"optimizer.plateau_patience={self.optimizer.plateau_patience} needs a validation set "
+                             "(validation.structures and validation.every)")
 
 
 def parse_duration(text: str) -> float:

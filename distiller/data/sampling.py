@@ -313,7 +313,7 @@ def normal_modes(seeds, config: NormalModeConfig, model, key=0, *,
 
 
 def teacher_md(seeds, config: MDConfig, model, key=0, *, min_distance: float = MIN_DISTANCE) -> list[Structure]:
-    from distiller.md.simulate import frames, simulate
+    from distiller.md.simulate import MDFailure, frames, simulate
 
     model = as_model(model)
     dynamics = config.dynamics()
@@ -322,16 +322,19 @@ def teacher_md(seeds, config: MDConfig, model, key=0, *, min_distance: float = M
     for i, (seed, source) in enumerate(_seeds(seeds)):
         j = 0
         for replica in range(config.replicas):
-            for records in simulate(model, seed, dynamics, steps, log_every=config.interval, chunk=config.chunk,
-                                    key=_keys(key, i, replica)):
-                for frame in frames(seed, records, config.dt):
-                    step = frame.info["step"]
-                    if step <= config.equilibration:
-                        continue
-                    candidate = _candidate(seed, source, config, key, j, frame.positions, replica=replica,
-                                           step=step, time_fs=step * config.dt, model=model.name)
-                    out.append(_require_valid(candidate, min_distance, f"MD with {model.name} at step {step}"))
-                    j += 1
+            try:
+                for records in simulate(model, seed, dynamics, steps, log_every=config.interval,
+                                        chunk=config.chunk, key=_keys(key, i, replica)):
+                    for frame in frames(seed, records, config.dt):
+                        step = frame.info["step"]
+                        if step <= config.equilibration:
+                            continue
+                        candidate = _candidate(seed, source, config, key, j, frame.positions, replica=replica,
+                                               step=step, time_fs=step * config.dt, model=model.name)
+                        out.append(_require_valid(candidate, min_distance, f"MD with {model.name} at step {step}"))
+                        j += 1
+            except MDFailure as err:
+                raise err.within(f"{seed.name} (MD replica {replica} with {model.name})") from err
     return out
 
 

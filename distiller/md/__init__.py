@@ -10,7 +10,7 @@
 
 from distiller.md.minimize import Relaxer, hessian, relax
 from distiller.md.potential import NeighbourList, potential, space
-from distiller.md.simulate import Dynamics, Records, energy_drift, frames, simulate, thermo
+from distiller.md.simulate import Dynamics, MDFailure, Records, Safety, energy_drift, frames, simulate, thermo
 
-__all__ = ["NeighbourList", "potential", "space", "Dynamics", "Records", "energy_drift", "frames", "simulate",
-           "thermo", "Relaxer", "hessian", "relax"]
+__all__ = ["NeighbourList", "potential", "space", "Dynamics", "MDFailure", "Records", "Safety", "energy_drift",
+           "frames", "simulate", "thermo", "Relaxer", "hessian", "relax"]

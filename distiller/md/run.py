@@ -4,10 +4,12 @@
                             (ASE units), the model's energy (eV) and forces (eV/Å), info `step` and `time_fs`
     OUT/thermo.log          every `log_every` steps: step, time_fs, temperature_K, potential_eV, kinetic_eV,
                             total_eV (whitespace columns after `#` comment lines: `numpy.loadtxt` reads it)
-    OUT/md.json             the command's parameters; at the end also wall time, ns/day and, for NVE, the drift
+    OUT/md.json             the command's parameters; at the end also wall time, ns/day and, for NVE, the drift;
+                            after a blow-up (MDFailure) its step, time and cause under "failure"
 
 Both files grow by one `write` per chunk (then flush and fsync), so a reader, or a killed run, sees whole
-chunks only (barring a crash inside that one write call).
+chunks only (barring a crash inside that one write call). A blown-up run keeps the logged steps up to the last
+sane one and nothing after it, and exits with the failure.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import numpy as np
 
 from distiller.files import write_json_atomic
 from distiller.load import as_model
-from distiller.md.simulate import THERMO_COLUMNS, Dynamics, Records, energy_drift, frames, simulate, thermo
+from distiller.md.simulate import (THERMO_COLUMNS, Dynamics, MDFailure, Records, Safety, energy_drift, frames,
+                                   simulate, thermo)
 from distiller.structure import read_structures
 
 TRAJECTORY = "trajectory.extxyz"
@@ -53,11 +56,13 @@ def trajectory_text(structure, records: Records, dt_fs: float, every: int) -> st
 
 def run_md(model, structure_file: str, out: str, dynamics: Dynamics, steps: int, *, index: int = 0,
            log_every: int = 10, write_every: int | None = None, chunk: int = 100, seed: int = 0, capacity=None,
-           model_capacity=None, progress: bool = True, command: str | None = None) -> dict[str, Any]:
+           model_capacity=None, safety: Safety = Safety(), progress: bool = True,
+           command: str | None = None) -> dict[str, Any]:
     """Run MD of structure `index` of `structure_file` and write OUT/{trajectory.extxyz, thermo.log, md.json}.
 
     Everything is checked (steps, intervals, the structure, the model and its elements, OUT) before anything is
-    written, so a corrected command can be given the same `out`."""
+    written, so a corrected command can be given the same `out`. A blow-up (see `Safety`) raises `MDFailure`
+    after the steps before it were written and md.json records it."""
     write_every = log_every if write_every is None else write_every
     for name, value in (("steps", steps), ("log_every", log_every), ("write_every", write_every), ("chunk", chunk)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -83,7 +88,8 @@ def run_md(model, structure_file: str, out: str, dynamics: Dynamics, steps: int,
                                                                 "index": index, "name": structure.name,
                                                                 "atoms": structure.n_atoms},
         "dynamics": dict(vars(dynamics)), "steps": steps, "log_every": log_every, "write_every": write_every,
-        "chunk": chunk, "seed": seed, "units": {"energy": "eV", "length": "Å", "time": "fs", "temperature": "K"},
+        "chunk": chunk, "seed": seed, "safety": dict(vars(safety)),
+        "units": {"energy": "eV", "length": "Å", "time": "fs", "temperature": "K"},
         "thermo_columns": list(THERMO_COLUMNS),
     }
     write_json_atomic(paths[SUMMARY], summary)
@@ -100,23 +106,31 @@ def run_md(model, structure_file: str, out: str, dynamics: Dynamics, steps: int,
     rows, redone = [], 0
     start = time.perf_counter()
     timed_from = None  # the first chunk includes compilation; speed is measured after it
-    for records in simulate(model, structure, dynamics, steps, log_every=log_every, chunk=chunk, key=seed,
-                            capacity=capacity, model_capacity=model_capacity):
-        table = thermo(records, structure.n_atoms, dynamics.dt)
-        rows.append(table)
-        redone += records.redone
-        _append(paths[TRAJECTORY], trajectory_text(structure, records, dynamics.dt, write_every))
-        _append(paths[THERMO], header + "".join(f"{int(r[0])} {r[1]:.3f} {r[2]:.3f} {r[3]:.6f} {r[4]:.6f} {r[5]:.6f}\n"
-                                                for r in table))
-        header = ""
-        last_step = int(records.step[-1])
-        if timed_from is None and last_step > 0:
-            timed_from = (time.perf_counter(), last_step)
+    try:
+        for records in simulate(model, structure, dynamics, steps, log_every=log_every, chunk=chunk, key=seed,
+                                capacity=capacity, model_capacity=model_capacity, safety=safety):
+            table = thermo(records, structure.n_atoms, dynamics.dt)
+            rows.append(table)
+            redone += records.redone
+            _append(paths[TRAJECTORY], trajectory_text(structure, records, dynamics.dt, write_every))
+            _append(paths[THERMO], header + "".join(
+                f"{int(r[0])} {r[1]:.3f} {r[2]:.3f} {r[3]:.6f} {r[4]:.6f} {r[5]:.6f}\n" for r in table))
+            header = ""
+            last_step = int(records.step[-1])
+            if timed_from is None and last_step > 0:
+                timed_from = (time.perf_counter(), last_step)
+            if bar is not None:
+                bar.update(last_step - bar.n)
+                bar.set_postfix(T=f"{table[-1, 2]:.0f}K", E=f"{table[-1, 5]:.4f}eV")
+    except MDFailure as failure:
+        summary["wall_s"] = time.perf_counter() - start
+        summary["failure"] = {"step": failure.step, "time_fs": failure.time_fs, "cause": failure.cause,
+                              "last_step": failure.last_step}
+        write_json_atomic(paths[SUMMARY], summary)
+        raise
+    finally:
         if bar is not None:
-            bar.update(last_step - bar.n)
-            bar.set_postfix(T=f"{table[-1, 2]:.0f}K", E=f"{table[-1, 5]:.4f}eV")
-    if bar is not None:
-        bar.close()
+            bar.close()
     wall = time.perf_counter() - start
     rows = np.concatenate(rows)
     summary["wall_s"] = wall

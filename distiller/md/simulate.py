@@ -12,6 +12,11 @@ Units are ASE's: eV, Å, amu, and time in ASE's unit (Å sqrt(amu/eV) = 10.18 fs
 `kT = ase.units.kB * T`, and JAX-MD momenta are ASE's momenta (amu Å / ASE time unit). Masses are ASE's
 (`ase.data.atomic_masses`). Temperature counts 3N degrees of freedom (JAX-MD's and ASE's convention). Initial
 velocities are Maxwell-Boltzmann without centre-of-mass motion, scaled so that T(0) is the requested temperature.
+
+Blow-ups (a time step too large, a model with holes) stop the run: every logged step is checked against a
+`Safety` rule before it is handed on, and the first one that fails raises `MDFailure` after the steps before it
+were yielded. A chunk whose neighbour list overflowed is checked before any capacity is grown for it: exploded
+coordinates are a blow-up, not a capacity to grow (they would ask for more memory than exists, or overflow int32).
 """
 
 from __future__ import annotations
@@ -70,6 +75,42 @@ class Dynamics:
                              f"friction={self.friction} /fs (> 0), tau={self.tau} fs (> 0)")
 
 
+@dataclasses.dataclass(frozen=True)
+class Safety:
+    """When an MD run has blown up; every logged step is checked (see `first_failure`)."""
+
+    max_temperature: float | None = None  # K; None: 5000 K, or 3x the target temperature where that is higher
+    max_energy_jump: float = 1.0  # eV/atom: largest change of the total energy between consecutive logged steps
+
+    def __post_init__(self):
+        if self.max_temperature is not None and not self.max_temperature > 0 or not self.max_energy_jump > 0:
+            raise ValueError(f"invalid safety limits: max_temperature={self.max_temperature} K (> 0), "
+                             f"max_energy_jump={self.max_energy_jump} eV/atom (> 0)")
+
+    def temperature_limit(self, dynamics: Dynamics) -> float:
+        if self.max_temperature is not None:
+            return float(self.max_temperature)
+        return max(5000.0, 3.0 * dynamics.temperature)
+
+
+# Bins a neighbour list may ask for: 2^24 bins of ~200 Å^3 hold millions of atoms; more means exploded
+# coordinates (a molecule's bins grow with its bounding box).
+MAX_BINS = 2**24
+
+
+class MDFailure(FloatingPointError):
+    """A blown-up MD run, as one line: where (structure), the step, its time and the cause. `last_step` is the
+    last logged step that was handed on (None when step 0 itself failed)."""
+
+    def __init__(self, where: str, step: int, time_fs: float, cause: str, last_step: int | None):
+        super().__init__(f"{where}: MD failed at step {step} ({time_fs:g} fs): {cause}")
+        self.where, self.step, self.time_fs, self.cause, self.last_step = where, step, time_fs, cause, last_step
+
+    def within(self, where: str) -> "MDFailure":
+        """The same failure, named by `where` (e.g. a sampler's replica)."""
+        return MDFailure(where, self.step, self.time_fs, self.cause, self.last_step)
+
+
 class Records(NamedTuple):
     """Logged steps of one chunk, on the host (numpy). Positions in Å, momenta in ASE units, energies in eV."""
 
@@ -90,6 +131,28 @@ def thermo(records: Records, n_atoms: int, dt_fs: float) -> np.ndarray:
     temperature = 2.0 * records.kinetic / (3 * n_atoms * units.kB)
     return np.stack([records.step, records.step * dt_fs, temperature, records.potential, records.kinetic,
                      records.potential + records.kinetic], axis=1)
+
+
+def first_failure(records: Records, n_atoms: int, dynamics: Dynamics, safety: Safety,
+                  previous_total: float | None = None, energies: bool = True) -> tuple[int, str] | None:
+    """(index, cause) of the first logged step of `records` that shows a blow-up, or None.
+
+    previous_total: the total energy (eV) of the logged step before the first (None: the first is not compared).
+    energies: False for steps computed with an overflowed (truncated) list, whose energies are not to be
+    trusted; positions and temperature still tell an explosion."""
+    rows = thermo(records, n_atoms, dynamics.dt)
+    limit = safety.temperature_limit(dynamics)
+    before = np.concatenate([[np.nan if previous_total is None else previous_total], rows[:-1, 5]])
+    jumps = (rows[:, 5] - before) / n_atoms
+    for k, row in enumerate(rows):
+        if not (np.all(np.isfinite(records.position[k])) and np.all(np.isfinite(row[2:]))):
+            return k, "positions or energy became non-finite"
+        if row[2] > limit:
+            return k, f"temperature {row[2]:,.0f} K (limit {limit:,.0f} K)"
+        if energies and abs(jumps[k]) > safety.max_energy_jump:
+            return k, (f"total energy changed by {jumps[k]:+,.3g} eV/atom since the last logged step "
+                       f"(limit {safety.max_energy_jump:g} eV/atom)")
+    return None
 
 
 def energy_drift(rows: np.ndarray, n_atoms: int) -> float:
@@ -190,13 +253,16 @@ def run_regrowing(run, state, nbrs, neighbor_fn, force, name: str, **allocate_kw
 
 
 def simulate(model, structure: Structure, dynamics: Dynamics, steps: int, *, log_every: int = 10,
-             chunk: int = 100, key: int | jax.Array = 0, capacity=None, model_capacity=None) -> Iterator[Records]:
+             chunk: int = 100, key: int | jax.Array = 0, capacity=None, model_capacity=None,
+             safety: Safety = Safety()) -> Iterator[Records]:
     """Integrate `steps` steps from `structure`; yield the logged steps chunk by chunk (step 0 first).
 
     model: an EnergyModel, teacher spec or student run directory. key: seed of the initial
     velocities and of the Langevin noise. chunk: steps per compiled `lax.scan` (rounded up to a multiple of
     log_every). capacity, model_capacity: the neighbour list's and the model's starting capacities (default:
     measured at the start); too small ones are grown when a chunk overflows, and the chunk is redone.
+    safety: when the run has blown up; the logged steps before the first failing one are yielded, then
+    `MDFailure` is raised.
     """
     model = as_model(model)
     structure = structure.validated()
@@ -214,39 +280,76 @@ def simulate(model, structure: Structure, dynamics: Dynamics, steps: int, *, log
     with _quiet():
         state = init_fn(key_noise, R, mass, momenta=maxwell_boltzmann(key_velocities, mass, dynamics.temperature),
                         neighbor=nbrs)
-    done = 0
+
+    def failure(records, k, cause, last_step):
+        step = int(records.step[k])
+        return MDFailure(structure.name, step, step * dynamics.dt, cause, last_step)
+
+    def checked(records, previous_total, last_step):
+        """Yields the sane head of `records`; raises at its first failing step; returns the last total energy."""
+        found = first_failure(records, structure.n_atoms, dynamics, safety, previous_total)
+        if found is None:
+            yield records
+            return float(records.potential[-1] + records.kinetic[-1])
+        k, cause = found
+        if k:
+            yield Records(*(x[:k] for x in records[:6]), redone=records.redone)
+        raise failure(records, k, cause, int(records.step[k - 1]) if k else last_step)
+
+    done, total = 0, None
     while True:
         n = min(chunk, steps - done)
+        step = done + log_every * np.arange(1, n // log_every + 1)
 
         def chunk_of(state, nbrs):
             with _quiet():
                 (new_state, new_nbrs), start, logged = run_chunk(state, nbrs, n // log_every)
+            if bool(new_nbrs.did_buffer_overflow):  # a blow-up, or capacities to grow (run_regrowing)?
+                records = _records(step, [np.asarray(x) for x in logged], 0, structure, model)
+                found = first_failure(records, structure.n_atoms, dynamics, safety, energies=False)
+                needed = np.asarray(new_nbrs.needed)
+                if found is None and len(step) and (np.any(needed < 0) or needed[1] > MAX_BINS):
+                    found = len(step) - 1, (f"coordinates exploded (the neighbour list would need "
+                                            f"{int(needed[1]):,} bins)")
+                if found is not None:
+                    raise _BlownUp(failure(records, *found, last_step=done), start)
             return new_state, new_nbrs, (start, logged)
 
-        new_state, new_nbrs, (start, logged), attempt = run_regrowing(
-            chunk_of, state, nbrs, neighbor_fn, lambda R, nbrs: force_fn(R, neighbor=nbrs), structure.name)
+        def first(start):
+            return _records(np.zeros(1, np.int64), [np.asarray(x)[None] for x in start], 0, structure, model)
+
+        try:
+            new_state, new_nbrs, (start, logged), attempt = run_regrowing(
+                chunk_of, state, nbrs, neighbor_fn, lambda R, nbrs: force_fn(R, neighbor=nbrs), structure.name)
+        except _BlownUp as blown:
+            if done == 0 and not bool(nbrs.overflow):  # step 0 is sane: its list (allocated for it) fitted
+                yield from checked(first(blown.start), None, None)
+            elif done == 0:
+                blown.failure.last_step = None
+            raise blown.failure from None
         if done == 0:  # step 0, logged once its list is known to be good
-            yield _records(np.zeros(1, np.int64), [np.asarray(x)[None] for x in start], 0, structure, model,
-                           dynamics)
+            total = yield from checked(first(start), None, None)
         if n == 0:
             return
-        step = done + log_every * np.arange(1, n // log_every + 1)
+        total = yield from checked(_records(step, [np.asarray(x) for x in logged], attempt, structure, model),
+                                   total, done)
         state, nbrs, done = new_state, new_nbrs, done + n
-        yield _records(step, [np.asarray(x) for x in logged], attempt, structure, model, dynamics)
         if done == steps:
             return
 
 
-def _records(step, arrays, redone, structure, model, dynamics) -> Records:
+class _BlownUp(Exception):
+    """A chunk whose list overflowed blew up: `failure` to raise once `start` (its first step) is handed on."""
+
+    def __init__(self, failure: MDFailure, start):
+        super().__init__(str(failure))
+        self.failure, self.start = failure, start
+
+
+def _records(step, arrays, redone, structure, model) -> Records:
     position, momentum, force, potential, kinetic = arrays
     potential = model.reference.energy(structure.numbers) + np.asarray(potential, np.float64)
-    records = Records(step, position, momentum, force, potential, kinetic, redone=redone)
-    finite = np.isfinite(records.potential) & np.all(np.isfinite(records.position), axis=(1, 2))
-    if not np.all(finite):
-        raise FloatingPointError(f"{structure.name}: MD with {model.name} became non-finite at step "
-                                 f"{int(step[np.argmin(finite)])} (time step {dynamics.dt} fs too large, or an "
-                                 f"unphysical structure?)")
-    return records
+    return Records(step, position, momentum, force, potential, kinetic, redone=redone)
 
 
 def frames(structure: Structure, records: Records, dt_fs: float, every: int = 1) -> list[Structure]:

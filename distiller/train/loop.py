@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -20,6 +21,7 @@ from typing import Iterator
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from distiller.config import Experiment, to_dict
@@ -27,12 +29,14 @@ from distiller.files import write_json_atomic
 from distiller.run_directory import DivergedError, RunDirectory, RunDirectoryError, RunLock
 from distiller.structure import Structure, write_structures
 from distiller.teachers.registry import teacher_files
+from distiller.train.schedules import Plateau, after_validation
 from distiller.train.step import Distillation, TrainState
 from distiller.train.validation import Validation, read_validation_set
 
 
 # What may differ from the run's config.json on --resume: how long and how often, not what is trained.
-RESUMABLE = ("name", "run_dir", "steps", "time_limit", "log_every", "checkpoint_every", "validation.every")
+RESUMABLE = ("name", "run_dir", "steps", "time_limit", "log_every", "checkpoint_every", "validation.every",
+             "tensorboard")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -88,9 +92,10 @@ def _run(config: Experiment, run_dir: RunDirectory, lock: RunLock, resume: bool,
     if resuming:
         job.use_reference(run_dir.read_reference())
         template = job.state_template()
-        start, ema, (params, opt_state, step) = run_dir.restore(
-            template.ema, (template.params, template.opt_state, template.step), set_aside_damaged=True)
-        state = TrainState(params, opt_state, step, ema)
+        start, ema, (params, opt_state, step, plateau) = run_dir.restore(
+            template.ema, (template.params, template.opt_state, template.step, template.plateau),
+            set_aside_damaged=True)
+        state = TrainState(params, opt_state, step, ema, Plateau(*plateau))
         run_dir.truncate_metrics(start)
         capacity = run_dir.load_capacity(start)
         if capacity is not None:
@@ -102,17 +107,23 @@ def _run(config: Experiment, run_dir: RunDirectory, lock: RunLock, resume: bool,
         run_dir.write_reference(job.reference)
         if os.path.exists(run_dir.metrics_path):
             os.remove(run_dir.metrics_path)
+        shutil.rmtree(run_dir.file("tensorboard"), ignore_errors=True)
     checkpoints = run_dir.checkpoints()  # after restoring: damaged checkpoints set aside are not its steps
     validation = None if validation_set is None else Validation(validation_set, job.student(), run_dir)
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=config.name,
                disable=not progress, dynamic_ncols=True)
     inputs_iter = job.data.batches(start)
     last = {"checkpoint": start if resuming else None, "step": start}
-    with open(run_dir.metrics_path, "a") as log, _signals_stop_after_the_step() as signals:
+    # metrics.jsonl is the record; TensorBoard shows its rows. A resumed run's rows after its checkpoint replace
+    # those logged before the stop (purge_step), as they do in metrics.jsonl.
+    board = _tensorboard(config, run_dir, start + 1 if resuming else None)
+    opt = config.optimizer
+    with open(run_dir.metrics_path, "a") as log, board, _signals_stop_after_the_step() as signals:
         t0 = time.perf_counter()
 
-        def record(done: int, state: TrainState, metrics: dict) -> bool:
-            """Log, validate and checkpoint a checked step; True when the job should stop after it."""
+        def record(done: int, state: TrainState, metrics: dict) -> tuple[TrainState, bool]:
+            """Log, validate and checkpoint a checked step; (the state, its plateau updated by a validation; True
+            when the job should stop after it)."""
             out_of_time = config.time_limit > 0 and time.perf_counter() - t0 >= config.time_limit
             validated = validation is not None and (done % config.validation.every == 0 or done == config.steps)
             logged = done % config.log_every == 0 or done == config.steps or validated
@@ -126,9 +137,13 @@ def _run(config: Experiment, run_dir: RunDirectory, lock: RunLock, resume: bool,
                 row = {"step": done, **{k: float(v) for k, v in metrics.items()}}
                 if validated:
                     row.update(validation(done, state.ema))
+                    state = state._replace(plateau=after_validation(
+                        state.plateau, row["val_forces_rmse"], opt.plateau_patience, opt.plateau_factor,
+                        opt.plateau_min_scale))
                 row["seconds"] = round(time.perf_counter() - t0, 3)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
+                board.write(row)
                 postfix = {"loss": f"{row['loss']:.4g}", "F_rmse": f"{row['forces_rmse']:.3f}"}
                 if validated:
                     postfix["val_F_rmse"] = f"{row['val_forces_rmse']:.3f}"
@@ -136,17 +151,20 @@ def _run(config: Experiment, run_dir: RunDirectory, lock: RunLock, resume: bool,
             if checkpointed:
                 # Capacities first: a checkpoint on disk always has the capacities it was trained with.
                 run_dir.save_capacity(done, job.data.capacity_state())
-                run_dir.save_checkpoint(checkpoints, done, state.ema, (state.params, state.opt_state, state.step))
+                run_dir.save_checkpoint(checkpoints, done, state.ema,
+                                        (state.params, state.opt_state, state.step, state.plateau))
+                board.flush()
                 last["checkpoint"] = done
             last["step"] = done
             if out_of_time and done < config.steps:
                 tqdm.write(f"{config.name}: time limit of {config.time_limit:g} s reached at step {done} of "
                            f"{config.steps} (checkpointed; --resume continues)")
-            return bool(out_of_time or signals or (stop_after is not None and done - start >= stop_after))
+            return state, bool(out_of_time or signals or (stop_after is not None and done - start >= stop_after))
 
         # Steps are dispatched ahead of reading their overflow flags (`steps_in_flight`). A step that
         # overflowed (rare: capacities grow) is redone at grown capacities and the steps after it again from
-        # its result: the numbers are those of stepping one at a time.
+        # its result: the numbers are those of stepping one at a time. So are the steps after a validation that
+        # changed the plateau state (they started from the state before it).
         in_flight = steps_in_flight()
         pending = []  # dispatched, unchecked steps, oldest first: (step, state before it, inputs, key, outputs)
         stopped = False
@@ -156,16 +174,19 @@ def _run(config: Experiment, run_dir: RunDirectory, lock: RunLock, resume: bool,
             pending.append((step, before, inputs, key, job.dispatch_step(before, inputs, key)))
             while len(pending) > in_flight and not stopped:
                 oldest = pending.pop(0)
-                state, metrics, redone = _checked_step(job, oldest)
-                stopped = record(oldest[0] + 1, state, metrics)  # what is still pending is dropped, as by a kill
-                if redone:
+                checked, metrics, redone = _checked_step(job, oldest)
+                # On a stop, what is still pending is dropped, as by a kill.
+                state, stopped = record(oldest[0] + 1, checked, metrics)
+                if redone or state.plateau is not checked.plateau:
                     pending = _redispatched(job, state, pending)
             if stopped:
                 break
         while pending and not stopped:
             oldest = pending.pop(0)
-            state, metrics, _ = _checked_step(job, oldest)
-            stopped = record(oldest[0] + 1, state, metrics)
+            checked, metrics, redone = _checked_step(job, oldest)
+            state, stopped = record(oldest[0] + 1, checked, metrics)
+            if redone or state.plateau is not checked.plateau:
+                pending = _redispatched(job, state, pending)
     if job.offline:
         write_json_atomic(run_dir.file("loader.json"), job.data.loader.report())
     if signals and last["step"] < config.steps:
@@ -252,6 +273,40 @@ def _signals_stop_after_the_step() -> Iterator[list[int]]:
     finally:
         for s, h in previous.items():
             signal.signal(s, signal.SIG_DFL if h is None else h)
+
+
+class _Board:
+    """The run's TensorBoard scalars (RUN/tensorboard/), or nothing (config.tensorboard False)."""
+
+    def __init__(self, writer: SummaryWriter | None):
+        self.writer = writer
+
+    def write(self, row: dict) -> None:
+        if self.writer is not None:
+            for name, value in row.items():
+                if name != "step":
+                    self.writer.add_scalar(name, value, row["step"])
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def __enter__(self) -> "_Board":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _tensorboard(config: Experiment, run_dir: RunDirectory, purge_step: int | None) -> _Board:
+    """`purge_step`: the first step a resumed run logs again; TensorBoard hides what was logged from it on."""
+    if not config.tensorboard:
+        return _Board(None)
+    # Event files are named by the second they are opened in: without a suffix, a call starting within the
+    # same second as the previous one would truncate its file.
+    return _Board(SummaryWriter(run_dir.file("tensorboard"), purge_step=purge_step,
+                                filename_suffix=f".{time.time_ns()}"))
 
 
 def steps_in_flight() -> int:

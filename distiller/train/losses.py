@@ -2,7 +2,8 @@
 
 A term names its `target`: a field of both `distiller.derivatives.Predictions` (what the student computes) and
 `Batch` (the labels, energies relative to the student's reference energies). It returns its mean-square error
-and the metrics it reports; the loss is Σ weight · term. A new term (e.g. on Hessian-vector products) is one
+and the metrics it reports; the loss is Σ weight · term, a weight being a `Ramp` over the run (constant unless
+the LossConfig gives its final value). A new term (e.g. on Hessian-vector products) is one
 class here and one line in `loss_terms` (as `HessianVectorProducts` is).
 """
 
@@ -17,13 +18,14 @@ import jax.numpy as jnp
 from distiller.batch import Batch
 from distiller.config import LossConfig
 from distiller.derivatives import Predictions
+from distiller.train.schedules import Ramp
 
 
 @dataclasses.dataclass(frozen=True)
 class EnergyPerAtom:
     """Mean over graphs of the squared energy error per atom, (eV/atom)²."""
 
-    weight: float
+    weight: Ramp
     target: ClassVar[str] = "energy"
 
     def __call__(self, predicted: Predictions, batch: Batch) -> tuple[jax.Array, dict]:
@@ -37,7 +39,7 @@ class EnergyPerAtom:
 class Forces:
     """Mean over atoms and components of the squared force error, (eV/Å)²."""
 
-    weight: float
+    weight: Ramp
     target: ClassVar[str] = "forces"
 
     def __call__(self, predicted: Predictions, batch: Batch) -> tuple[jax.Array, dict]:
@@ -54,7 +56,7 @@ class Forces:
 class Stress:
     """Mean over labelled graphs (periodic cells whose teacher gave a stress) and components, (eV/Å³)²."""
 
-    weight: float
+    weight: Ramp
     target: ClassVar[str] = "stress"
 
     def __call__(self, predicted: Predictions, batch: Batch) -> tuple[jax.Array, dict]:
@@ -70,7 +72,7 @@ class HessianVectorProducts:
     per structure, new every step), (eV/Å²)²: the teacher's curvature, which energies and forces only sample
     at points. Online training only (the teacher's H·v is computed in the same step)."""
 
-    weight: float
+    weight: Ramp
     target: ClassVar[str] = "hvp"
 
     def __call__(self, predicted: Predictions, batch: Batch) -> tuple[jax.Array, dict]:
@@ -82,12 +84,14 @@ class HessianVectorProducts:
 
 def loss_terms(config: LossConfig) -> tuple:
     """The terms an experiment's LossConfig asks for. Energy and forces always (their metrics are the run's
-    record, whatever their weights); stress only when weighed (it costs the strain derivative)."""
-    terms = [EnergyPerAtom(config.energy_weight), Forces(config.forces_weight)]
-    if config.stress_weight > 0:
-        terms.append(Stress(config.stress_weight))
-    if config.hvp_weight > 0:
-        terms.append(HessianVectorProducts(config.hvp_weight))
+    record, whatever their weights); stress and H·v only when weighed at some step (they cost derivatives)."""
+    weight = lambda name: Ramp(getattr(config, f"{name}_weight"), getattr(config, f"{name}_weight_final"),
+                               config.weight_ramp)
+    terms = [EnergyPerAtom(weight("energy")), Forces(weight("forces"))]
+    if config.weighs("stress"):
+        terms.append(Stress(weight("stress")))
+    if config.weighs("hvp"):
+        terms.append(HessianVectorProducts(weight("hvp")))
     return tuple(terms)
 
 
@@ -99,12 +103,16 @@ def needs_hvp(terms) -> bool:
     return any(term.target == "hvp" for term in terms)
 
 
-def total_loss(terms, predicted: Predictions, batch: Batch) -> tuple[jax.Array, dict]:
-    """(Σ weight · term, every term's metrics and "loss")."""
+def total_loss(terms, predicted: Predictions, batch: Batch, fraction=0.0) -> tuple[jax.Array, dict]:
+    """(Σ weight · term at `fraction` (step / steps) of the run, every term's metrics, "loss" and the weights
+    that ramp, as `<target>_weight`)."""
     loss, metrics = 0.0, {}
     for term in terms:
         value, reported = term(predicted, batch)
-        loss = loss + term.weight * value
+        weight = term.weight.at(fraction)
+        loss = loss + weight * value
         metrics.update(reported)
+        if term.weight.ramps:
+            metrics[f"{term.target}_weight"] = weight
     metrics["loss"] = loss
     return loss, metrics

@@ -28,6 +28,7 @@ from distiller.students import init_params, student_model
 from distiller.teachers.registry import load_teacher
 from distiller.train.labels import DatasetLabels, OnlineTeacher, step_key
 from distiller.train.losses import loss_terms, needs_hvp, needs_stress, total_loss
+from distiller.train.schedules import Plateau
 
 
 class TrainState(NamedTuple):
@@ -35,6 +36,7 @@ class TrainState(NamedTuple):
     opt_state: Any
     step: jax.Array
     ema: Any  # their exponential moving average: the student evaluated and exported
+    plateau: Plateau = Plateau()  # the learning rate's reduce-on-plateau scale, set by the loop at validations
 
 
 def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
@@ -74,7 +76,7 @@ class Distillation:
     @classmethod
     def create(cls, config: Experiment) -> "Distillation":
         if config.dataset:
-            if config.loss.hvp_weight > 0:
+            if config.loss.weighs("hvp"):
                 raise ValueError(f"experiment {config.name!r}: loss.hvp_weight needs the teacher in the step (online "
                                  "training, `structures`); datasets carry no Hessian-vector products")
             data, teacher = DatasetLabels(config, float(config.student.cutoff)), None
@@ -123,21 +125,24 @@ class Distillation:
         stress, hvp = needs_stress(terms), needs_hvp(terms)
         student = student_model(self.config.student)  # its energies do not involve its reference energies
 
-        def loss_fn(params, batch):
+        def loss_fn(params, batch, fraction):
             return total_loss(terms, predictions(student, params, batch, stress=stress, directions=batch.directions),
-                              batch)
+                              batch, fraction)
 
         @functools.partial(jax.jit, static_argnums=0)
         def step(capacity, state: TrainState, teacher_params, inputs: Batch, key, shift):
             batch, overflow = self.data.labelled(capacity, teacher_params, inputs, key, shift, stress, hvp)
-            (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+            fraction = state.step / self.config.steps  # of the run, for the loss weights that ramp
+            (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, fraction)
             # Before clipping: the loop stops at the first step where it is not finite (a diverging run).
             gradient_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-            metrics = {**metrics, "gradient_norm": gradient_norm}
+            metrics = {**metrics, "gradient_norm": gradient_norm, "lr_scale": state.plateau.scale}
             updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+            # Scaling adamw's updates scales its learning rate (weight decay included).
+            updates = jax.tree.map(lambda u: state.plateau.scale * u, updates)
             params = optax.apply_updates(state.params, updates)
             ema = ema_update(state.ema, params, state.step + 1, self.config.optimizer.ema_decay)
-            new = TrainState(params, opt_state, state.step + 1, ema)
+            new = TrainState(params, opt_state, state.step + 1, ema, state.plateau)
             # An overflowing step is not applied: the host grows capacities and recomputes it.
             new = jax.tree.map(lambda old, upd: jnp.where(overflow, old, upd), state, new)
             return new, metrics, overflow
