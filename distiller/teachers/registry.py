@@ -104,11 +104,7 @@ def teacher_files(spec: str) -> dict[str, str]:
     are not a file named by the spec (Orb, ASE calculators) give {}."""
     prefix, _, rest = spec.partition(":")
     if prefix == "fennol-pmc":
-        name, _, member = rest.partition("/")
-        files = PMC_MODELS.get(name, ())
-        if member.isdigit() and int(member) < len(files):
-            files = (files[int(member)],)
-        return {f: PMC_SHA256[f] for f in files}
+        return {f: PMC_SHA256[f] for f in pmc_files(spec)}
     if prefix == "fennol":
         path = os.path.expanduser(rest)
         if not os.path.isfile(path):
@@ -128,9 +124,9 @@ def _load_fennol_file(spec: str):
     return load_fennol([os.path.expanduser(path)], spec)
 
 
-def _load_fennol_pmc(spec: str):
-    name = spec.split(":", 1)[1]
-    name, _, member = name.partition("/")
+def pmc_files(spec: str) -> tuple[str, ...]:
+    """The FeNNol-PMC files (relative names) of a `fennol-pmc:NAME[/MEMBER]` spec: the ensemble's or one member's."""
+    name, _, member = spec.split(":", 1)[1].partition("/")
     if name not in PMC_MODELS:
         raise ValueError(f"unknown FeNNol-PMC model {name!r} in {spec!r} (known: {', '.join(sorted(PMC_MODELS))})")
     files = PMC_MODELS[name]
@@ -138,6 +134,11 @@ def _load_fennol_pmc(spec: str):
         if not member.isdigit() or int(member) >= len(files):
             raise ValueError(f"{spec!r}: member must be an integer in 0..{len(files) - 1}")
         files = (files[int(member)],)
+    return files
+
+
+def _load_fennol_pmc(spec: str):
+    files = pmc_files(spec)
     return _pmc_model(tuple(str(pmc_file(f)) for f in files), spec)  # every file checksummed, every time
 
 
