@@ -1,18 +1,27 @@
-"""MD speed (ns/day) of a teacher and a student with distiller's JAX-MD integration, in one process.
+"""MD speed (ns/day) of teachers and a student with distiller's JAX-MD integration, in one process.
 
-    python bench/md.py --out bench/results/md-h200.json                   # waterbox, ani1x/0 and a student
-    python bench/md.py --steps 4 --chunk 2 --systems watertiny --out /tmp/md.json   # CPU smoke run
+    python bench/md.py --out bench/results/md-h200.json                   # waterbox and aspirin x1024
+    python bench/md.py --teacher fennol-pmc:ani1x fennol-pmc:ani1x/0 --systems aspirin --replicas 1024 --out ...
+    python bench/md.py --steps 4 --chunk 2 --systems aspirin --replicas 4 --out /tmp/md.json   # CPU smoke run
 
-Each model runs NVE MD (300 K initial velocities, dt 0.5 fs) with `distiller.md.simulate`: steps in
-`lax.scan` chunks, neighbour list with a skin, capacities checked between chunks. The first chunk
-(compilation) is excluded from the timing; ms/step and ns/day come from the remaining `--steps` steps,
-wall clock, host work between chunks included. The energy drift is reported as a sanity check.
+Each model runs NVE MD (300 K initial velocities, dt 0.5 fs) with `distiller.md`: steps in `lax.scan`
+chunks, neighbour list with a skin, capacities checked between chunks. A molecule (a structure without pbc)
+runs as `--replicas N` independent replicas in one program (`simulate_replicas`, seeds 0..N-1: "aspirin x1024");
+N = 1, and every periodic system, runs alone (`simulate`). The first chunk (compilation) is excluded from the
+timing; ms/step and ns/day come from the remaining `--steps` steps, wall clock, host work between chunks
+(the blow-up checks of every replica) included. The energy drift is reported as a sanity check (for replicas:
+the median and the largest magnitude over the replicas).
+
+Rows (`rows` of the JSON): system, atoms (the total over the replicas), replicas, kind ("teacher-ensemble",
+"teacher-member" or "student"), model, ms_per_step (one step of the whole program), ns_per_day (of each
+replica's trajectory; `aggregate_ns_per_day` is over all replicas), us_per_atom_step (over all atoms).
 
 The student is a fresh one of the quickstart's size (SchNetConfig(cutoff=5.0, features=64, layers=3)), or a
 trained one with --run. A fresh student's random energy surface would fling atoms about, so its readout is
 scaled by --readout-scale (1e-3): forces become tiny and the water flows like a gas at the same density, with
-the same shapes and operations per step (speed does not depend on the weights' values). A trained run is used
-as it is.
+the same shapes and operations per step (speed does not depend on the weights' values); a molecule drifts
+apart slowly (its neighbour list's capacities may grow, whose redone chunks are not timed). A trained run is
+used as it is.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ import numpy as np  # noqa: E402
 
 from distiller.files import write_json_atomic  # noqa: E402
 from distiller.load import load_model  # noqa: E402
-from distiller.md import Dynamics, energy_drift, simulate, thermo  # noqa: E402
+from distiller.md import Dynamics, energy_drift, simulate, simulate_replicas, thermo  # noqa: E402
 from distiller.speed import add_student_arguments, device_name, student_from_arguments, versions  # noqa: E402
 from distiller.structure import read_structures  # noqa: E402
 
@@ -49,45 +58,74 @@ def fresh_student(config, structure, readout_scale: float):
     return student_model(config, {**params, "params": inner}, name=name)
 
 
-def measure(model, structure, steps: int, chunk: int, dt: float) -> dict:
-    """Run chunk (warm-up, compiles) + steps NVE steps; time the `steps`.
+def teacher_kind(spec: str) -> str:
+    """The issue's row kinds: a FeNNol-PMC spec without a member index is the ensemble; any other teacher is one
+    model (a member)."""
+    if spec.startswith("fennol-pmc:") and "/" not in spec.split(":", 1)[1]:
+        return "teacher-ensemble"
+    return "teacher-member"
+
+
+def measure(model, structure, replicas: int, steps: int, chunk: int, dt: float, system: str) -> dict:
+    """Run chunk (warm-up, compiles) + steps NVE steps of `replicas` copies of `structure` (one: `simulate`);
+    time the `steps`.
 
     A chunk whose neighbour list overflowed was redone with larger capacities, i.e. recompiled: its wall time
     is compilation, not integration, so the rate comes from the chunks that ran once (all of them, usually).
     """
     dynamics = Dynamics("nve", temperature=300.0, dt=dt)
     log_every = math.gcd(chunk, 50)  # the thermo log (for the drift) every 50 steps where the chunk allows
-    rows, chunks = [], []
+    if replicas == 1:
+        runs = ((records,) for records in simulate(model, structure, dynamics, chunk + steps, log_every=log_every,
+                                                    chunk=chunk, key=0))
+    else:
+        runs = simulate_replicas(model, [structure] * replicas, dynamics, chunk + steps, log_every=log_every,
+                                 chunk=chunk)
+    rows, chunks = [[] for _ in range(replicas)], []
     start = last = time.perf_counter()
     warmup = None
-    for records in simulate(model, structure, dynamics, chunk + steps, log_every=log_every, chunk=chunk, key=0):
-        rows.append(thermo(records, structure.n_atoms, dt))
+    for records in runs:
+        for k, r in enumerate(records):
+            rows[k].append(thermo(r, structure.n_atoms, dt))
         now = time.perf_counter()
-        if records.step[-1] > 0:
+        if records[0].step[-1] > 0:
             if warmup is None:
                 warmup = now - start
             else:
-                chunks.append((now - last, len(records.step) * log_every, records.redone))
+                chunks.append((now - last, len(records[0].step) * log_every, records[0].redone))
         last = now
-    rows = np.concatenate(rows)
+    rows = [np.concatenate(r) for r in rows]
     clean = [(t, n) for t, n, redone in chunks if not redone]
-    per_step = sum(t for t, _ in clean) / sum(n for _, n in clean) if clean else float("nan")
-    return {
-        "model": model.name, "system": structure.name, "atoms": structure.n_atoms, "dt_fs": dt, "steps": steps,
-        "chunk": chunk, "warmup_s": warmup, "ms_per_step": 1e3 * per_step,
-        "ns_per_day": dt * 1e-6 / per_step * 86400, "us_per_atom_step": 1e6 * per_step / structure.n_atoms,
+    atoms = replicas * structure.n_atoms
+    # No chunk ran once (every one grew a capacity, e.g. a fresh student's molecule drifting apart): no rate.
+    per_step = sum(t for t, _ in clean) / sum(n for _, n in clean) if clean else None
+    rate = (lambda f: None if per_step is None else f(per_step))
+    drifts = [energy_drift(r, structure.n_atoms) for r in rows] if len(rows[0]) >= 5 else None
+    row = {
+        "model": model.name, "system": system,
+        "atoms": atoms, "replicas": replicas, "dt_fs": dt, "steps": steps, "chunk": chunk, "warmup_s": warmup,
+        "ms_per_step": rate(lambda t: 1e3 * t), "ns_per_day": rate(lambda t: dt * 1e-6 / t * 86400),
+        "aggregate_ns_per_day": rate(lambda t: replicas * dt * 1e-6 / t * 86400),
+        "us_per_atom_step": rate(lambda t: 1e6 * t / atoms),
         "chunks_timed": len(clean), "chunks_redone": sum(1 for *_, redone in chunks if redone),
-        "final_temperature_K": float(rows[-1, 2]),
-        "drift_meV_per_atom_ps": energy_drift(rows, structure.n_atoms) if len(rows) >= 5 else None,
+        "final_temperature_K": float(np.mean([r[-1, 2] for r in rows])),
+        "drift_meV_per_atom_ps": None if drifts is None else float(np.median(drifts)),
     }
+    if replicas > 1:
+        row["largest_drift_meV_per_atom_ps"] = None if drifts is None else float(np.max(np.abs(drifts)))
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", default="fennol-pmc:ani1x/0")
+    parser.add_argument("--teacher", nargs="+", default=["fennol-pmc:ani1x/0"],
+                        help="teacher specs (the ensemble fennol-pmc:ani1x and/or a member, fennol-pmc:ani1x/0)")
     add_student_arguments(parser)
     parser.add_argument("--readout-scale", type=float, default=1e-3)
-    parser.add_argument("--systems", nargs="+", default=["waterbox"], help="structure file names (no .extxyz)")
+    parser.add_argument("--systems", nargs="+", default=["waterbox", "aspirin"],
+                        help="structure file names (no .extxyz)")
+    parser.add_argument("--replicas", type=int, default=1024,
+                        help="replicas of each molecule in one MD program (default 1024: aspirin x1024)")
     parser.add_argument("--structures-dir",
                         default=os.path.join(os.environ.get("DISTILLER_SHARED", "../shared"), "structures"))
     parser.add_argument("--steps", type=int, default=2000, help="timed steps per model and system")
@@ -97,36 +135,42 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 1 or args.steps % args.chunk:
         parser.error(f"--steps ({args.steps}) must be a positive multiple of --chunk ({args.chunk})")
+    if args.replicas < 1:
+        parser.error(f"--replicas must be >= 1, got {args.replicas}")
 
-    teacher = load_model(args.teacher)
-    results = []
+    teachers = [(teacher_kind(spec), load_model(spec)) for spec in args.teacher]
+    rows = []
     student_config = student_from_arguments(args)
     for name in args.systems:
         structure = read_structures(os.path.join(args.structures_dir, f"{name}.extxyz"))[0]
+        replicas = 1 if structure.periodic else args.replicas
         if args.run:
             student = load_model(args.run)
             student_config = student.source  # a student model's source is its config
         else:
             student = fresh_student(student_config, structure, args.readout_scale)
-        for kind, model in (("teacher", teacher), ("student", student)):
+        for kind, model in teachers + [("student", student)]:
+            label = name if replicas == 1 else f"{name} x{replicas}"
             try:
-                row = {"kind": kind, **measure(model, structure, args.steps, args.chunk, args.dt)}
+                row = {"kind": kind, **measure(model, structure, replicas, args.steps, args.chunk, args.dt, label)}
             except FloatingPointError as err:  # an untrained or poor student can blow up: say so, go on
-                print(f"{name:>10} {kind:>8} failed: {err}", flush=True)
-                results.append({"kind": kind, "model": model.name, "system": name, "error": str(err)})
+                print(f"{label:>14} {kind:>16} failed: {err}", flush=True)
+                rows.append({"kind": kind, "model": model.name, "system": label, "error": str(err)})
                 continue
-            print(f"{name:>10} {kind:>8} {row['atoms']:6d} atoms  {row['ms_per_step']:9.3f} ms/step  "
-                  f"{row['ns_per_day']:9.3f} ns/day  (warm-up {row['warmup_s']:.1f} s, drift "
-                  f"{row['drift_meV_per_atom_ps']} meV/atom/ps)", flush=True)
-            results.append(row)
+            speed = ("no chunk ran without growing a capacity: no rate" if row["ms_per_step"] is None else
+                     f"{row['ms_per_step']:9.3f} ms/step  {row['ns_per_day']:9.3f} ns/day")
+            print(f"{label:>14} {kind:>16} {row['atoms']:7d} atoms  {speed}  (warm-up {row['warmup_s']:.1f} s, "
+                  f"drift {row['drift_meV_per_atom_ps']} meV/atom/ps)", flush=True)
+            rows.append(row)
     report = {
-        "device": device_name(), "versions": versions(),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "teacher": args.teacher,
+        "device": device_name(), "versions": versions(),
+        "teachers": args.teacher,
         "student": {"run": args.run, "readout_scale": None if args.run else args.readout_scale,
-                    **{k: getattr(student_config, k) for k in ("cutoff", "features", "layers", "n_rbf", "kernel")}},
+                    **{k: getattr(student_config, k, None) for k in ("cutoff", "features", "layers", "n_rbf",
+                                                                     "kernel")}},
         "ensemble": "nve", "initial_temperature_K": 300.0,
-        "results": results,
+        "rows": rows,
     }
     if args.out:
         write_json_atomic(args.out, report)

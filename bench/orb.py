@@ -14,7 +14,7 @@ a. Labelling: `OrbTeacher.label` of a set in batches (one orb `predict` per batc
    strained Si crystals (2x2x2 cubic, 64 atoms), 8 rattled watersmall boxes (648 atoms); --tiny: 4, 2 (8
    atoms) and 1 watertiny (81).
 b. Handing results to JAX: a forces-like (N, 3) float32 tensor on the teacher's device handed over by DLPack
-   (`distiller.teachers.orb.to_jax`; on a CPU it goes through numpy) against a host copy
+   (`distiller.teachers.torch_bridge.to_jax`; on a CPU it goes through numpy) against a host copy
    (`jnp.asarray(tensor.cpu().numpy())`), N from 1500 to 120000 atoms; and within a whole labelling call:
    `label_arrays` (DLPack) against `label` (host float64 numpy) followed by `jnp.asarray` of its arrays.
 c. Orb against a student of the quickstart's size (SchNetConfig(cutoff=5.0, features=64, layers=3,
@@ -48,7 +48,8 @@ from distiller.files import write_json_atomic  # noqa: E402
 from distiller.speed import device_name, fresh_student, median_seconds, model_timer, versions  # noqa: E402
 from distiller.structure import Structure, read_structures  # noqa: E402
 from distiller.students import SchNetConfig  # noqa: E402
-from distiller.teachers.orb import load_orb, to_jax  # noqa: E402
+from distiller.teachers.orb import load_orb  # noqa: E402
+from distiller.teachers.torch_bridge import to_jax  # noqa: E402
 
 TEACHER = "orb:random/orb-v3-conservative"
 PRECISIONS = ("float32-highest", "float32-high")

@@ -83,13 +83,57 @@ def _trace_folders(out: str) -> list[str]:
     return [os.path.join(base, name) for name in os.listdir(base)] if os.path.isdir(base) else []
 
 
+MD_EVALUATION = {"index": 0, "time_ps": 10.0, "temperature": 300.0, "dt": 0.5, "seed": 0, "nve_ps": None}
+
+
 def _evaluate(args) -> int:
     from distiller.evaluate import evaluate_run
 
+    if (args.structures is None) == (args.md is None):
+        raise UsageError("distiller evaluate takes --structures FILE_OR_DATASET (accuracy) or --md STRUCTURE_FILE "
+                         "(MD stability), one of them")
+    if args.md is not None:
+        return _evaluate_md(args)
+    md_only = [f"--{name.replace('_', '-')}" for name in MD_EVALUATION if getattr(args, name) is not None]
+    if md_only:
+        raise UsageError(f"{', '.join(md_only)}: only with --md")
     report = evaluate_run(args.run_dir, args.structures, teacher=args.teacher, out=args.out, progress=not args.quiet)
     print(json.dumps(report["summary"], indent=2))
     out = args.out or os.path.join(args.run_dir, "evaluation")
     print(f"report written to {os.path.join(out, 'report.json')}, parity plot to {os.path.join(out, 'parity.png')}")
+    return 0
+
+
+def _evaluate_md(args) -> int:
+    """`distiller evaluate RUN --md FILE`: the MD stability report. A student that fails in MD is a result
+    (exit 0, the failure printed and recorded); bad input is an error before any MD."""
+    import math
+    import shlex
+
+    from distiller.stability import evaluate_stability
+
+    values = {name: default if getattr(args, name) is None else getattr(args, name)
+              for name, default in MD_EVALUATION.items()}
+    for name in ("time_ps", "temperature", "dt", "nve_ps"):
+        value = values[name]
+        if value is not None and not (math.isfinite(value) and (value >= 0 if name == "nve_ps" else value > 0)):
+            raise UsageError(f"--{name.replace('_', '-')} must be a number {'>=' if name == 'nve_ps' else '>'} 0, "
+                             f"got {value:g}")
+    given = {"md": args.md, "teacher": args.teacher, "out": args.out,
+             **{k: getattr(args, k) for k in MD_EVALUATION if getattr(args, k) is not None}}
+    command = f"distiller evaluate {shlex.quote(args.run_dir)} " + " ".join(
+        f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in given.items() if v is not None)
+    result = evaluate_stability(args.run_dir, args.md, teacher=args.teacher, out=args.out, progress=not args.quiet,
+                                command=command, **values)
+    summary = result.report["summary"]
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    for role, key in (("student", "failure"), ("student (NVE)", "nve_failure"), ("teacher", "teacher_failure"),
+                      ("teacher (NVE)", "teacher_nve_failure")):
+        if summary[key]:
+            print(f"*** the {role} FAILED in MD: {summary[key]}")
+    if not (summary["failure"] or summary["nve_failure"]):
+        print(f"the student ran {summary['simulated_ps']:g} ps of NVT without failure")
+    print(f"stability report written to {result.report['out']}")
     return 0
 
 
@@ -129,6 +173,7 @@ def _label(args) -> int:
 
 
 def _md(args) -> int:
+    import math
     import shlex
 
     from distiller.md.run import run_md
@@ -140,12 +185,32 @@ def _md(args) -> int:
         safety = Safety(max_temperature=args.max_temperature, max_energy_jump=args.max_energy_jump)
     except ValueError as err:
         raise UsageError(str(err)) from err
+    temperatures = None
+    if args.temperatures is not None:
+        try:
+            temperatures = [float(t) for t in args.temperatures.split(",")]
+        except ValueError:
+            temperatures = []
+        if not temperatures or not all(math.isfinite(t) and t >= 0 for t in temperatures):
+            raise UsageError(f"--temperatures {args.temperatures!r}: expected comma-separated temperatures in K "
+                             f"(each >= 0), e.g. 300,400,500")
+    if temperatures is not None and args.replicas is not None and len(temperatures) != args.replicas:
+        raise UsageError(f"--temperatures gives {len(temperatures)} temperatures for --replicas {args.replicas}: "
+                         f"give one per replica")
     # The command as it would be typed again (from the parsed arguments: main() may be called with argv).
     options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "quiet", "debug") and v is not None}
     command = "distiller md " + " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in options.items())
     summary = run_md(args.model, args.structure, args.out, dynamics, args.steps, index=args.index,
                      log_every=args.log_every, write_every=args.write_every, chunk=args.chunk, seed=args.seed,
-                     safety=safety, progress=not args.quiet, command=command)
+                     replicas=args.replicas, temperatures=temperatures, safety=safety, progress=not args.quiet,
+                     command=command)
+    if "replicas" in summary:
+        shown = {"replicas": [{k: r[k] for k in ("replica", "seed", "temperature_K", "final", "drift_meV_per_atom_ps")
+                               if k in r} for r in summary["replicas"]],
+                 **{k: summary[k] for k in ("ns_per_day", "wall_s") if k in summary}}
+        print(json.dumps(shown, indent=2))
+        print(f"trajectories and thermo logs written under {os.path.join(args.out, 'replica-*')}")
+        return 0
     print(json.dumps({k: summary[k] for k in ("final", "ns_per_day", "drift_meV_per_atom_ps", "wall_s")
                       if k in summary}, indent=2))
     print(f"trajectory and thermo log written under {args.out}")
@@ -224,14 +289,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no status lines")
     p.set_defaults(func=_profile)
 
-    p = add_parser("evaluate", help="compare a trained student with its teacher; writes report.json and parity.png")
+    p = add_parser("evaluate", help="compare a trained student with its teacher: accuracy on structures "
+                                    "(report.json, parity.png) or stability in MD (--md: stability.json, PNGs)",
+                   description="With --structures: energy and force errors and accuracy retained on a set "
+                               "(RUN_DIR/evaluation/report.json, parity.png). With --md: student and teacher run "
+                               "NVT (Langevin) and NVE from the same structure with the same seed; the report "
+                               "gives each model's time to failure and its cause (temperature runaway, energy "
+                               "jump, a bond stretched beyond 1.5x, atoms closer than 0.5 Å), the NVE drift "
+                               "(meV/atom/ps), RDFs (pair-distance distributions for molecules), bond-length and "
+                               "angle distributions with L1 differences, and temperature traces "
+                               "(RUN_DIR/stability/STRUCTURE/stability.json and PNGs). A student that fails in MD "
+                               "is a result, not an error: the command prints the failure and exits 0.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the student's run directory (written by `distiller distill`)")
-    p.add_argument("--structures", required=True, metavar="FILE_OR_DATASET",
+    p.add_argument("--structures", metavar="FILE_OR_DATASET",
                    help="structure file (ASE-readable) or dataset directory (`distiller label`; labelled by the "
                         "teacher, its labels are used)")
+    p.add_argument("--md", metavar="STRUCTURE_FILE",
+                   help="MD stability report from a structure of this file (ASE-readable) instead of --structures")
+    p.add_argument("--index", type=int, help="--md: which structure of the file (default 0)")
+    p.add_argument("--time-ps", type=float, metavar="PS", help="--md: NVT (and NVE) time per model (default 10)")
+    p.add_argument("--nve-ps", type=float, metavar="PS", help="--md: NVE time per model (default --time-ps; 0: none)")
+    p.add_argument("--temperature", type=float, metavar="K",
+                   help="--md: initial velocities and thermostat (default 300)")
+    p.add_argument("--dt", type=float, metavar="FS", help="--md: time step in fs (default 0.5)")
+    p.add_argument("--seed", type=int, help="--md: seed of the velocities and Langevin noise, both models (default 0)")
     p.add_argument("--teacher", help="teacher spec (default: the run's teacher)")
-    p.add_argument("--out", metavar="DIR", help="output directory (default: RUN_DIR/evaluation)")
-    p.add_argument("--quiet", action="store_true", help="no status lines")
+    p.add_argument("--out", metavar="DIR",
+                   help="output directory (default: RUN_DIR/evaluation, or RUN_DIR/stability/STRUCTURE with --md)")
+    p.add_argument("--quiet", action="store_true", help="no status lines or progress bars")
     p.set_defaults(func=_evaluate)
 
     p = add_parser("export", help="write a dataset as an extxyz file (energies eV, forces eV/Å, stress eV/Å³)")
@@ -274,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-every", type=_positive_int, metavar="M",
                    help="trajectory interval in steps, a multiple of --log-every (default: --log-every)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial velocities and Langevin noise")
+    p.add_argument("--replicas", type=_positive_int, metavar="N",
+                   help="N replicas in one program (seeds SEED, SEED+1, ...), written to OUT/replica-K/; a blow-up "
+                        "in one stops all and names it")
+    p.add_argument("--temperatures", metavar="K,K,...",
+                   help="one temperature per replica (initial velocities, and the thermostat's target for nvt), "
+                        "e.g. 300,400,500; alone it sets --replicas")
     p.add_argument("--thermostat", choices=["langevin", "nose-hoover"], default="langevin", help="for nvt")
     p.add_argument("--friction", type=float, default=0.01, metavar="PER_FS", help="Langevin friction, 1/fs")
     p.add_argument("--tau", type=float, default=100.0, metavar="FS", help="Nose-Hoover time constant, fs")
@@ -287,8 +378,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _names_torch_teacher(args) -> bool:
+    """Whether the command will load a PyTorch teacher: a --teacher or --model spec, or the teacher of the run
+    directory or experiment it was given (read without loading anything)."""
+    from distiller.teachers.registry import is_torch_spec
+
+    specs = [getattr(args, name, None) for name in ("teacher", "model")]
+    for name in ("run_dir", "model"):
+        path = getattr(args, name, None)
+        config = os.path.join(path, "config.json") if isinstance(path, str) else ""
+        if os.path.isfile(config):
+            try:
+                with open(config) as f:
+                    specs.append(json.load(f).get("teacher"))
+            except (OSError, ValueError, AttributeError):
+                pass  # the command itself reports a broken run directory
+    return any(is_torch_spec(spec) for spec in specs)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if _names_torch_teacher(args):  # before anything initialises JAX's GPU backend (distiller.gpu_memory)
+        from distiller.gpu_memory import make_room_for_torch
+
+        make_room_for_torch()
     try:
         return args.func(args)
     except KeyboardInterrupt as err:

@@ -40,10 +40,11 @@ def force_metrics(student_forces: np.ndarray, teacher_forces: np.ndarray) -> dic
 
 
 def stress_metrics(student_stress: np.ndarray, teacher_stress: np.ndarray) -> dict:
-    """Metrics over stacked (G, 3, 3) stress arrays in eV/Å³ (RMSE also in GPa)."""
+    """Metrics over stacked (G, 3, 3) stress arrays in eV/Å³ (MAE and RMSE over the components also in GPa)."""
     diff = student_stress - teacher_stress
     rmse = float(np.sqrt(np.mean(diff**2)))
     return {
+        "stress_mae_gpa": float(np.mean(np.abs(diff))) / units.GPa,
         "stress_rmse": rmse,
         "stress_rmse_gpa": rmse / units.GPa,
         "stress_accuracy_retained": float(1.0 - np.sqrt(np.sum(diff**2) / max(np.sum(teacher_stress**2), 1e-300))),
@@ -51,10 +52,8 @@ def stress_metrics(student_stress: np.ndarray, teacher_stress: np.ndarray) -> di
     }
 
 
-def compare(student: Sequence[Structure], teacher: Sequence[Structure]) -> dict:
-    """Report comparing labelled student and teacher versions of the same structures."""
-    if len(student) != len(teacher):
-        raise ValueError(f"{len(student)} student structures against {len(teacher)} teacher structures")
+def summarise(student: Sequence[Structure], teacher: Sequence[Structure]) -> dict:
+    """Energy, force and (where both have it) stress metrics over labelled student and teacher structures."""
     n = np.array([s.n_atoms for s in teacher])
     e_s = np.array([s.energy for s in student])
     e_t = np.array([s.energy for s in teacher])
@@ -72,6 +71,20 @@ def compare(student: Sequence[Structure], teacher: Sequence[Structure]) -> dict:
     if stressed:
         summary["stressed_structures"] = len(stressed)
         summary.update(stress_metrics(*(np.stack(x) for x in zip(*stressed))))
+    return summary
+
+
+def compare(student: Sequence[Structure], teacher: Sequence[Structure]) -> dict:
+    """Report comparing labelled student and teacher versions of the same structures: the summary over all of
+    them, per system (chemical formula, `system_names`) where there are several, and per structure."""
+    if len(student) != len(teacher):
+        raise ValueError(f"{len(student)} student structures against {len(teacher)} teacher structures")
+    summary = summarise(student, teacher)
+    systems = np.array(system_names(teacher))
+    if len(set(systems)) > 1:
+        summary["systems"] = {name: summarise([student[k] for k in np.flatnonzero(systems == name)],
+                                              [teacher[k] for k in np.flatnonzero(systems == name)])
+                              for name in sorted(set(systems))}
     rows = []
     for s, t in zip(student, teacher):
         rows.append({"name": t.name, "n_atoms": t.n_atoms, "energy_teacher": t.energy, "energy_student": s.energy,

@@ -42,7 +42,7 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> f
 
 def versions() -> dict:
     out = {"python": platform.python_version()}
-    for name in ("jax", "jaxlib", "flax", "fennol", "torch", "orb-models", "jax-md", "triton"):
+    for name in ("jax", "jaxlib", "flax", "fennol", "torch", "orb-models", "sevenn", "jax-md", "triton"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

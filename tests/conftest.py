@@ -7,6 +7,9 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("DISTILLER_SHARED", ROOT.parent / "shared"))
 os.environ.setdefault("FENNOL_PMC_DIR", str(SHARED / "teachers" / "fennol-pmc"))
+# Two workers share two cores (pytest's -n 2): a torch teacher with its own two threads per worker oversubscribes
+# them, and its idle threads spin (the Orb tests took 28 s with torch's default, 11 s with one thread).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -23,8 +23,9 @@ from ase.neighborlist import neighbor_list
 from distiller.batch import pad_structures
 from distiller.derivatives import hessian_vector_product, predictions
 from distiller.structure import Structure, StructureError, read_structures
-from distiller.teachers.orb import (Orb05, Orb06, energy_model, from_jax, load_orb, orb_api, orb_calculator,
-                                    orb_library_warnings_silenced, parse_spec, to_jax, torch_state, valid_specs)
+from distiller.teachers.orb import (Orb05, Orb06, load_orb, orb_api, orb_calculator, orb_library_warnings_silenced,
+                                    parse_spec, valid_specs)
+from distiller.teachers.torch_bridge import energy_model, from_jax, to_jax, torch_state
 from distiller.teachers.registry import load_teacher
 
 SPECS = ["orb:random/orb-v3-conservative", "orb:random/orb-v3-direct", "orb:random/orb-v2"]
@@ -159,7 +160,8 @@ def test_caller_torch_settings_neither_leak_in_nor_change(teachers, structures, 
 NEWER_API_CALLER = """
 import ase.build, math, torch
 from distiller.structure import Structure
-from distiller.teachers.orb import fp32_precisions, load_orb, torch_settings
+from distiller.teachers.orb import load_orb
+from distiller.teachers.torch_bridge import fp32_precisions, torch_settings
 torch.backends.cuda.matmul.fp32_precision = "tf32"  # torch's newer API: the legacy getters now refuse to answer
 torch.set_default_dtype(torch.float64)
 before = fp32_precisions()

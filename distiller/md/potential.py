@@ -39,6 +39,7 @@ it does not need is dead code.)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -140,12 +141,23 @@ class _System:
         frac = jnp.matmul(R - reference, batching.cell_inverse(cell), precision=HIGHEST)
         return jax.lax.stop_gradient(jnp.round(frac))
 
-    def at(self, R, cell) -> Batch:
-        """The padded batch at positions R (N, 3) and the real graph's cell."""
-        return self.batch._replace(positions=self.positions(R), cell=self.batch.cell.at[0].set(cell))
+    def numbers(self, numbers) -> jax.Array:
+        """The padded atomic numbers with the real atoms' replaced by `numbers` (N,); the structure's for None."""
+        if numbers is None:
+            return self.batch.numbers
+        numbers = jnp.asarray(numbers)
+        if numbers.shape != (self.n,):
+            raise ValueError(f"{self.structure.name}: atomic numbers of shape {numbers.shape}, expected ({self.n},)")
+        return self.batch.numbers.at[: self.n].set(numbers.astype(self.batch.numbers.dtype))
 
-    def with_edges(self, R, cell, receivers, senders, shifts, edge_mask) -> Batch:
-        return self.at(R, cell)._replace(receivers=receivers, senders=senders, shifts=shifts, edge_mask=edge_mask)
+    def at(self, R, cell, numbers=None) -> Batch:
+        """The padded batch at positions R (N, 3), the real graph's cell and atomic numbers (None: the structure's)."""
+        return self.batch._replace(positions=self.positions(R), cell=self.batch.cell.at[0].set(cell),
+                                   numbers=self.numbers(numbers))
+
+    def with_edges(self, R, cell, receivers, senders, shifts, edge_mask, numbers=None) -> Batch:
+        return self.at(R, cell, numbers)._replace(receivers=receivers, senders=senders, shifts=shifts,
+                                                  edge_mask=edge_mask)
 
     def build(self, R, cell, cutoff: float, capacity: nl.NeighbourCapacity) -> nl.Neighbours:
         return batching.with_neighbours(self.at(R, cell), cutoff, capacity)[1]
@@ -192,11 +204,17 @@ def potential(model, structure: Structure, dr_threshold: float = DEFAULT_SKIN,
     """(neighbor_fn, energy_fn) for `model` on `structure`, as JAX-MD's `energy.*_neighbor_list` return them.
 
     model: an `EnergyModel`, a teacher spec or a student run directory (see `distiller.load.as_model`).
-    `energy_fn(R, neighbor, cell=None, **kwargs)` is the energy in eV of positions R (N, 3) Å, relative to the
-    model's reference energies (`model.reference.energy(numbers)` is the constant rest); `cell` (3, 3)
-    overrides the structure's cell (periodic structures; the list then rebuilds at its next update); other
-    keyword arguments (e.g. the `kT` JAX-MD's thermostats pass along) are ignored. The same model object on
-    the same atoms and cell gets the same functions back (see `memoised`).
+    `energy_fn(R, neighbor, cell=None, numbers=None, **kwargs)` is the energy in eV of positions R (N, 3) Å,
+    relative to the model's reference energies (`model.reference.energy(numbers)` is the constant rest); `cell`
+    (3, 3) overrides the structure's cell (periodic structures; the list then rebuilds at its next update),
+    `numbers` (N,) its atomic numbers (one program for other structures of the same atom count and pbc:
+    `simulate_replicas`); other keyword arguments (e.g. the `kT` JAX-MD's thermostats pass along) are ignored.
+    The same model object on the same atoms and cell gets the same functions back (see `memoised`).
+
+    Replicas: under `jax.vmap(..., axis_name=AXIS)`, `nbrs.update(R, replica_axis=AXIS)` rebuilds the lists of
+    all replicas together when any of them is stale (a real `lax.cond`; per replica, vmap would turn it into
+    a select that rebuilds every step). A rebuild at unchanged positions gives the same energies, so every
+    replica is exact either way.
     """
     model = as_model(model)
     if not dr_threshold >= 0:
@@ -217,17 +235,17 @@ def _potential(model: EnergyModel, structure: Structure, dr_threshold: float, ca
         shifts = nbrs.shifts + m[nbrs.receivers] - m[nbrs.senders]
         return nbrs.receivers, nbrs.senders, shifts, nbrs.edge_mask
 
-    def energy_fn(R, neighbor: NeighbourList | None = None, cell=None, **unused_kwargs) -> jax.Array:
+    def energy_fn(R, neighbor: NeighbourList | None = None, cell=None, numbers=None, **unused_kwargs) -> jax.Array:
         if neighbor is None:
             raise TypeError("energy_fn needs neighbor=NeighbourList (from neighbor_fn.allocate / .update)")
         cell = system.cell(cell)
-        batch = system.with_edges(R, cell, *edges(R, neighbor, cell))
+        batch = system.with_edges(R, cell, *edges(R, neighbor, cell), numbers=numbers)
         return model.energies(model.params, batch, neighbor.model_capacity).energy[0]
 
-    def model_overflow(R, cell, nbrs: NeighbourList) -> jax.Array:
+    def model_overflow(R, cell, nbrs: NeighbourList, numbers=None) -> jax.Array:
         if model.capacity_for is None:
             return jnp.asarray(False)
-        batch = system.with_edges(R, cell, *edges(R, nbrs, cell))
+        batch = system.with_edges(R, cell, *edges(R, nbrs, cell), numbers=numbers)
         return jnp.asarray(model.energies(model.params, batch, nbrs.model_capacity).overflow, bool)
 
     def rebuilt(R, cell, nbrs: NeighbourList) -> NeighbourList:
@@ -237,20 +255,27 @@ def _potential(model: EnergyModel, structure: Structure, dr_threshold: float, ca
                                    overflow=nbrs.overflow | found.overflow,
                                    needed=jnp.maximum(nbrs.needed, found.needed))
 
-    @jax.jit
-    def update_fn(R, nbrs: NeighbourList, cell=None, **unused_kwargs) -> NeighbourList:
+    @functools.partial(jax.jit, static_argnames=("replica_axis", "rebuild"))
+    def update_fn(R, nbrs: NeighbourList, cell=None, numbers=None, replica_axis: str | None = None,
+                  rebuild: bool = False, **unused_kwargs) -> NeighbourList:
+        """The list at R: rebuilt when an atom moved more than half the skin, or the cell changed, or `rebuild`
+        (a list for new positions with the capacities of `nbrs`)."""
         cell = system.cell(cell)
         R = jnp.asarray(R, nbrs.reference_position.dtype)
         moved = R - nbrs.reference_position - jnp.matmul(system.jumps(R, nbrs.reference_position, cell), cell, precision=HIGHEST)
-        stale = jnp.any(jnp.sum(moved**2, axis=-1) > threshold_sq) | jnp.any(cell != nbrs.reference_cell)
+        stale = jnp.any(jnp.sum(moved**2, axis=-1) > threshold_sq) | jnp.any(cell != nbrs.reference_cell) | rebuild
+        if replica_axis is not None:  # one decision for all replicas: the cond stays a cond under vmap
+            stale = jax.lax.psum(stale.astype(jnp.int32), replica_axis) > 0
         nbrs = jax.lax.cond(stale, lambda: rebuilt(R, cell, nbrs), lambda: nbrs)
-        return dataclasses.replace(nbrs, model_overflow=nbrs.model_overflow | model_overflow(R, cell, nbrs))
+        return dataclasses.replace(nbrs, model_overflow=nbrs.model_overflow | model_overflow(R, cell, nbrs, numbers))
 
-    def allocate_fn(R, extra_capacity: int = 0, *, cell=None, capacity: nl.NeighbourCapacity | None = None,
-                    model_capacity=None, previous: NeighbourList | None = None, margin: float | None = None,
+    def allocate_fn(R, extra_capacity: int = 0, *, cell=None, numbers=None,
+                    capacity: nl.NeighbourCapacity | None = None, model_capacity=None,
+                    previous: NeighbourList | None = None, margin: float | None = None,
                     also: Sequence[jax.Array] = ()) -> NeighbourList:
         """A list for positions R (outside jit), capacities measured with room to spare.
 
+        cell, numbers: as for energy_fn (the model's capacity is measured with these atomic numbers).
         capacity / model_capacity: use these instead of measuring (tests start from a too small one).
         previous: an overflowed list; the new capacities fit all it needed, and the model's capacity is grown
           to fit R and the configurations in `also` (e.g. the end of the chunk that overflowed) with `margin`.
@@ -269,7 +294,7 @@ def _potential(model: EnergyModel, structure: Structure, dr_threshold: float, ca
                 X = jnp.asarray(X, R.dtype)
                 complete = system.build(X, cell, cutoff, system.allocate(X, cell, cutoff, margin))
                 return system.with_edges(X, cell, complete.receivers, complete.senders, complete.shifts,
-                                         complete.edge_mask)
+                                         complete.edge_mask, numbers=numbers)
 
             configurations = [R] + [X for X in also if bool(jnp.all(jnp.isfinite(X)))]
             if previous is not None and previous.model_capacity is not None:

@@ -17,6 +17,15 @@ Blow-ups (a time step too large, a model with holes) stop the run: every logged 
 `Safety` rule before it is handed on, and the first one that fails raises `MDFailure` after the steps before it
 were yielded. A chunk whose neighbour list overflowed is checked before any capacity is grown for it: exploded
 coordinates are a blow-up, not a capacity to grow (they would ask for more memory than exists, or overflow int32).
+
+Replicas (`simulate_replicas`): N independent structures of one atom count and pbc as one program, the same
+chunk function `jax.vmap`-ed over a leading replica axis. JAX-MD states and neighbour lists are pytrees, so each
+replica keeps its own positions, momenta, thermostat state, RNG stream and list; what differs between the
+replicas' structures and temperatures (atomic numbers, cell, kT) goes in as vmapped arguments, so one compiled
+program serves every ladder. What is shared is static: the list's capacities (they fit the most demanding
+replica) and the decision to rebuild (`psum` over the replica axis keeps it a `lax.cond`: any stale replica
+rebuilds all, which changes no energy). The sticky overflow flags are reduced over replicas, so one regrowth
+redoes the chunk for all, and the host loop (`_integrate`) is `simulate`'s, replica by replica.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import contextlib
 import dataclasses
 import functools
 import warnings
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Sequence
 
 import ase.data
 import jax
@@ -100,15 +109,18 @@ MAX_BINS = 2**24
 
 class MDFailure(FloatingPointError):
     """A blown-up MD run, as one line: where (structure), the step, its time and the cause. `last_step` is the
-    last logged step that was handed on (None when step 0 itself failed)."""
+    last logged step that was handed on (None when step 0 itself failed); `replica` the failing replica's index
+    in `simulate_replicas` (None for `simulate`)."""
 
-    def __init__(self, where: str, step: int, time_fs: float, cause: str, last_step: int | None):
+    def __init__(self, where: str, step: int, time_fs: float, cause: str, last_step: int | None, *,
+                 replica: int | None = None):
         super().__init__(f"{where}: MD failed at step {step} ({time_fs:g} fs): {cause}")
         self.where, self.step, self.time_fs, self.cause, self.last_step = where, step, time_fs, cause, last_step
+        self.replica = replica
 
     def within(self, where: str) -> "MDFailure":
         """The same failure, named by `where` (e.g. a sampler's replica)."""
-        return MDFailure(where, self.step, self.time_fs, self.cause, self.last_step)
+        return MDFailure(where, self.step, self.time_fs, self.cause, self.last_step, replica=self.replica)
 
 
 class Records(NamedTuple):
@@ -197,34 +209,117 @@ def integrator(energy_fn, shift_fn, dynamics: Dynamics):
     return (lambda key, R, mass, **kw: init_fn(key, R, mass=mass, **kw)), apply_fn
 
 
+REPLICA_AXIS = "replica"  # the vmapped axis of `simulate_replicas`' program (the neighbour lists' psum)
+
+
+def _chunk_function(energy_fn, apply_fn, log_every: int, replica_axis: str | None):
+    """run(state, nbrs, n_logged, kw): n_logged * log_every steps and the observables at the start and at every
+    logged step (not jitted). kw: the arguments of one replica (`kT`, `numbers`, `cell`, `box`; empty for
+    `simulate`), passed to the integrator, the energy and the list's update."""
+    def observe(state, nbrs, kw):
+        kinetic = jax_md.quantity.kinetic_energy(momentum=state.momentum, mass=state.mass)
+        return state.position, state.momentum, state.force, energy_fn(state.position, neighbor=nbrs, **kw), kinetic
+
+    def run(state, nbrs, n_logged: int, kw):
+        update_kw = {k: kw[k] for k in ("cell", "numbers") if k in kw}
+        if replica_axis is not None:
+            update_kw["replica_axis"] = replica_axis
+
+        def one_step(carry, _):
+            state, nbrs = carry
+            state = apply_fn(state, neighbor=nbrs, **kw)
+            return (state, nbrs.update(state.position, **update_kw)), None
+
+        def logged_step(carry, _):
+            carry, _ = jax.lax.scan(one_step, carry, None, length=log_every)
+            return carry, observe(*carry, kw)
+
+        start = observe(state, nbrs, kw)
+        carry, logged = jax.lax.scan(logged_step, (state, nbrs), None, length=n_logged)
+        return carry, start, logged
+
+    return run
+
+
 def _integration(model: EnergyModel, structure: Structure, dynamics: Dynamics, log_every: int):
     """(neighbor_fn, init_fn, run_chunk, force_fn) for a structure: the functions jit compiles, built once."""
     _, shift_fn = space(structure)
     neighbor_fn, energy_fn = potential(model, structure, dynamics.dr_threshold)
     init_fn, apply_fn = integrator(energy_fn, shift_fn, dynamics)
     force_fn = jax.jit(jax_md.quantity.force(energy_fn))
+    chunk = _chunk_function(energy_fn, apply_fn, log_every, replica_axis=None)
+    run_chunk = jax.jit(lambda state, nbrs, n_logged: chunk(state, nbrs, n_logged, {}), static_argnums=2)
+    return neighbor_fn, init_fn, run_chunk, force_fn
 
-    def observe(state, nbrs):
-        kinetic = jax_md.quantity.kinetic_energy(momentum=state.momentum, mass=state.mass)
-        return state.position, state.momentum, state.force, energy_fn(state.position, neighbor=nbrs), kinetic
+
+def _replica_integration(model: EnergyModel, template: Structure, dynamics: Dynamics, log_every: int):
+    """(neighbor_fn, init, run_chunk, force, rebuild) for replicas of `template`'s atom count and pbc, vmapped
+    over a leading replica axis; each takes the replicas' arguments `kw` (stacked) last."""
+    _, shift_fn = space(template)
+    neighbor_fn, energy_fn = potential(model, template, dynamics.dr_threshold)
+    init_fn, apply_fn = integrator(energy_fn, shift_fn, dynamics)
+    force_fn = jax_md.quantity.force(energy_fn)
+    chunk = _chunk_function(energy_fn, apply_fn, log_every, replica_axis=REPLICA_AXIS)
 
     @functools.partial(jax.jit, static_argnums=2)
-    def run_chunk(state, nbrs, n_logged: int):
-        """n_logged * log_every steps; the observables at the start and at every logged step."""
-        def one_step(carry, _):
-            state, nbrs = carry
-            state = apply_fn(state, neighbor=nbrs)
-            return (state, nbrs.update(state.position)), None
+    def run_chunk(states, nbrs, n_logged: int, kw):
+        return jax.vmap(lambda s, nb, kw: chunk(s, nb, n_logged, kw), axis_name=REPLICA_AXIS)(states, nbrs, kw)
 
-        def logged_step(carry, _):
-            carry, _ = jax.lax.scan(one_step, carry, None, length=log_every)
-            return carry, observe(*carry)
+    @jax.jit
+    def init(keys, mass, temperature, R, nbrs, kw):
+        def one(key, mass, temperature, R, nbrs, kw):
+            key_velocities, key_noise = jax.random.split(key)  # as simulate() splits its key
+            momenta = maxwell_boltzmann(key_velocities, mass, temperature)
+            return init_fn(key_noise, R, mass, momenta=momenta, neighbor=nbrs, **kw)
+        return jax.vmap(one)(keys, mass, temperature, R, nbrs, kw)
 
-        start = observe(state, nbrs)
-        carry, logged = jax.lax.scan(logged_step, (state, nbrs), None, length=n_logged)
-        return carry, start, logged
+    force = jax.jit(jax.vmap(lambda R, nbrs, kw: force_fn(R, neighbor=nbrs, **kw)))
+    rebuild = jax.jit(jax.vmap(lambda R, nbrs, kw: nbrs.update(R, rebuild=True, **kw)))  # lists at R (_ReplicaLists)
+    return neighbor_fn, init, run_chunk, force, rebuild
 
-    return neighbor_fn, init_fn, run_chunk, force_fn
+
+class _ReplicaLists:
+    """`neighbor_fn.allocate` for a stack of replicas: one NeighbourList whose arrays have a leading replica
+    axis and whose (static, shared) capacities fit every replica.
+
+    Capacities are measured on the host (`neighbor_fn.allocate`) for a few replicas, each allocation starting
+    from the previous one (`previous=`) so that the last fits them all: at the start every distinct
+    configuration (N copies of one start are measured once); after an overflow the replicas that needed the
+    most of some capacity and those whose model capacity overflowed (the others are covered by the list's
+    `needed`, a running maximum over every replica; a redo that still overflows grows again). Every replica's
+    list is then built at those capacities in one vmapped rebuild."""
+
+    def __init__(self, neighbor_fn, rebuild, list_kw: list[dict]):
+        self.neighbor_fn, self.rebuild, self.list_kw = neighbor_fn, rebuild, list_kw
+        self.stacked_kw = jax.tree.map(lambda *xs: jnp.stack(xs), *list_kw)
+
+    def _measured(self, R, also, previous) -> list[int]:
+        if previous is None:
+            distinct: dict = {}
+            for k in range(len(R)):
+                key = (R[k].tobytes(), *(a[k].tobytes() for a in also),
+                       *(np.asarray(v).tobytes() for v in self.list_kw[k].values()))
+                distinct.setdefault(key, k)
+            return list(distinct.values())
+        needed = np.asarray(previous.needed)
+        most = {int(np.argmax(needed[:, c])) for c in range(needed.shape[1])}
+        return sorted(most | set(np.flatnonzero(np.asarray(previous.model_overflow)).tolist()))
+
+    def allocate(self, R, *, previous=None, margin=None, also=(), capacity=None, model_capacity=None):
+        R, also = np.asarray(R), [np.asarray(a) for a in also]
+        fitted = None
+        if previous is not None:  # what every replica's overflowed list needed, as one list's
+            fitted = dataclasses.replace(jax.tree.map(lambda x: x[0], previous),
+                                         needed=jnp.max(previous.needed, axis=0))
+        measured = self._measured(R, also, previous)
+        for k in measured:
+            fitted = self.neighbor_fn.allocate(jnp.asarray(R[k]), previous=fitted, margin=margin,
+                                               also=[jnp.asarray(a[k]) for a in also], capacity=capacity,
+                                               model_capacity=model_capacity, **self.list_kw[k])
+        template = jax.tree.map(lambda x: jnp.broadcast_to(x, (len(R),) + x.shape), fitted)
+        if previous is None and len(measured) == 1:  # copies of one configuration: its list is everyone's
+            return template
+        return self.rebuild(jnp.asarray(R), template, self.stacked_kw)
 
 
 def run_regrowing(run, state, nbrs, neighbor_fn, force, name: str, **allocate_kwargs):
@@ -238,7 +333,7 @@ def run_regrowing(run, state, nbrs, neighbor_fn, force, name: str, **allocate_kw
     def compute(start):
         state, nbrs = start
         result = run(state, nbrs)
-        return result, result[1].did_buffer_overflow
+        return result, jnp.any(result[1].did_buffer_overflow)  # over replicas, where stacked
 
     def grow(start, result, attempt):
         state, _ = start
@@ -250,6 +345,135 @@ def run_regrowing(run, state, nbrs, neighbor_fn, force, name: str, **allocate_kw
         compute, (state, nbrs), grow, what=name,
         describe=lambda start: f"neighbours {start[1].capacity}, model {start[1].model_capacity}")
     return new_state, new_nbrs, rest, redos
+
+
+class _Replicas(NamedTuple):
+    """What the host loop needs to know of the replicas it integrates (one for `simulate`)."""
+
+    what: str  # the run, for a CapacityError
+    names: list[str]  # how an MDFailure names each replica
+    n_atoms: int
+    dynamics: list[Dynamics]  # each replica's (its own temperature)
+    reference: np.ndarray  # (K,) float64 eV: each replica's reference energy (model.reference of its numbers)
+    index: list[int | None]  # MDFailure.replica of each (None for `simulate`)
+
+
+def _integrate(run, state, nbrs, neighbor_fn, force, replicas: _Replicas, steps: int, log_every: int,
+               chunk: int, safety: Safety, batched: bool) -> Iterator[tuple[Records, ...]]:
+    """The host loop of `simulate` and `simulate_replicas`: chunks of `run(state, nbrs, n_logged)`, redone with
+    grown capacities after an overflow (`run_regrowing`), every logged step of every replica checked.
+
+    batched: state, nbrs and the observables `run` returns have a leading replica axis (else one replica).
+    Yields one Records per replica and chunk; stops at the first failure (the earliest step over the replicas,
+    the lowest replica among equals) after yielding every replica's logged steps before it."""
+    K, n_atoms = len(replicas.names), replicas.n_atoms
+    limits = np.asarray([safety.temperature_limit(d) for d in replicas.dynamics])
+
+    def split(step, observables, redone) -> list[Records]:
+        arrays = [np.asarray(x) if batched else np.asarray(x)[None] for x in observables]
+        return [_records(step, [x[k] for x in arrays], redone, replicas.reference[k]) for k in range(K)]
+
+    def earliest(records: list[Records], previous_totals, energies=True, needed=None):
+        """(index, replica, cause) of the first failing logged step over all replicas, or None."""
+        suspects = _suspects(records, n_atoms, limits, safety, previous_totals, energies)
+        best = None
+        for r in np.flatnonzero(suspects | (np.zeros(K, bool) if needed is None else _absurd(needed))):
+            found = first_failure(records[r], n_atoms, replicas.dynamics[r], safety,
+                                  None if previous_totals is None else previous_totals[r], energies)
+            if found is None and needed is not None and _absurd(needed)[r]:
+                found = len(records[r].step) - 1, (f"coordinates exploded (the neighbour list would need "
+                                                   f"{int(needed[r][1]):,} bins)")
+            if found is not None and (best is None or found[0] < best[0]):
+                best = (found[0], int(r), found[1])
+        return best
+
+    def failure(records: list[Records], k: int, r: int, cause: str, last_step):
+        step = int(records[r].step[k])
+        return MDFailure(replicas.names[r], step, step * replicas.dynamics[r].dt, cause, last_step,
+                         replica=replicas.index[r])
+
+    def checked(records: list[Records], previous_totals, last_step):
+        """Yields the sane head of `records`; raises at its first failing step; returns the last total energies."""
+        found = earliest(records, previous_totals)
+        if found is None:
+            yield tuple(records)
+            return [float(r.potential[-1] + r.kinetic[-1]) for r in records]
+        k, r, cause = found
+        if k:
+            yield tuple(Records(*(x[:k] for x in rec[:6]), redone=rec.redone) for rec in records)
+        raise failure(records, k, r, cause, int(records[r].step[k - 1]) if k else last_step)
+
+    done, totals = 0, None
+    while True:
+        n = min(chunk, steps - done)
+        step = done + log_every * np.arange(1, n // log_every + 1)
+
+        def chunk_of(state, nbrs):
+            with _quiet():
+                (new_state, new_nbrs), start, logged = run(state, nbrs, n // log_every)
+            if bool(jnp.any(new_nbrs.did_buffer_overflow)):  # a blow-up, or capacities to grow (run_regrowing)?
+                records = split(step, logged, 0)
+                found = earliest(records, None, energies=False,
+                                 needed=np.asarray(new_nbrs.needed).reshape(K, -1) if len(step) else None)
+                if found is not None:
+                    raise _BlownUp(failure(records, *found, last_step=done), start)
+            return new_state, new_nbrs, (start, logged)
+
+        def first(start):
+            return split(np.zeros(1, np.int64), [np.asarray(x)[None] if not batched else np.asarray(x)[:, None]
+                                                 for x in start], 0)
+
+        try:
+            new_state, new_nbrs, (start, logged), attempt = run_regrowing(
+                chunk_of, state, nbrs, neighbor_fn, force, replicas.what)
+        except _BlownUp as blown:
+            if done == 0 and not bool(jnp.any(nbrs.overflow)):  # step 0 is sane: its list (allocated for it) fitted
+                yield from checked(first(blown.start), None, None)
+            elif done == 0:
+                blown.failure.last_step = None
+            raise blown.failure from None
+        if done == 0:  # step 0, logged once its list is known to be good
+            totals = yield from checked(first(start), None, None)
+        if n == 0:
+            return
+        totals = yield from checked(split(step, logged, attempt), totals, done)
+        state, nbrs, done = new_state, new_nbrs, done + n
+        if done == steps:
+            return
+
+
+def _suspects(records: list[Records], n_atoms: int, limits: np.ndarray, safety: Safety, previous_totals,
+              energies: bool) -> np.ndarray:
+    """(K,) bool: the replicas in which `first_failure` may find something (a superset; one vectorised pass, so
+    that a thousand sane replicas cost one numpy expression per chunk, not a Python loop over their steps)."""
+    position = np.stack([r.position for r in records])
+    potential_energy = np.stack([r.potential for r in records])
+    kinetic = np.stack([r.kinetic for r in records])
+    total = potential_energy + kinetic
+    temperature = 2.0 * kinetic / (3 * n_atoms * units.kB)
+    bad = ~np.all(np.isfinite(position), axis=(1, 2, 3)) | ~np.all(np.isfinite(total) & np.isfinite(temperature),
+                                                                     axis=1)
+    bad |= np.any(temperature > limits[:, None], axis=1)
+    if energies:
+        before = np.full(len(records), np.nan) if previous_totals is None else np.asarray(previous_totals, np.float64)
+        jumps = np.diff(np.concatenate([before[:, None], total], axis=1), axis=1) / n_atoms
+        bad |= np.any(np.abs(jumps) > safety.max_energy_jump, axis=1)
+    return bad
+
+
+def _absurd(needed: np.ndarray) -> np.ndarray:
+    """(K,) bool: neighbour lists that asked for what only exploded coordinates ask for."""
+    return np.any(needed < 0, axis=1) | (needed[:, 1] > MAX_BINS)
+
+
+def _prepared(model, log_every: int, chunk: int, steps: int):
+    if steps < 0 or log_every < 1 or steps % log_every:
+        raise ValueError(f"steps ({steps}) must be a non-negative multiple of log_every ({log_every})")
+    return as_model(model), max(log_every, -(-int(chunk) // log_every) * log_every)
+
+
+def _key(key) -> jax.Array:
+    return jax.random.key(key) if isinstance(key, (int, np.integer)) else key
 
 
 def simulate(model, structure: Structure, dynamics: Dynamics, steps: int, *, log_every: int = 10,
@@ -264,12 +488,9 @@ def simulate(model, structure: Structure, dynamics: Dynamics, steps: int, *, log
     safety: when the run has blown up; the logged steps before the first failing one are yielded, then
     `MDFailure` is raised.
     """
-    model = as_model(model)
+    model, chunk = _prepared(model, log_every, chunk, steps)
     structure = structure.validated()
-    if steps < 0 or log_every < 1 or steps % log_every:
-        raise ValueError(f"steps ({steps}) must be a non-negative multiple of log_every ({log_every})")
-    chunk = max(log_every, -(-int(chunk) // log_every) * log_every)
-    key = jax.random.key(key) if isinstance(key, (int, np.integer)) else key
+    key = _key(key)
 
     neighbor_fn, init_fn, run_chunk, force_fn = memoised("simulate", model, structure, (dynamics, log_every),
                                                          lambda: _integration(model, structure, dynamics, log_every))
@@ -280,62 +501,107 @@ def simulate(model, structure: Structure, dynamics: Dynamics, steps: int, *, log
     with _quiet():
         state = init_fn(key_noise, R, mass, momenta=maxwell_boltzmann(key_velocities, mass, dynamics.temperature),
                         neighbor=nbrs)
+    replicas = _Replicas(structure.name, [structure.name], structure.n_atoms, [dynamics],
+                         np.asarray([model.reference.energy(structure.numbers)], np.float64), [None])
+    for records in _integrate(run_chunk, state, nbrs, neighbor_fn, lambda R, nbrs: force_fn(R, neighbor=nbrs),
+                              replicas, steps, log_every, chunk, safety, batched=False):
+        yield records[0]
 
-    def failure(records, k, cause, last_step):
-        step = int(records.step[k])
-        return MDFailure(structure.name, step, step * dynamics.dt, cause, last_step)
 
-    def checked(records, previous_total, last_step):
-        """Yields the sane head of `records`; raises at its first failing step; returns the last total energy."""
-        found = first_failure(records, structure.n_atoms, dynamics, safety, previous_total)
-        if found is None:
-            yield records
-            return float(records.potential[-1] + records.kinetic[-1])
-        k, cause = found
-        if k:
-            yield Records(*(x[:k] for x in records[:6]), redone=records.redone)
-        raise failure(records, k, cause, int(records.step[k - 1]) if k else last_step)
+def simulate_replicas(model, structures: Sequence[Structure], dynamics: Dynamics, steps: int, *,
+                      keys: Sequence[int | jax.Array] | None = None, temperatures: Sequence[float] | None = None,
+                      log_every: int = 10, chunk: int = 100, capacity=None, model_capacity=None,
+                      safety: Safety = Safety()) -> Iterator[tuple[Records, ...]]:
+    """Integrate N independent replicas as one compiled program; yield, chunk by chunk, one `Records` per replica.
 
-    done, total = 0, None
-    while True:
-        n = min(chunk, steps - done)
-        step = done + log_every * np.arange(1, n // log_every + 1)
+        for records in simulate_replicas(model, [aspirin] * 8, Dynamics("nvt"), 1000, temperatures=ladder):
+            records[k]  # replica k's logged steps of this chunk, exactly what `simulate` would yield for it
 
-        def chunk_of(state, nbrs):
-            with _quiet():
-                (new_state, new_nbrs), start, logged = run_chunk(state, nbrs, n // log_every)
-            if bool(new_nbrs.did_buffer_overflow):  # a blow-up, or capacities to grow (run_regrowing)?
-                records = _records(step, [np.asarray(x) for x in logged], 0, structure, model)
-                found = first_failure(records, structure.n_atoms, dynamics, safety, energies=False)
-                needed = np.asarray(new_nbrs.needed)
-                if found is None and len(step) and (np.any(needed < 0) or needed[1] > MAX_BINS):
-                    found = len(step) - 1, (f"coordinates exploded (the neighbour list would need "
-                                            f"{int(needed[1]):,} bins)")
-                if found is not None:
-                    raise _BlownUp(failure(records, *found, last_step=done), start)
-            return new_state, new_nbrs, (start, logged)
+    structures: one per replica, all with the same atom count and pbc (positions, elements and cells may
+    differ; `[structure] * n` for n replicas of one). Each replica has its own integrator state (positions,
+    momenta, thermostat, Langevin RNG stream) and its own neighbour list (capacities are shared: they fit the
+    most demanding replica; the lists rebuild together when one is stale, which changes no energy).
+    keys: one seed (int) or JAX key per replica, default 0, 1, ..., N-1: replica k equals
+    `simulate(model, structures[k], dynamics_k, steps, key=keys[k])` to float32 rounding, where dynamics_k is
+    `dynamics` at temperatures[k]. temperatures: kelvin, one per replica (default dynamics.temperature): the
+    initial velocities', and for NVT the thermostat's target (a Langevin or Nose-Hoover ladder); the
+    default temperature limit of `safety` follows each replica's.
+    Other arguments as for `simulate`.
 
-        def first(start):
-            return _records(np.zeros(1, np.int64), [np.asarray(x)[None] for x in start], 0, structure, model)
+    A blow-up in any replica stops the whole run: every replica's logged steps before the failing step are
+    yielded (the same steps for all), then `MDFailure` is raised naming the replica (`failure.replica` is its
+    index; the earliest failing step over all replicas, the lowest index among equals). The other replicas
+    are not continued: to go on without one, start again from their last yielded states.
+    """
+    model, chunk = _prepared(model, log_every, chunk, steps)
+    structures = _replica_structures(model, structures)
+    K, template = len(structures), structures[0]
+    keys = list(range(K)) if keys is None else list(keys)
+    temperatures = [dynamics.temperature] * K if temperatures is None else [float(t) for t in temperatures]
+    if len(keys) != K or len(temperatures) != K:
+        raise ValueError(f"{K} replicas need {K} keys and {K} temperatures; got {len(keys)} keys and "
+                         f"{len(temperatures)} temperatures")
+    per_replica = [dataclasses.replace(dynamics, temperature=t) for t in temperatures]  # validates each
+    # The program takes every replica's temperature as an argument (kT, the initial momenta): one program serves
+    # every ladder, so it is built and memoised for a temperature it never uses.
+    program = dataclasses.replace(dynamics, temperature=0.0)
+    neighbor_fn, init, run_chunk, force, rebuild = memoised(
+        "simulate_replicas", model, template, (program, log_every),
+        lambda: _replica_integration(model, template, program, log_every))
 
-        try:
-            new_state, new_nbrs, (start, logged), attempt = run_regrowing(
-                chunk_of, state, nbrs, neighbor_fn, lambda R, nbrs: force_fn(R, neighbor=nbrs), structure.name)
-        except _BlownUp as blown:
-            if done == 0 and not bool(nbrs.overflow):  # step 0 is sane: its list (allocated for it) fitted
-                yield from checked(first(blown.start), None, None)
-            elif done == 0:
-                blown.failure.last_step = None
-            raise blown.failure from None
-        if done == 0:  # step 0, logged once its list is known to be good
-            total = yield from checked(first(start), None, None)
-        if n == 0:
-            return
-        total = yield from checked(_records(step, [np.asarray(x) for x in logged], attempt, structure, model),
-                                   total, done)
-        state, nbrs, done = new_state, new_nbrs, done + n
-        if done == steps:
-            return
+    list_kw = [_list_arguments(s) for s in structures]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[
+        _step_arguments(kw, dynamics.ensemble, t) for kw, t in zip(list_kw, temperatures)])
+
+    lists = _ReplicaLists(neighbor_fn, rebuild, list_kw)
+    R = jnp.asarray(np.stack([near_origin(s) for s in structures]), jnp.float32)
+    nbrs = lists.allocate(R, capacity=capacity, model_capacity=model_capacity)
+    mass = jnp.asarray(np.stack([masses(s) for s in structures]), jnp.float32)
+    with _quiet():
+        state = init(jnp.stack([_key(k) for k in keys]), mass, jnp.asarray(temperatures, jnp.float32), R, nbrs,
+                     stacked)
+    what = f"MD of {K} replicas ({', '.join(dict.fromkeys(s.name for s in structures))})"
+    replicas = _Replicas(what, [f"{s.name} (replica {k})" for k, s in enumerate(structures)], template.n_atoms,
+                         per_replica, np.asarray([model.reference.energy(s.numbers) for s in structures], np.float64),
+                         list(range(K)))
+    yield from _integrate(lambda s, nb, n: run_chunk(s, nb, n, stacked), state, nbrs, lists,
+                          lambda R, nb: force(R, nb, stacked), replicas, steps, log_every, chunk, safety,
+                          batched=True)
+
+
+def _list_arguments(structure: Structure) -> dict:
+    """What of a replica's structure its neighbour list and energy take as arguments: numbers, and a cell."""
+    kw = {"numbers": jnp.asarray(structure.numbers, jnp.int32)}
+    if structure.periodic:
+        kw["cell"] = jnp.asarray(structure.cell, jnp.float32)
+    return kw
+
+
+def _step_arguments(list_kw: dict, ensemble: str, temperature: float) -> dict:
+    """A replica's arguments of an integrator step: its list's, JAX-MD's `box` (the periodic shift's, the
+    cell's transpose) and, for NVT, its thermostat's kT."""
+    kw = dict(list_kw)
+    if "cell" in kw:
+        kw["box"] = kw["cell"].T
+    if ensemble == "nvt":
+        kw["kT"] = jnp.float32(units.kB * temperature)
+    return kw
+
+
+def _replica_structures(model: EnergyModel, structures) -> list[Structure]:
+    """The replicas' structures, validated: one program needs one atom count and one pbc."""
+    if isinstance(structures, Structure) or not len(structures):
+        raise TypeError("structures must be a non-empty sequence of Structures, one per replica "
+                        "([structure] * n for n replicas of one)")
+    structures = [s.validated() for s in structures]
+    model.check(structures)
+    first = structures[0]
+    for k, s in enumerate(structures[1:], 1):
+        if s.n_atoms != first.n_atoms or not np.array_equal(s.pbc, first.pbc):
+            raise ValueError(f"replica {k} ({s.name}: {s.n_atoms} atoms, pbc {np.asarray(s.pbc).tolist()}) and "
+                             f"replica 0 ({first.name}: {first.n_atoms} atoms, pbc {np.asarray(first.pbc).tolist()}) "
+                             f"cannot share one MD program: replicas need the same atom count and pbc")
+    return structures
 
 
 class _BlownUp(Exception):
@@ -346,9 +612,9 @@ class _BlownUp(Exception):
         self.failure, self.start = failure, start
 
 
-def _records(step, arrays, redone, structure, model) -> Records:
+def _records(step, arrays, redone, reference: float) -> Records:
     position, momentum, force, potential, kinetic = arrays
-    potential = model.reference.energy(structure.numbers) + np.asarray(potential, np.float64)
+    potential = reference + np.asarray(potential, np.float64)
     return Records(step, position, momentum, force, potential, kinetic, redone=redone)
 
 

@@ -1,17 +1,19 @@
-"""Orb force fields (orb-models, PyTorch) as a distiller teacher, through a torch -> numpy / JAX bridge.
+"""Orb force fields (orb-models, PyTorch) as a distiller teacher, through the torch bridge
+(distiller.teachers.torch_bridge: checks, chunking, labels, DLPack, torch's global settings, the EnergyModel).
 
     load_orb("orb:orb-v3-conservative-inf-omat")             orb's pretrained model (orb's own loader and cache)
     load_orb("orb:orb-v3-direct-20-omat", weights_path=...)  a local checkpoint in that architecture
     load_orb("orb:random/orb-v3-conservative?seed=1")        the real architecture, seeded random weights
 
 Offline labelling (`OrbTeacher.label`) turns many structures into orb's own atom graphs, concatenates them and
-runs one `predict` per batch; energy (eV), forces (eV/Å) and, for periodic cells, stress (eV/Å³, ASE's sign:
-(1/V) dE/dε) come back. Conservative models give gradient forces and stress (orb's keys "grad_forces" /
-"grad_stress"), direct models their heads' "forces" / "stress". Stress is returned as a (3, 3) matrix.
+runs one `predict` per batch (`OrbTeacher.predict_chunk`, the one method the bridge asks of a teacher); energy
+(eV), forces (eV/Å) and, for periodic cells, stress (eV/Å³, ASE's sign: (1/V) dE/dε) come back. Conservative
+models give gradient forces and stress (orb's keys "grad_forces" / "grad_stress"), direct models their heads'
+"forces" / "stress". Stress is returned as a (3, 3) matrix.
 
 Orb sets process-wide torch state when it loads a model (default dtype, float32 matmul precision, i.e. TF32).
-Every entry point here runs inside `torch_settings`, which sets what this teacher needs and restores the
-caller's default dtype, TF32 flags and matmul precision afterwards.
+Every entry point here runs inside the bridge's `torch_settings`, which sets what this teacher needs and
+restores the caller's default dtype, TF32 flags and matmul precision afterwards.
 
 orb-models versions. 0.5.x (Python 3.11) and 0.6.x / 0.7.x (Python >= 3.12) differ in how models are built and
 loaded, how graphs are built and batched and where the calculator lives; every such call goes through
@@ -33,8 +35,9 @@ of `label` for four aspirins; on a GPU the Batch also crosses device -> host and
 offline when the structures are known in advance. Its derivative is orb's own forces and stress (first
 derivatives only), and a jitted step waits for the host on every call.
 
-GPU: with torch and JAX on the same GPU, `to_jax` / `from_jax` hand arrays over through DLPack without a host
-copy (`label_arrays` returns JAX arrays made this way); on a CPU they go through numpy.
+GPU: with torch and JAX on the same GPU, the bridge's `to_jax` / `from_jax` hand arrays over through DLPack
+without a host copy (`label_arrays` returns JAX arrays made this way); on a CPU they go through numpy. Loading
+applies distiller.gpu_memory's policy first, so that JAX does not preallocate the GPU memory orb needs.
 
 Precision: "float32-highest" by default (full float32 matmuls). orb's own default, "float32-high", lets GPUs use
 TF32: about twice as fast, but on an H200 it moved random-weight orb-v3 forces by ~1e-3 eV/Å and an 81-atom
@@ -49,157 +52,21 @@ import dataclasses
 import functools
 import importlib.util
 import warnings
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 from ase import Atoms
-from ase.data import chemical_symbols
 
+from distiller.gpu_memory import make_room_for_torch
 from distiller.model import EnergyModel
 from distiller.structure import Structure, StructureError
-from distiller.teachers.host import host_model
+from distiller.teachers.torch_bridge import (PRECISIONS, TorchTeacher, default_device, energy_model, torch_settings,
+                                             voigt_to_matrices)
 
-PRECISIONS = {"float32-high": torch.float32, "float32-highest": torch.float32, "float64": torch.float64}
 NEIGHBOUR_POLICIES = ("truncate", "grow", "error")
 # orb's atom embedding is a one-hot of Z over 118 classes (indices 0..117), so Z = 118 does not fit.
 ORB_ELEMENTS = frozenset(range(1, 118))
-
-
-# --------------------------------------------------------------------------------------------------
-# torch's process-wide settings
-
-
-class TorchState(NamedTuple):
-    """torch's process-wide settings that orb changes, as the (legacy) getters read them."""
-
-    default_dtype: torch.dtype
-    matmul_tf32: bool
-    cudnn_tf32: bool
-    matmul_precision: str
-
-
-def torch_state() -> TorchState:
-    """Raises RuntimeError where the caller set TF32 through torch's newer `fp32_precision` API (torch >= 2.9
-    then refuses the legacy getters); `torch_settings` handles that case through `fp32_precisions`."""
-    return TorchState(torch.get_default_dtype(), torch.backends.cuda.matmul.allow_tf32,
-                      torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
-
-
-# torch >= 2.9's fine-grained precision settings, as paths under torch.backends ("" is torch.backends itself).
-_FP32_PRECISION_PATHS = ("", "cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn", "mkldnn", "mkldnn.matmul",
-                         "mkldnn.conv", "mkldnn.rnn")
-
-
-def _backend(path: str):
-    return functools.reduce(getattr, filter(None, path.split(".")), torch.backends)
-
-
-def fp32_precisions() -> dict[str, str]:
-    """The newer API's `fp32_precision` of every backend that has one (empty on older torch)."""
-    out = {}
-    for path in _FP32_PRECISION_PATHS:
-        try:
-            out[path] = _backend(path).fp32_precision
-        except AttributeError:
-            pass
-    return out
-
-
-def _set_legacy(saved: TorchState) -> None:
-    torch.set_default_dtype(saved.default_dtype)
-    torch.set_float32_matmul_precision(saved.matmul_precision)  # also sets the matmul TF32 flag
-    # A redundant write of a TF32 flag is not harmless: it can leave torch's two views "mixed".
-    for backend, value in ((torch.backends.cuda.matmul, saved.matmul_tf32), (torch.backends.cudnn, saved.cudnn_tf32)):
-        try:
-            same = backend.allow_tf32 == value
-        except RuntimeError:
-            same = False
-        if not same:
-            backend.allow_tf32 = value
-
-
-def _set_fp32_precisions(values: dict[str, str]) -> None:
-    for path, value in values.items():
-        if _backend(path).fp32_precision != value:
-            _backend(path).fp32_precision = value
-
-
-def _legacy_state_or_none() -> TorchState | None:
-    try:
-        return torch_state()
-    except RuntimeError:  # the newer API is in use
-        return None
-
-
-def _restore(legacy: TorchState | None, newer: dict[str, str], dtype: torch.dtype) -> None:
-    """Back to the state read on entry. torch >= 2.9 keeps two views of the precision settings: the legacy one
-    (what orb writes and `torch_state` reads) and the newer per-backend one, which holds a little
-    more ("none": not set, vs "ieee"). Writing the newer one makes torch refuse the legacy getters afterwards,
-    so a caller who could read them keeps that: the legacy values are restored first, the newer ones only where
-    that leaves the legacy getters answering as they did on entry."""
-    if torch.get_default_dtype() != dtype:
-        torch.set_default_dtype(dtype)
-    if legacy is not None and _legacy_state_or_none() != legacy:
-        _set_legacy(legacy)
-    if fp32_precisions() != newer:
-        _set_fp32_precisions(newer)
-        if legacy is not None and _legacy_state_or_none() != legacy:
-            _set_legacy(legacy)  # e.g. "none" came back as "ieee": the same precision
-
-
-@contextlib.contextmanager
-def torch_settings(dtype: torch.dtype | None = None, matmul_precision: str | None = None) -> Iterator[None]:
-    """Run with this default dtype and float32 matmul precision ("high" | "highest"); restore the caller's
-    default dtype, TF32 flags and matmul precision afterwards (see `_restore`), also whatever orb changed
-    inside."""
-    dtype_before, legacy, newer = torch.get_default_dtype(), _legacy_state_or_none(), fp32_precisions()
-    try:
-        if dtype is not None:
-            torch.set_default_dtype(dtype)
-        if matmul_precision is not None and legacy is not None:
-            if matmul_precision != legacy.matmul_precision:
-                torch.set_float32_matmul_precision(matmul_precision)
-        elif matmul_precision is not None:  # stay on the caller's (newer) API
-            value = "ieee" if matmul_precision == "highest" else "tf32"
-            _set_fp32_precisions({"cuda.matmul": value, "mkldnn.matmul": value})
-        yield
-    finally:
-        _restore(legacy, newer, dtype_before)
-
-
-# --------------------------------------------------------------------------------------------------
-# torch <-> JAX
-
-
-def _jax_has_gpu() -> bool:
-    try:
-        return len(jax.devices("gpu")) > 0
-    except RuntimeError:  # no GPU backend in this JAX
-        return False
-
-
-def to_jax(tensor: torch.Tensor) -> jax.Array:
-    """A torch tensor as a JAX array: through DLPack (no copy) when it lives on a GPU that JAX also sees,
-    through numpy otherwise. float64 becomes float32 unless JAX runs with x64 enabled."""
-    tensor = tensor.detach()
-    if tensor.dtype == torch.float64 and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
-        tensor = tensor.to(torch.float32)
-    if tensor.device.type == "cuda" and _jax_has_gpu():
-        return jax.dlpack.from_dlpack(tensor.contiguous())
-    return jnp.asarray(tensor.cpu().numpy())
-
-
-def from_jax(array: jax.Array, device: str | torch.device | None = None) -> torch.Tensor:
-    """A JAX array as a torch tensor: through DLPack (no copy) from a GPU, through numpy from the host;
-    then moved to `device` if given."""
-    if isinstance(array, jax.Array) and all(d.platform == "gpu" for d in array.devices()):
-        tensor = torch.utils.dlpack.from_dlpack(array)
-    else:
-        tensor = torch.from_numpy(np.array(array))  # a copy: JAX's host buffers are read-only
-    return tensor if device is None else tensor.to(device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -448,6 +315,7 @@ def _pretrained_model(spec: str, name: str, weights_path: str | None, device: st
 def load_orb(spec: str, weights_path: str | None = None, device: str | None = None,
              seed: int | None = None) -> "OrbTeacher":
     """The Orb teacher named by `spec` (see `parse_spec`); `seed` overrides the spec's for random/ weights."""
+    make_room_for_torch()  # JAX's GPU memory policy, before anything here can initialise JAX's backend
     parsed = parse_spec(spec)
     if seed is not None:
         if not parsed.random:
@@ -455,7 +323,7 @@ def load_orb(spec: str, weights_path: str | None = None, device: str | None = No
         parsed = dataclasses.replace(parsed, seed=int(seed))
     if parsed.random and weights_path is not None:
         raise ValueError(f"{spec}: random/ architectures take no weights_path (use orb:NAME with weights_path)")
-    device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     dtype = PRECISIONS[parsed.precision]
     with torch_settings():  # orb's loader sets global torch state: undo it
         if parsed.random:
@@ -494,57 +362,27 @@ def orb_calculator(teacher: "OrbTeacher", **kwargs):
 # The teacher
 
 
-@dataclasses.dataclass(frozen=True)
-class OrbTeacher:
-    """An Orb model behind distiller's Teacher protocol. Host-only: no JAX params (`params` is None)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OrbTeacher(TorchTeacher):
+    """An Orb model behind distiller's Teacher protocol (the torch bridge's `TorchTeacher`). Host-only."""
 
-    spec: str
-    cutoff: float  # Å, orb's graph radius
-    elements: frozenset[int] = dataclasses.field(repr=False)
     max_neighbours: int  # orb's max_num_neighbors of this model
     neighbours: str  # "truncate" | "grow" | "error": what happens above max_neighbours (module docstring)
     conservative: bool  # forces and stress are gradients of the energy
     has_stress: bool  # False for models without stress (the OMol ones): periodic structures get no stress
     charge_spin: bool  # the model is conditioned on info["charge"] and info["spin"]
-    precision: str
-    device: str
-    model: Any = dataclasses.field(default=None, compare=False, repr=False)
     config: Any = dataclasses.field(default=None, compare=False, repr=False)  # orb's graph settings (orb_api)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return PRECISIONS[self.precision]
-
-    @property
-    def _matmul_precision(self) -> str:
-        return "high" if self.precision == "float32-high" else "highest"
+    library: ClassVar[str] = "orb"
+    partial_pbc: ClassVar[bool] = False
 
     # ---- checks ---------------------------------------------------------------------------------
 
-    def check(self, structures: Sequence[Structure]) -> None:
-        """Raise StructureError naming the structure that orb cannot take: an element outside orb's table,
-        periodicity along some axes only, or missing charge/spin for charge-conditioned models."""
-        for s in structures:
-            unknown = sorted(set(int(z) for z in np.asarray(s.numbers)) - self.elements)
-            if unknown:
-                z = unknown[0]
-                symbol = chemical_symbols[z] if 0 <= z < len(chemical_symbols) else "?"
-                raise StructureError(f"structure '{s.name}' contains element {symbol} (Z={z}) which teacher "
-                                     f"{self.spec} does not know (knows Z = 1..{max(self.elements)})")
-            if s.periodic and not np.all(s.pbc):
-                raise StructureError(f"structure '{s.name}': pbc {np.asarray(s.pbc).tolist()} is periodic along some "
-                                     f"axes only, which orb does not support; pad it with vacuum and make it "
-                                     f"fully periodic, or non-periodic")
-            if self.charge_spin and not all(isinstance(s.info.get(k), (int, float, np.number))
-                                            for k in ("charge", "spin")):
-                raise StructureError(f"structure '{s.name}': teacher {self.spec} needs numeric info['charge'] and "
-                                     f"info['spin'], got {s.info.get('charge')!r} and {s.info.get('spin')!r}")
-
-    def _prepared(self, structures: Sequence[Structure]) -> list[Structure]:
-        named = [s if s.name else s.replace(name=f"structure {k}") for k, s in enumerate(structures)]
-        named = [s.validated() for s in named]
-        self.check(named)
-        return named
+    def check_structure(self, s: Structure) -> None:
+        """Charge-conditioned models need numeric info["charge"] and info["spin"]."""
+        if self.charge_spin and not all(isinstance(s.info.get(k), (int, float, np.number)) for k in ("charge", "spin")):
+            raise StructureError(f"structure '{s.name}': teacher {self.spec} needs numeric info['charge'] and "
+                                 f"info['spin'], got {s.info.get('charge')!r} and {s.info.get('spin')!r}")
 
     # ---- orb's graphs ---------------------------------------------------------------------------
 
@@ -594,7 +432,7 @@ class OrbTeacher:
     def predict_graphs(self, graphs) -> dict[str, torch.Tensor]:
         """orb's own `predict` on batched graphs (from `graphs`) at the teacher's precision: its raw output
         dict (orb's keys, Voigt stress; energy in float64 from orb 0.7 on)."""
-        with torch_settings(self.dtype, self._matmul_precision), torch.set_grad_enabled(self.conservative):
+        with torch_settings(self.dtype, self.matmul_precision), torch.set_grad_enabled(self.conservative):
             return self.model.predict(graphs)
 
     def _keys(self) -> tuple[str, str, str | None]:
@@ -603,80 +441,19 @@ class OrbTeacher:
             return m.energy_name, m.grad_forces_name, (m.grad_stress_name if m.has_stress else None)
         return "energy", "forces", ("stress" if self.has_stress else None)
 
-    def _predict_chunk(self, chunk: Sequence[Structure]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(energy (G,), forces (A, 3), stress (G, 3, 3), zero where not periodic) as detached tensors on the
-        teacher's device."""
+    def predict_chunk(self, chunk: Sequence[Structure]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(energy (G,), forces (A, 3), stress (G, 3, 3)) of checked structures, one orb `predict` on their
+        batched graphs, as tensors on the teacher's device (the bridge checks shapes and zeroes non-periodic
+        stress)."""
         energy_key, forces_key, stress_key = self._keys()
         out = self.predict_graphs(self.graphs(chunk))
-        energy = out[energy_key].detach().reshape(-1)
-        forces = out[forces_key].detach()
-        n_atoms = sum(s.n_atoms for s in chunk)
-        # Never lose a structure silently.
-        if energy.shape != (len(chunk),) or forces.shape != (n_atoms, 3):
-            raise RuntimeError(f"teacher {self.spec}: {len(chunk)} structures with {n_atoms} atoms gave energy "
-                               f"{tuple(energy.shape)} and forces {tuple(forces.shape)}")
-        periodic = torch.tensor([s.periodic for s in chunk], device=energy.device)
+        energy, forces = out[energy_key].reshape(-1), out[forces_key]
         if stress_key is None:
-            stress = torch.zeros((len(chunk), 3, 3), dtype=forces.dtype, device=forces.device)
-        else:
-            voigt = out[stress_key].detach().reshape(len(chunk), 6)
-            xx, yy, zz, yz, xz, xy = voigt.unbind(-1)  # orb's Voigt order is ASE's
-            stress = torch.stack([xx, xy, xz, xy, yy, yz, xz, yz, zz], -1).reshape(-1, 3, 3)
-            stress = torch.where(periodic[:, None, None], stress, 0.0)
-        return energy, forces, stress
-
-    def _predict(self, structures: Sequence[Structure], batch_size: int, max_atoms: int):
-        """Yield (chunk, energy, forces, stress) tensors: chunks of at most batch_size structures and max_atoms
-        atoms (a larger structure goes alone), one orb `predict` each."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        chunk, count = [], 0
-        for s in structures:
-            if chunk and (len(chunk) == batch_size or count + s.n_atoms > max_atoms):
-                yield (chunk, *self._predict_chunk(chunk))
-                chunk, count = [], 0
-            chunk.append(s)
-            count += s.n_atoms
-        if chunk:
-            yield (chunk, *self._predict_chunk(chunk))
-
-    # ---- public ---------------------------------------------------------------------------------
-
-    def label(self, structures: Sequence[Structure], batch_size: int = 32, max_atoms: int = 4096) -> list[Structure]:
-        """The structures with energy (eV), forces (eV/Å) and, for periodic ones, stress (eV/Å³, (3, 3))."""
-        prepared = self._prepared(structures)
-        energies, forces, stresses = [], [], []
-        for chunk, energy, force, stress in self._predict(prepared, batch_size, max_atoms):
-            energies.extend(energy.to("cpu", torch.float64).numpy())
-            stresses.extend(stress.to("cpu", torch.float64).numpy())
-            forces.extend(np.split(force.to("cpu", torch.float64).numpy(), np.cumsum([s.n_atoms for s in chunk])[:-1]))
-        assert len(energies) == len(forces) == len(structures), (len(energies), len(structures))
-        # The caller's structures (names included) with labels; no stress where the model or the cell has none.
-        return [s.replace(energy=float(e), forces=f, stress=sigma if (s.periodic and self.has_stress) else None)
-                for s, e, f, sigma in zip(structures, energies, forces, stresses)]
-
-    def label_arrays(self, structures: Sequence[Structure], batch_size: int = 32,
-                     max_atoms: int = 4096) -> dict[str, jax.Array]:
-        """Labels as JAX arrays, handed over from torch through DLPack on a GPU: energy (G,) eV, forces (A, 3)
-        eV/Å (atoms of all structures concatenated), stress (G, 3, 3) eV/Å³ and stress_mask (G,)."""
-        prepared = self._prepared(structures)
-        parts = list(self._predict(prepared, batch_size, max_atoms))
-        if not parts:
-            raise ValueError("label_arrays needs at least one structure")
-        energy, forces, stress = (torch.cat([p[k] for p in parts]) for k in (1, 2, 3))
-        assert energy.shape[0] == len(structures) and forces.shape[0] == sum(s.n_atoms for s in structures)
-        mask = np.array([s.periodic and self.has_stress for s in prepared])
-        return {"energy": to_jax(energy), "forces": to_jax(forces), "stress": to_jax(stress),
-                "stress_mask": jnp.asarray(mask)}
+            return energy, forces, torch.zeros((len(chunk), 3, 3), dtype=forces.dtype, device=forces.device)
+        return energy, forces, voigt_to_matrices(out[stress_key].reshape(len(chunk), 6))  # orb's Voigt order is ASE's
 
 
 def orb_model(spec: str, weights_path: str | None = None, device: str | None = None,
               seed: int | None = None) -> EnergyModel:
     """The Orb teacher named by `spec` as an EnergyModel (host-only: `label`, and its pure_callback form)."""
     return energy_model(load_orb(spec, weights_path=weights_path, device=device, seed=seed))
-
-
-def energy_model(teacher: OrbTeacher) -> EnergyModel:
-    """A loaded Orb teacher as an EnergyModel."""
-    return host_model(teacher.spec, teacher.label, cutoff=teacher.cutoff, elements=teacher.elements,
-                      check_more=teacher.check, source=teacher)

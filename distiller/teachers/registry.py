@@ -4,6 +4,8 @@
     fennol-pmc:ani1x/3    one member of it
     fennol:PATH.fnx       any FeNNol model file
     orb:...               Orb models (distiller.teachers.orb.load_orb, imported only when asked for)
+    sevenn:7net-0         SevenNet-0, shipped in the sevenn wheel; sevenn:PATH.pth any SevenNet checkpoint
+                          (distiller.teachers.sevenn.load_sevenn, likewise)
     ase:module.Class      any ASE calculator (distiller.teachers.ase_teacher.load_ase, likewise)
 
 FeNNol-PMC teachers are loaded once per process and spec: their files are checksummed, so a spec always means
@@ -64,8 +66,17 @@ _LOADERS: dict[str, Loader] = {}
 # Prefixes whose loader lives in a module with heavy dependencies (PyTorch...): imported on first use.
 _LAZY: dict[str, tuple[str, str]] = {
     "orb": ("distiller.teachers.orb", "orb_model"),
+    "sevenn": ("distiller.teachers.sevenn", "sevenn_model"),
     "ase": ("distiller.teachers.ase_teacher", "load_ase"),
 }
+
+# Prefixes of PyTorch teachers: a process that loads one shares the GPU with JAX (distiller.gpu_memory).
+TORCH_PREFIXES = frozenset({"orb", "sevenn"})
+
+
+def is_torch_spec(spec) -> bool:
+    """Whether `spec` names a PyTorch teacher."""
+    return isinstance(spec, str) and spec.partition(":")[0] in TORCH_PREFIXES
 
 
 def register(prefix: str, loader: Loader) -> None:
@@ -100,8 +111,9 @@ def known_prefixes() -> list[str]:
 def teacher_files(spec: str) -> dict[str, str]:
     """The sha256 of every model file a teacher spec reads, by file name: what a dataset or a run records, so that
     it refuses to be extended or resumed with other weights under the same spec. FeNNol-PMC files are checked
-    against the recorded sums whenever they load; a `fennol:PATH` file is hashed here. Teachers whose weights
-    are not a file named by the spec (Orb, ASE calculators) give {}."""
+    against the recorded sums whenever they load; a `fennol:PATH` file and a SevenNet checkpoint (by the name or
+    path the spec gives) are hashed here. Teachers whose weights are not a file named by the spec (Orb, ASE
+    calculators) give {}."""
     prefix, _, rest = spec.partition(":")
     if prefix == "fennol-pmc":
         return {f: PMC_SHA256[f] for f in pmc_files(spec)}
@@ -110,6 +122,10 @@ def teacher_files(spec: str) -> dict[str, str]:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"teacher {spec!r}: no file {path}")
         return {rest: sha256(path)}  # by the path as the spec names it: the same on every machine of a job
+    if prefix == "sevenn":
+        from distiller.teachers.sevenn import sevenn_file_hashes
+
+        return sevenn_file_hashes(spec)
     return {}
 
 
