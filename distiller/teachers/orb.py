@@ -61,8 +61,8 @@ from ase import Atoms
 from distiller.gpu_memory import make_room_for_torch
 from distiller.model import EnergyModel
 from distiller.structure import Structure, StructureError
-from distiller.teachers.torch_bridge import (PRECISIONS, TorchTeacher, default_device, energy_model, torch_settings,
-                                             voigt_to_matrices)
+from distiller.teachers.torch_bridge import (PRECISIONS, TorchTeacher, default_device, energy_model, split_spec,
+                                             torch_settings, voigt_to_matrices)
 
 NEIGHBOUR_POLICIES = ("truncate", "grow", "error")
 # orb's atom embedding is a one-hot of Z over 118 classes (indices 0..117), so Z = 118 does not fit.
@@ -253,16 +253,7 @@ def parse_spec(spec: str) -> OrbSpec:
                           f"options ?seed=N (random only), precision={'|'.join(PRECISIONS)}, "
                           f"neighbours={'|'.join(NEIGHBOUR_POLICIES)}")
 
-    prefix, sep, rest = spec.partition(":")
-    if prefix != "orb" or not sep:
-        raise bad("it does not start with 'orb:'")
-    body, _, query = rest.partition("?")
-    options = {}
-    for item in filter(None, query.split("&")):
-        key, eq, value = item.partition("=")
-        if not eq or key not in ("seed", "precision", "neighbours"):
-            raise bad(f"unknown option {item!r}")
-        options[key] = value
+    body, options = split_spec(spec, "orb", ("seed", "precision", "neighbours"), bad)
     random = body.startswith("random/")
     name = body.removeprefix("random/")
     if name not in (RANDOM_ARCHITECTURES if random else pretrained_models()):

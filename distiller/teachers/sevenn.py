@@ -56,7 +56,7 @@ from distiller.files import sha256
 from distiller.gpu_memory import make_room_for_torch
 from distiller.model import EnergyModel
 from distiller.structure import Structure
-from distiller.teachers.torch_bridge import (PRECISIONS, TorchTeacher, default_device, torch_settings,
+from distiller.teachers.torch_bridge import (PRECISIONS, TorchTeacher, default_device, split_spec, torch_settings,
                                              voigt_to_matrices)
 
 
@@ -89,18 +89,9 @@ def parse_spec(spec: str) -> SevenNetSpec:
                           f"{', '.join('sevenn:' + n for n in names)} or sevenn:PATH.pth (a SevenNet checkpoint); "
                           f"options ?precision={'|'.join(PRECISIONS)}, modal=NAME")
 
-    prefix, sep, rest = spec.partition(":")
-    if prefix != "sevenn" or not sep:
-        raise bad("it does not start with 'sevenn:'")
-    body, _, query = rest.partition("?")
+    body, options = split_spec(spec, "sevenn", ("precision", "modal"), bad)
     if not body:
         raise bad("no checkpoint name or path")
-    options = {}
-    for item in filter(None, query.split("&")):
-        key, eq, value = item.partition("=")
-        if not eq or key not in ("precision", "modal") or not value:
-            raise bad(f"unknown option {item!r}")
-        options[key] = value
     if options.get("precision", SevenNetSpec.precision) not in PRECISIONS:
         raise bad(f"unknown precision {options['precision']!r}")
     if body in names:

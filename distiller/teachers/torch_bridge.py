@@ -41,7 +41,7 @@ import abc
 import contextlib
 import dataclasses
 import functools
-from typing import Any, ClassVar, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, ClassVar, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +56,26 @@ from distiller.teachers.host import host_model
 PRECISIONS = {"float32-high": torch.float32, "float32-highest": torch.float32, "float64": torch.float64}
 PROBE_ATOMS = 2048  # atoms of the cut on which a large structure's memory per atom is measured
 MEMORY_MARGIN = 1.3  # the measured per-atom memory times this must fit: peaks do not scale exactly linearly
+
+
+# --------------------------------------------------------------------------------------------------
+# Specs
+
+
+def split_spec(spec: str, prefix: str, options: Sequence[str], bad: Callable[[str], Exception]) -> tuple[str, dict]:
+    """`PREFIX:BODY?key=value&...` -> (BODY, {key: value}); `bad(why)` is raised for another prefix, an option
+    not among `options`, or an empty value."""
+    head, sep, rest = spec.partition(":")
+    if head != prefix or not sep:
+        raise bad(f"it does not start with '{prefix}:'")
+    body, _, query = rest.partition("?")
+    found = {}
+    for item in filter(None, query.split("&")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in options or not value:
+            raise bad(f"unknown option {item!r}")
+        found[key] = value
+    return body, found
 
 
 # --------------------------------------------------------------------------------------------------
