@@ -379,20 +379,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _names_torch_teacher(args) -> bool:
-    """Whether the command will load a PyTorch teacher: a --teacher or --model spec, or the teacher of the run
-    directory or experiment it was given (read without loading anything)."""
+    """Whether the command will load a PyTorch teacher: a --teacher or --model spec, or (evaluate) the teacher of
+    the run directory, read from its config.json without loading anything. (`md --model RUN` loads the student
+    alone; `distill` loads its teacher through the registry, whose torch loaders apply the policy themselves.)"""
     from distiller.teachers.registry import is_torch_spec
 
     specs = [getattr(args, name, None) for name in ("teacher", "model")]
-    for name in ("run_dir", "model"):
-        path = getattr(args, name, None)
-        config = os.path.join(path, "config.json") if isinstance(path, str) else ""
-        if os.path.isfile(config):
-            try:
-                with open(config) as f:
-                    specs.append(json.load(f).get("teacher"))
-            except (OSError, ValueError, AttributeError):
-                pass  # the command itself reports a broken run directory
+    run_dir = getattr(args, "run_dir", None)
+    config = os.path.join(run_dir, "config.json") if isinstance(run_dir, str) else ""
+    if os.path.isfile(config):
+        try:
+            with open(config) as f:
+                specs.append(json.load(f).get("teacher"))
+        except (OSError, ValueError, AttributeError):
+            pass  # the command itself reports a broken run directory
     return any(is_torch_spec(spec) for spec in specs)
 
 

@@ -27,6 +27,17 @@ def compilation_cache():
         jax.config.update("jax_compilation_cache_dir", None)
 
 
+@pytest.fixture
+def torch_state_is_left_alone():
+    """For torch teachers' tests: whatever the teacher did, torch's default dtype, TF32 flags and matmul
+    precision are the caller's afterwards."""
+    from distiller.teachers.torch_bridge import torch_state
+
+    before = torch_state()
+    yield
+    assert torch_state() == before
+
+
 @pytest.fixture(scope="session")
 def shared() -> pathlib.Path:
     return SHARED

@@ -31,13 +31,8 @@ from distiller.teachers.registry import load_teacher
 SPECS = ["orb:random/orb-v3-conservative", "orb:random/orb-v3-direct", "orb:random/orb-v2"]
 
 
-@pytest.fixture(autouse=True)
-def torch_state_is_left_alone():
-    """Every test: whatever the teacher did, torch's default dtype, TF32 flags and matmul precision are the
-    caller's afterwards."""
-    before = torch_state()
-    yield
-    assert torch_state() == before
+# Every test: whatever the teacher did, torch's global settings are the caller's afterwards (conftest.py).
+pytestmark = pytest.mark.usefixtures("torch_state_is_left_alone")
 
 
 def rattled(structure: Structure, seed: int, sigma: float = 0.05) -> Structure:

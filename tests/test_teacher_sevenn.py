@@ -22,29 +22,12 @@ from distiller.model import EnergyModel  # noqa: E402
 from distiller.structure import Structure, StructureError  # noqa: E402
 from distiller.teachers.registry import load_teacher, teacher_files  # noqa: E402
 from distiller.teachers.sevenn import load_sevenn, parse_spec  # noqa: E402
-from distiller.teachers.torch_bridge import torch_state  # noqa: E402
 
 SPEC = "sevenn:7net-0"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """torch's intra-op threads spin while they wait: on a 2-core machine shared with another pytest worker (or
-    anything else) this module took 64 s of CPU with torch's default 2 threads and 12 s with one (measured under
-    the same load); at a lighter load both took ~12 s. The caller's thread count comes back afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def torch_state_is_left_alone():
-    """Every test: whatever the teacher did, torch's default dtype, TF32 flags and matmul precision are the
-    caller's afterwards."""
-    before = torch_state()
-    yield
-    assert torch_state() == before
+# Every test: whatever the teacher did, torch's global settings are the caller's afterwards (conftest.py).
+pytestmark = pytest.mark.usefixtures("torch_state_is_left_alone")
 
 
 @pytest.fixture(scope="module")
