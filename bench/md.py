@@ -27,20 +27,17 @@ used as it is.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from distiller.files import write_json_atomic  # noqa: E402
 from distiller.load import load_model  # noqa: E402
-from distiller.md import Dynamics, energy_drift, simulate, simulate_replicas, thermo  # noqa: E402
-from distiller.speed import add_student_arguments, device_name, student_from_arguments, versions  # noqa: E402
+from distiller.speed import (add_student_arguments, device_name, md_speed, student_from_arguments,  # noqa: E402
+                             versions)
 from distiller.structure import read_structures  # noqa: E402
 
 
@@ -64,56 +61,6 @@ def teacher_kind(spec: str) -> str:
     if spec.startswith("fennol-pmc:") and "/" not in spec.split(":", 1)[1]:
         return "teacher-ensemble"
     return "teacher-member"
-
-
-def measure(model, structure, replicas: int, steps: int, chunk: int, dt: float, system: str) -> dict:
-    """Run chunk (warm-up, compiles) + steps NVE steps of `replicas` copies of `structure` (one: `simulate`);
-    time the `steps`.
-
-    A chunk whose neighbour list overflowed was redone with larger capacities, i.e. recompiled: its wall time
-    is compilation, not integration, so the rate comes from the chunks that ran once (all of them, usually).
-    """
-    dynamics = Dynamics("nve", temperature=300.0, dt=dt)
-    log_every = math.gcd(chunk, 50)  # the thermo log (for the drift) every 50 steps where the chunk allows
-    if replicas == 1:
-        runs = ((records,) for records in simulate(model, structure, dynamics, chunk + steps, log_every=log_every,
-                                                    chunk=chunk, key=0))
-    else:
-        runs = simulate_replicas(model, [structure] * replicas, dynamics, chunk + steps, log_every=log_every,
-                                 chunk=chunk)
-    rows, chunks = [[] for _ in range(replicas)], []
-    start = last = time.perf_counter()
-    warmup = None
-    for records in runs:
-        for k, r in enumerate(records):
-            rows[k].append(thermo(r, structure.n_atoms, dt))
-        now = time.perf_counter()
-        if records[0].step[-1] > 0:
-            if warmup is None:
-                warmup = now - start
-            else:
-                chunks.append((now - last, len(records[0].step) * log_every, records[0].redone))
-        last = now
-    rows = [np.concatenate(r) for r in rows]
-    clean = [(t, n) for t, n, redone in chunks if not redone]
-    atoms = replicas * structure.n_atoms
-    # No chunk ran once (every one grew a capacity, e.g. a fresh student's molecule drifting apart): no rate.
-    per_step = sum(t for t, _ in clean) / sum(n for _, n in clean) if clean else None
-    rate = (lambda f: None if per_step is None else f(per_step))
-    drifts = [energy_drift(r, structure.n_atoms) for r in rows] if len(rows[0]) >= 5 else None
-    row = {
-        "model": model.name, "system": system,
-        "atoms": atoms, "replicas": replicas, "dt_fs": dt, "steps": steps, "chunk": chunk, "warmup_s": warmup,
-        "ms_per_step": rate(lambda t: 1e3 * t), "ns_per_day": rate(lambda t: dt * 1e-6 / t * 86400),
-        "aggregate_ns_per_day": rate(lambda t: replicas * dt * 1e-6 / t * 86400),
-        "us_per_atom_step": rate(lambda t: 1e6 * t / atoms),
-        "chunks_timed": len(clean), "chunks_redone": sum(1 for *_, redone in chunks if redone),
-        "final_temperature_K": float(np.mean([r[-1, 2] for r in rows])),
-        "drift_meV_per_atom_ps": None if drifts is None else float(np.median(drifts)),
-    }
-    if replicas > 1:
-        row["largest_drift_meV_per_atom_ps"] = None if drifts is None else float(np.max(np.abs(drifts)))
-    return row
 
 
 def main() -> None:
@@ -152,7 +99,7 @@ def main() -> None:
         for kind, model in teachers + [("student", student)]:
             label = name if replicas == 1 else f"{name} x{replicas}"
             try:
-                row = {"kind": kind, **measure(model, structure, replicas, args.steps, args.chunk, args.dt, label)}
+                row = {"kind": kind, **md_speed(model, structure, replicas, args.steps, args.chunk, args.dt, label)}
             except FloatingPointError as err:  # an untrained or poor student can blow up: say so, go on
                 print(f"{label:>14} {kind:>16} failed: {err}", flush=True)
                 rows.append({"kind": kind, "model": model.name, "system": label, "error": str(err)})

@@ -64,6 +64,53 @@ class SamplingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MDSampling:
+    """Training structures drawn from a pool of replicas of the seed structures that move by teacher MD
+    (Langevin, BAOAB) between optimiser steps, inside the jitted step (distiller.train.md_sampling).
+
+    Replica r is a copy of seed r mod S (S seeds) at temperature temperatures[(r // S) mod T]: with
+    replicas = S * T every seed runs at every temperature of the ladder. Each optimiser step advances every
+    replica by `steps_between` MD steps, then draws batch_size distinct replicas (a function of (seed, step)),
+    perturbs them by `rattle` and `strain` and has the teacher label them. A replica past the blow-up limits
+    stops the run naming it."""
+
+    replicas: int = 8  # pool size; at least batch_size (a step draws batch_size distinct replicas)
+    temperatures: tuple[float, ...] = (300.0, 400.0, 500.0, 600.0)  # K, the ladder
+    dt: float = 0.5  # fs
+    friction: float = 0.01  # 1/fs, Langevin; 0: NVE (velocity Verlet)
+    steps_between: int = 10  # MD steps per optimiser step (one lax.scan)
+    equilibration: int = 0  # MD steps before the first optimiser step, a multiple of steps_between
+    rattle: float = 0.0  # Å, Gaussian noise added to the drawn frames (not to the replicas)
+    strain: float = 0.0  # largest symmetric strain component applied to drawn periodic frames
+    # Blow-up limits (md.simulate's Safety, checked after every optimiser step): the hottest MD step of the
+    # advance (None: 5000 K, or 3x the replica's temperature where that is higher), the change of a replica's
+    # total energy over one advance, and the shortest interatomic distance.
+    max_temperature: float | None = None  # K
+    max_energy_jump: float = 1.0  # eV/atom
+    min_distance: float = 0.5  # Å
+
+    def __post_init__(self):
+        check_fields(self, "sampling.", integers={"replicas": AT_LEAST_1, "steps_between": AT_LEAST_1,
+                                                  "equilibration": AT_LEAST_0},
+                     reals={"dt": POSITIVE, "friction": AT_LEAST_0, "rattle": AT_LEAST_0,
+                            "strain": (lambda x: 0 <= x < 1 / 3, "in [0, 1/3)"), "max_energy_jump": POSITIVE,
+                            "min_distance": AT_LEAST_0})
+        if self.max_temperature is not None:
+            check_fields(self, "sampling.", reals={"max_temperature": POSITIVE})
+        if not isinstance(self.temperatures, tuple) or not self.temperatures or \
+                not all(_is_number(t) and t > 0 for t in self.temperatures):
+            raise ValueError(f"sampling.temperatures must be a non-empty tuple of temperatures > 0 K, got "
+                             f"{self.temperatures!r}")
+        if self.equilibration % self.steps_between:
+            raise ValueError(f"sampling.equilibration must be a multiple of sampling.steps_between "
+                             f"({self.steps_between}), got {self.equilibration}")
+
+
+# The `sampling` field's kinds, as config.json names them ("kind"; a file without one is "rattle").
+SAMPLINGS = {"rattle": SamplingConfig, "md": MDSampling}
+
+
+@dataclasses.dataclass(frozen=True)
 class LossConfig:
     energy_weight: float = 1.0  # on (eV/atom)²
     forces_weight: float = 10.0  # on (eV/Å)², per component
@@ -156,7 +203,7 @@ class Experiment:
     # must name the dataset's). None: online training, labels from the FeNNol teacher inside the step.
     dataset: str | None = None
     loader: LoaderConfig = LoaderConfig()
-    sampling: SamplingConfig = SamplingConfig()
+    sampling: SamplingConfig | MDSampling = SamplingConfig()  # rattled seeds, or MD replicas of them
     student: StudentConfig = SchNetConfig()  # any registered architecture (distiller.students)
     loss: LossConfig = LossConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -178,6 +225,13 @@ class Experiment:
                      reals={"time_limit": AT_LEAST_0})
         if not isinstance(self.tensorboard, bool):
             raise ValueError(f"tensorboard must be True or False, got {self.tensorboard!r}")
+        if isinstance(self.sampling, MDSampling):
+            if self.dataset:
+                raise ValueError(f"experiment {self.name!r}: sampling=MDSampling(...) needs the teacher in the step "
+                                 "(online training, `structures`), not a dataset")
+            if self.sampling.replicas < self.batch_size:
+                raise ValueError(f"sampling.replicas must be >= batch_size ({self.batch_size}): each step draws "
+                                 f"batch_size distinct replicas, got {self.sampling.replicas}")
         if self.optimizer.plateau_patience and not self.validation.every:
             raise ValueError(f"optimizer.plateau_patience={self.optimizer.plateau_patience} needs a validation set "
                              "(validation.structures and validation.every)")
@@ -295,6 +349,8 @@ def to_dict(config: Any) -> dict:
         value = getattr(config, f.name)
         if isinstance(value, StudentConfig):
             value = value.to_dict()
+        elif f.name == "sampling" and isinstance(value, tuple(SAMPLINGS.values())):
+            value = {"kind": next(k for k, cls in SAMPLINGS.items() if type(value) is cls), **to_dict(value)}
         elif dataclasses.is_dataclass(value):
             value = to_dict(value)
         elif isinstance(value, tuple):
@@ -313,6 +369,12 @@ def from_dict(data: dict) -> Experiment:
             v = values[f.name]
             if isinstance(f.default, StudentConfig) and isinstance(v, dict):
                 v = students.config_from_dict(v)
+            elif cls is Experiment and f.name == "sampling" and isinstance(v, dict):
+                v = dict(v)
+                kind = v.pop("kind", "rattle")
+                if kind not in SAMPLINGS:
+                    raise ValueError(f"sampling.kind must be one of {', '.join(SAMPLINGS)}, got {kind!r}")
+                v = build(SAMPLINGS[kind], v)
             elif dataclasses.is_dataclass(f.default) and isinstance(v, dict):
                 v = build(type(f.default), v)
             elif isinstance(v, list):

@@ -22,6 +22,7 @@ checkpoint or none; every other file is written atomically (distiller.files). A 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -330,13 +331,16 @@ def _orbax_restore(manager: ocp.CheckpointManager, step: int, items: dict, direc
 
 # -- capacities as JSON -----------------------------------------------------------------------------------
 # The trainer's capacity state is either an online run's Capacity (neighbour list, and the teacher's own
-# preprocessing sizes: a FennolCapacity or None) or an offline run's {BatchShape: NeighbourCapacity}. Their JSON
-# form is explicit, FeNNol's states keeping their keys' types and order (a static argument compiles by value).
+# preprocessing sizes: a FennolCapacity or None), a tuple of them (MD sampling: the drawn batch's and the replica
+# pool's) or an offline run's {BatchShape: NeighbourCapacity}. Their JSON form is explicit, FeNNol's states
+# keeping their keys' types and order (a static argument compiles by value).
 
 
 def capacity_to_json(state: Any) -> dict:
     if isinstance(state, Capacity):
         return {"online": {"neighbours": state.neighbours._asdict(), "model": _model_capacity_to_json(state.model)}}
+    if isinstance(state, tuple) and all(isinstance(part, Capacity) for part in state):
+        return {"parts": [capacity_to_json(part) for part in state]}
     if isinstance(state, dict):
         return {"buckets": [{"atoms": shape.atoms, "graphs": shape.graphs, "neighbours": neighbours._asdict()}
                             for shape, neighbours in state.items()]}
@@ -344,6 +348,8 @@ def capacity_to_json(state: Any) -> dict:
 
 
 def capacity_from_json(data: dict) -> Any:
+    if "parts" in data:
+        return tuple(capacity_from_json(part) for part in data["parts"])
     if "online" in data:
         online = data["online"]
         return Capacity(nl.NeighbourCapacity(**online["neighbours"]), _model_capacity_from_json(online["model"]))
@@ -398,12 +404,15 @@ def params_template(config: StudentConfig) -> Any:
     return init_params(config, jax.random.key(0), probe)
 
 
-def load_student(run_dir: str | os.PathLike, step: int | None = None) -> EnergyModel:
+def load_student(run_dir: str | os.PathLike, step: int | None = None, kernel: str | None = None) -> EnergyModel:
     """The trained student of a run directory as an EnergyModel: the checkpoint of `step`; by default the best
     one on the validation set where the run has one (the newest intact checkpoint if it is damaged), else the
-    newest intact checkpoint. Weights that are not finite (a diverged run) are refused."""
+    newest intact checkpoint. Weights that are not finite (a diverged run) are refused. `kernel` runs it with
+    another kernel set than it was trained with (the same function: e.g. "pallas" on a GPU)."""
     run = RunDirectory(run_dir)
     config = run.read_config()
+    if kernel is not None:
+        config = dataclasses.replace(config, student=dataclasses.replace(config.student, kernel=kernel))
     template = params_template(config.student)
     if step is None and run.read_best() is not None:
         try:

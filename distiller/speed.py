@@ -8,6 +8,7 @@ first member) is timed too, and the speed-up is taken against the faster of the 
 
 from __future__ import annotations
 
+import math
 import platform
 import sys
 import time
@@ -181,6 +182,59 @@ def compare_speed(teacher: EnergyModel | str, student, systems: Mapping[str, Seq
         if on_row is not None:
             on_row(report)
     return report
+
+
+def md_speed(model: EnergyModel, structure: Structure, replicas: int, steps: int, chunk: int, dt: float,
+             system: str) -> dict:
+    """MD speed: run chunk (warm-up, compiles) + steps NVE steps of `replicas` copies of `structure` (one: `simulate`);
+    time the `steps`.
+
+    A chunk whose neighbour list overflowed was redone with larger capacities, i.e. recompiled: its wall time
+    is compilation, not integration, so the rate comes from the chunks that ran once (all of them, usually).
+    """
+    from distiller.md import Dynamics, energy_drift, simulate, simulate_replicas, thermo
+
+    dynamics = Dynamics("nve", temperature=300.0, dt=dt)
+    log_every = math.gcd(chunk, 50)  # the thermo log (for the drift) every 50 steps where the chunk allows
+    if replicas == 1:
+        runs = ((records,) for records in simulate(model, structure, dynamics, chunk + steps, log_every=log_every,
+                                                    chunk=chunk, key=0))
+    else:
+        runs = simulate_replicas(model, [structure] * replicas, dynamics, chunk + steps, log_every=log_every,
+                                 chunk=chunk)
+    rows, chunks = [[] for _ in range(replicas)], []
+    start = last = time.perf_counter()
+    warmup = None
+    for records in runs:
+        for k, r in enumerate(records):
+            rows[k].append(thermo(r, structure.n_atoms, dt))
+        now = time.perf_counter()
+        if records[0].step[-1] > 0:
+            if warmup is None:
+                warmup = now - start
+            else:
+                chunks.append((now - last, len(records[0].step) * log_every, records[0].redone))
+        last = now
+    rows = [np.concatenate(r) for r in rows]
+    clean = [(t, n) for t, n, redone in chunks if not redone]
+    atoms = replicas * structure.n_atoms
+    # No chunk ran once (every one grew a capacity, e.g. a fresh student's molecule drifting apart): no rate.
+    per_step = sum(t for t, _ in clean) / sum(n for _, n in clean) if clean else None
+    rate = (lambda f: None if per_step is None else f(per_step))
+    drifts = [energy_drift(r, structure.n_atoms) for r in rows] if len(rows[0]) >= 5 else None
+    row = {
+        "model": model.name, "system": system,
+        "atoms": atoms, "replicas": replicas, "dt_fs": dt, "steps": steps, "chunk": chunk, "warmup_s": warmup,
+        "ms_per_step": rate(lambda t: 1e3 * t), "ns_per_day": rate(lambda t: dt * 1e-6 / t * 86400),
+        "aggregate_ns_per_day": rate(lambda t: replicas * dt * 1e-6 / t * 86400),
+        "us_per_atom_step": rate(lambda t: 1e6 * t / atoms),
+        "chunks_timed": len(clean), "chunks_redone": sum(1 for *_, redone in chunks if redone),
+        "final_temperature_K": float(np.mean([r[-1, 2] for r in rows])),
+        "drift_meV_per_atom_ps": None if drifts is None else float(np.median(drifts)),
+    }
+    if replicas > 1:
+        row["largest_drift_meV_per_atom_ps"] = None if drifts is None else float(np.max(np.abs(drifts)))
+    return row
 
 
 def table(report: dict) -> str:

@@ -1,13 +1,15 @@
 """Issue 15's materials distillation: SevenNet-0 (a pretrained PyTorch foundation model) into one JAX student.
 
-    python experiments/materials.py            # sample, label, train, evaluate, time: a GPU job (~10 min on an H200)
-    python experiments/materials.py --tiny     # the same pipeline at toy sizes (a CPU smoke run, ~5 min)
-    for s in si cu lfp; do python experiments/materials.py --sample $s & done; wait   # the sets, in parallel
-    distiller distill experiments/materials.py # training alone (the labelled dataset must exist)
+    python experiments/materials.py [--time 4m]   # sample, label, train, evaluate, time: a GPU job (~20 min, H200)
+    python experiments/materials.py --tiny        # the same pipeline at toy sizes (a CPU smoke run, ~5 min)
+    for s in si cu lfp; do python experiments/materials.py --sample $s & done; wait      # the sets, in parallel
+    for s in si cu lfp; do python experiments/materials.py --stability $s & done; wait   # MD stability reports
+    distiller distill experiments/materials.py    # training alone (the labelled dataset must exist)
 
 SevenNet-0 (`sevenn:7net-0`, NequIP-style, trained on MPtrj, 89 elements) ships its weights inside the sevenn
 wheel, so this runs offline. Everything lives under runs/materials/ (runs/materials_tiny/ for --tiny) and resumes:
-sampled sets are kept, labelling continues where a kill stopped it, training resumes from its checkpoints.
+sampled sets are kept, labelling continues where a kill stopped it, training resumes from its checkpoints (with
+`--time`, training stops after that long; the same command continues it, and evaluates once it is complete).
 
 Systems: diamond Si (2x2x2 cubic cell, 64 atoms), fcc Cu (3x3x3 cubic, 108) and olivine LiFePO4 (1x2x2 cells,
 112 atoms: Li, Fe, P, O; the structure of Streltsov et al. 1993, Pnma). At --tiny: the conventional cells (8, 4x2=32,
@@ -15,23 +17,29 @@ Systems: diamond Si (2x2x2 cubic cell, 64 atoms), fcc Cu (3x3x3 cubic, 108) and 
 
 1. Structures, all from the teacher, each set from its own keys:
      train       per system: rattled and strained copies of the ideal crystal (0.1 Å, strain up to 3 %), and
-                 teacher NVT MD (Langevin, 1 fs) at 300, 600 and 1000 K, every snapshot also strained by up to 2 %
-                 (stress at temperature);
+                 teacher NVT MD (Langevin, 1 fs) at 300, 600 and 1000 K, 4 trajectories each, every snapshot also
+                 strained by up to 2 % (stress at temperature);
      validation  MD at 600 K (keys 500+): the best checkpoint is chosen on it;
      test-300K, test-1000K
                  MD from keys 900+ (other velocities and noise than any training trajectory): every number below
                  is measured on these.
    Teacher MD runs through distiller's JAX-MD integration, the torch teacher called from the step
    (`jax.pure_callback`, one host round trip per step: ~80 ms for ~100 atoms on an H200, where SevenNet's eager
-   kernels leave the GPU mostly idle, so one process per system (`--sample SYSTEM`) samples about 3x faster).
+   kernels leave the GPU mostly idle). A set's trajectories run as one program (`simulate_replicas`), the teacher
+   labelling all of them in one call per step, and one process per system (`--sample SYSTEM`) runs the systems
+   side by side.
 2. Offline labelling of the training set with the teacher (`distiller.label.label_dataset`, resumable): energy,
    forces and stress.
 3. Offline training of one PaiNN student for the three systems, stress in the loss, the EMA weights validated on the
    validation set every 500 steps.
 4. Evaluation on both test sets (accuracy retained, force MAE, energy MAE per atom, stress MAE in GPa, together
    and per system), and teacher against student per call (energy, forces and stress) on a 4,000-atom Cu cell and a
-   1,728-atom Si cell on the same device. Written to bench/results/materials-<gpu>.json (runs/materials_tiny/ for
-   --tiny) with the command, device and versions.
+   1,728-atom Si cell on the same device, per call and in MD (NVE, the neighbour list kept with a skin; the
+   student with the XLA and the Pallas kernels, the same function). Written to bench/results/materials-<gpu>.json
+   (runs/materials_tiny/ for --tiny) with the command, device and versions.
+5. `--stability SYSTEM`: the MD stability report (`distiller evaluate RUN --md`) of the trained student against
+   SevenNet-0 from the system's ideal crystal, NVT at 600 K for 0.5 ps and NVE for 0.25 ps (dt 1 fs), written to
+   RUN/stability/<system>/ (stability.json and PNGs); bench/results/materials-stability-<gpu>.json collects them.
 """
 
 import dataclasses
@@ -50,7 +58,7 @@ SYSTEMS = ("si", "cu", "lfp")
 ELEMENTS = (3, 8, 14, 15, 26, 29)  # Li O Si P Fe Cu
 
 config = Experiment(
-    name="materials-painn-64x3-12k",
+    name="materials-painn-64x3-20k",
     teacher=TEACHER,
     dataset=os.path.join(WORK, "data"),
     student=PaiNNConfig(cutoff=5.0, features=64, layers=3, n_rbf=16, elements=ELEMENTS),
@@ -58,10 +66,10 @@ config = Experiment(
     # stress errors of 0.1 GPa (6e-4 eV/Å³) 1e4 · 3.9e-7 = 4e-3.
     loss=LossConfig(energy_weight=100.0, forces_weight=10.0, stress_weight=1e4),
     optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=500, final_learning_rate=1e-5, ema_decay=0.999),
-    steps=12000,
+    steps=20000,
     batch_size=8,
     seed=0,
-    run_dir=os.path.join(WORK, "painn-64x3-12k"),
+    run_dir=os.path.join(WORK, "painn-64x3-20k"),
     checkpoint_every=1000,
     log_every=100,
     held_out=16,
@@ -71,10 +79,10 @@ config = Experiment(
 
 # (temperature K, trajectories per system, snapshots per trajectory, first key) of each MD set.
 MD_SETS = {
-    "train": [(300.0, 1, 25, 100), (600.0, 1, 25, 110), (1000.0, 1, 25, 120)],
-    "validation": [(600.0, 1, 12, 500)],
-    "test-300K": [(300.0, 1, 24, 900)],
-    "test-1000K": [(1000.0, 1, 24, 910)],
+    "train": [(300.0, 4, 40, 100), (600.0, 4, 40, 110), (1000.0, 4, 40, 120)],
+    "validation": [(600.0, 2, 12, 500)],
+    "test-300K": [(300.0, 2, 24, 900)],
+    "test-1000K": [(1000.0, 2, 24, 910)],
 }
 RATTLED = 150  # rattled and strained copies of each ideal crystal in the training set
 
@@ -113,7 +121,8 @@ def system_set(name: str, system: str, teacher, tiny: bool, work: str) -> list:
     out = []
     for temperature, trajectories, count, key in MD_SETS[name]:
         md = MDConfig(count=2 if tiny else count, temperature=temperature, interval=5 if tiny else 10,
-                      equilibration=5 if tiny else 50, dt=1.0, chunk=100, replicas=1 if tiny else trajectories)
+                      equilibration=5 if tiny else 50, dt=1.0, chunk=100,
+                      replicas=min(trajectories, 2) if tiny else trajectories)
         frames = sample([seed], md, teacher, key=key + k)
         print(f"{name}: {len(frames)} MD frames of {seed.name} at {temperature:g} K", flush=True)
         if name == "train":  # the same thermal disorder, strained: stress away from zero strain
@@ -138,46 +147,159 @@ def structures(name: str, teacher, tiny: bool, work: str) -> str:
     return path
 
 
-def main(argv) -> dict:
+def seeds_file(tiny: bool, work: str) -> str:
+    """The three ideal crystals in one file (the stability reports' starts), in SYSTEMS order."""
+    from distiller.structure import write_structures
+
+    path = os.path.join(work, "seeds.extxyz")
+    if not os.path.isfile(path):
+        os.makedirs(work, exist_ok=True)
+        write_structures(path, [seed_structure(system, tiny) for system in SYSTEMS])
+    return path
+
+
+def speed_cells(tiny: bool) -> dict:
+    """The cells timed per call and in MD: 1,728 Si atoms and 4,000 Cu atoms (64 and 32 at --tiny)."""
+    from distiller.structure import Structure
+
+    cells = [seed_structure("si", True).to_ase().repeat(2 if tiny else 6),
+             seed_structure("cu", True).to_ase().repeat(1 if tiny else 5)]
+    return {f"{atoms.get_chemical_formula()} ({len(atoms)} atoms)": Structure.from_ase(atoms) for atoms in cells}
+
+
+def md_speed_rows(teacher, students: dict, tiny: bool) -> list[dict]:
+    """NVE MD ms/step of the teacher and of each student on the speed cells, one process, after one warm-up chunk:
+    the teacher 20 steps (every one a host round trip of ~0.1-0.3 s), the students 1,000."""
+    from distiller.speed import md_speed
+
+    rows = []
+    for name, cell in speed_cells(tiny).items():
+        teacher_row = {"kind": "teacher", **md_speed(teacher, cell, 1, steps=4 if tiny else 20, chunk=2 if tiny else 10,
+                                                     dt=1.0, system=name)}
+        rows.append(teacher_row)
+        for kernel, student in students.items():
+            row = {"kind": f"student ({kernel})", **md_speed(student, cell, 1, steps=20 if tiny else 1000,
+                                                             chunk=10 if tiny else 500, dt=1.0, system=name)}
+            if row["ms_per_step"] and teacher_row["ms_per_step"]:
+                row["speedup"] = teacher_row["ms_per_step"] / row["ms_per_step"]
+            rows.append(row)
+        print(json.dumps(rows[-1 - len(students):]), flush=True)
+    return rows
+
+
+def stability(system: str, teacher, tiny: bool, work: str, command: str) -> None:
+    """`--stability SYSTEM`: the trained student's MD stability report from the system's ideal crystal; the
+    collected reports in bench/results/materials-stability-<gpu>.json (runs/materials_tiny/ for --tiny)."""
+    import fcntl
+
     import jax
 
+    from distiller.files import write_json_atomic
+    from distiller.speed import device_name
+    from distiller.stability import evaluate_stability
+
+    run_dir = run_config_for(tiny, work).run_dir
+    result = evaluate_stability(run_dir, seeds_file(tiny, work), index=SYSTEMS.index(system), time_ps=0.05 if tiny
+                                else 0.5, nve_ps=0.02 if tiny else 0.25, temperature=600.0, dt=1.0, teacher=teacher,
+                                out=os.path.join(run_dir, "stability", system), progress=True, command=command)
+    kind = "tiny" if tiny else jax.devices()[0].device_kind.split()[-1].lower()
+    path = os.path.join(work if tiny else os.path.join(ROOT, "bench", "results"), f"materials-stability-{kind}.json")
+    with open(path + ".lock", "w") as lock:  # the three systems' processes add to one file
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        collected = {}
+        if os.path.isfile(path):
+            with open(path) as f:
+                collected = json.load(f)
+        collected[system] = {"command": command, "device": device_name(), **result.report["summary"]}
+        write_json_atomic(path, collected)
+    print(json.dumps({system: result.report["summary"]}), flush=True)
+
+
+def run_config_for(tiny: bool, work: str) -> Experiment:
+    """`config` with this job's paths (and toy sizes at --tiny)."""
+    run_config = dataclasses.replace(
+        config, dataset=os.path.join(work, "data"), run_dir=os.path.join(work, "painn-64x3-20k"),
+        validation=dataclasses.replace(config.validation, structures=(os.path.join(work, "validation.extxyz"),)))
+    if tiny:
+        run_config = dataclasses.replace(run_config, steps=40, batch_size=2, checkpoint_every=20, log_every=10,
+                                         held_out=2, validation=dataclasses.replace(run_config.validation, every=20))
+    return run_config
+
+
+def training_seconds_over_calls(rows: list[dict]) -> float:
+    """Wall seconds of training summed over the calls that made metrics.jsonl (`seconds` counts from each call's
+    start, so it falls back where a resumed call begins)."""
+    total, last = 0.0, 0.0
+    for row in rows:
+        seconds = row.get("seconds", last)
+        if seconds < last:
+            total += last
+        last = seconds
+    return round(total + last, 1)
+
+
+def option(argv, name: str, choices=None):
+    """The value after `name` in argv (None if absent), checked against `choices`."""
+    if name not in argv:
+        return None
+    value = argv[argv.index(name) + 1] if argv.index(name) + 1 < len(argv) else ""
+    if choices is not None and value not in choices:
+        raise SystemExit(f"{name} takes one of {', '.join(choices)}, not {value!r}")
+    return value
+
+
+def main(argv) -> dict:
+    from distiller.gpu_memory import make_room_for_torch
+
+    # Before any import below can initialise JAX's GPU backend (jax_md does so on import): torch needs the room.
+    make_room_for_torch()
+    import jax
+
+    from distiller.config import parse_duration
     from distiller.evaluate import evaluate_run
     from distiller.files import write_json_atomic
     from distiller.label import label_dataset
-    from distiller.run_directory import RunDirectory
+    from distiller.run_directory import RunDirectory, load_student
     from distiller.speed import compare_speed, device_name, versions
-    from distiller.structure import Structure
     from distiller.teachers.registry import load_teacher
     from distiller.train.loop import run
 
     tiny = "--tiny" in argv
     command = "python experiments/materials.py " + " ".join(argv)
     work = WORK + ("_tiny" if tiny else "")
+    sample_only, stability_of = option(argv, "--sample", SYSTEMS), option(argv, "--stability", SYSTEMS)
+    time_limit = option(argv, "--time")
+    time_limit = 0.0 if time_limit is None else parse_duration(time_limit)
+    run_config = dataclasses.replace(run_config_for(tiny, work), time_limit=time_limit)
+    if stability_of is not None and not os.path.isfile(os.path.join(run_config.run_dir, "best.json")):
+        raise SystemExit(f"--stability needs a trained student in {run_config.run_dir}: run "
+                         "python experiments/materials.py first")
     teacher = load_teacher(TEACHER)  # before JAX touches a GPU: the memory policy (distiller.gpu_memory) applies
-    if "--sample" in argv:  # one system's sets alone, e.g. one process per system on one GPU
-        system = argv[argv.index("--sample") + 1]
-        if system not in SYSTEMS:
-            raise SystemExit(f"--sample takes one of {', '.join(SYSTEMS)}, not {system!r}")
-        for name in MD_SETS:
-            system_set(name, system, teacher, tiny, work)
+    if sample_only is not None:  # one system's sets alone, e.g. one process per system on one GPU
+        for name in MD_SETS:  # a set whose file of every system exists is complete
+            if not os.path.isfile(os.path.join(work, f"{name}.extxyz")):
+                system_set(name, sample_only, teacher, tiny, work)
         return {}
-    sets = {name: structures(name, teacher, tiny, work) for name in MD_SETS}
+    if stability_of is not None:
+        stability(stability_of, teacher, tiny, work, command)
+        return {}
+    sets = {name: structures(name, teacher, tiny, work) for name in ("train", "validation")}
 
     t0 = time.perf_counter()
     labelling = label_dataset(teacher, [sets["train"]], os.path.join(work, "data"), chunk=64, progress=True)
     labelling["seconds"] = round(time.perf_counter() - t0, 1)
 
-    run_config = dataclasses.replace(
-        config, dataset=os.path.join(work, "data"), run_dir=os.path.join(work, "painn-64x3-12k"),
-        validation=dataclasses.replace(config.validation, structures=(sets["validation"],)))
-    if tiny:
-        run_config = dataclasses.replace(run_config, steps=40, batch_size=2, checkpoint_every=20, log_every=10,
-                                         held_out=2, validation=dataclasses.replace(run_config.validation, every=20))
     t0 = time.perf_counter()
     run(run_config, resume=True)
     training_seconds = round(time.perf_counter() - t0, 1)
     rows = RunDirectory(run_config.run_dir).read_metrics()
+    done = rows[-1]["step"] if rows else 0
+    if done < run_config.steps:
+        print(f"training stopped at step {done} of {run_config.steps}: run the same command again to continue "
+              "(evaluated once complete)", flush=True)
+        return {}
 
+    sets.update({name: structures(name, teacher, tiny, work) for name in MD_SETS if name not in sets})
     keys = ("structures", "atoms", "accuracy_retained", "forces_mae", "forces_rmse", "energy_mae_per_atom",
             "stress_mae_gpa", "stress_rmse_gpa")
     results = {}
@@ -189,18 +311,21 @@ def main(argv) -> dict:
                          for name, part in [("all", summary), *summary.get("systems", {}).items()]}
         print(json.dumps({test: results[test]}), flush=True)
 
-    cells = [seed_structure("si", True).to_ase().repeat(2 if tiny else 6),  # 1,728 atoms (64 at --tiny)
-             seed_structure("cu", True).to_ase().repeat(1 if tiny else 5)]  # 4,000 atoms (32)
-    systems = {f"{atoms.get_chemical_formula()} ({len(atoms)} atoms)": [Structure.from_ase(atoms)] for atoms in cells}
-    speed = compare_speed(teacher, run_config.run_dir, systems, repeats=3 if tiny else 10, native=False,
-                          progress=True)
+    # The student as trained (XLA) and, on a GPU, with the Pallas kernels: the same function, timed both ways.
+    kernels = ("xla",) if jax.default_backend() == "cpu" else ("xla", "pallas")
+    students = {kernel: load_student(run_config.run_dir, kernel=kernel) for kernel in kernels}
+    systems = {name: [cell] for name, cell in speed_cells(tiny).items()}
+    speed = {kernel: compare_speed(teacher, student, systems, repeats=3 if tiny else 10, native=False,
+                                   progress=True)["results"] for kernel, student in students.items()}
+    md = md_speed_rows(teacher, students, tiny)
 
     out = {"command": command, "device": device_name(), "versions": versions(), "teacher": TEACHER,
            "sets": {name: {"file": os.path.relpath(path, ROOT)} for name, path in sets.items()},
            "labelling": labelling, "student": run_config.student.to_dict(), "loss": dataclasses.asdict(run_config.loss),
-           "steps": rows[-1]["step"] if rows else 0, "batch_size": run_config.batch_size,
-           "train_seconds": training_seconds, "best": RunDirectory(run_config.run_dir).read_best(),
-           "test_sets": results, "speed": speed["results"]}
+           "steps": done, "batch_size": run_config.batch_size,
+           "train_seconds": training_seconds_over_calls(rows) or training_seconds,
+           "best": RunDirectory(run_config.run_dir).read_best(), "test_sets": results,
+           "speed": speed, "md_speed": md}
     kind = "tiny" if tiny else jax.devices()[0].device_kind.split()[-1].lower()
     path = os.path.join(work if tiny else os.path.join(ROOT, "bench", "results"), f"materials-{kind}.json")
     write_json_atomic(path, out)

@@ -5,6 +5,7 @@ is the definition (and the CPU path), the kernel is only ever a faster way to co
 `dispatch` names the sets: kernel="xla" (the references) or "pallas".
 """
 
-from pallas_kernels.dispatch import KERNELS, Kernels, cfconv, check_kernel, edge_difference, pallas_set
+from pallas_kernels.dispatch import (KERNELS, Kernels, cfconv, check_kernel, directional_cfconv, edge_difference,
+                                     pallas_set)
 
-__all__ = ["KERNELS", "Kernels", "cfconv", "check_kernel", "edge_difference", "pallas_set"]
+__all__ = ["KERNELS", "Kernels", "cfconv", "check_kernel", "directional_cfconv", "edge_difference", "pallas_set"]

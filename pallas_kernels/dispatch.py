@@ -1,8 +1,10 @@
 """Kernel sets by name. "xla" is the plain-JAX references; "pallas" the fused kernels. A student's `kernel`
-picks one set for every edge operation of its energy: the cfconv of each layer and the edge vectors'
-difference (whose transpose is the position gradient).
+picks one set for every edge operation of its energy: the cfconv of each SchNet layer, PaiNN's message
+(`directional_cfconv`) and the edge vectors' difference (whose transpose is the position gradient).
 
     cfconv(features, lengths, senders, receivers, edge_mask, filter_params, *, cutoff, kernel="xla")
+    directional_cfconv(scalars, vectors, along, edge_vectors, senders, receivers, edge_mask, filter_params, *,
+                       cutoff, kernel="xla")
     edge_difference(values, senders, receivers, edge_mask, *, kernel="xla")
 """
 
@@ -14,6 +16,7 @@ from typing import Callable, NamedTuple
 import jax
 
 from pallas_kernels.cfconv.reference import cfconv_reference
+from pallas_kernels.directional_cfconv.reference import directional_cfconv_reference
 from pallas_kernels.edge_difference.reference import edge_difference_reference
 
 
@@ -22,6 +25,7 @@ class Kernels(NamedTuple):
 
     cfconv: Callable
     edge_difference: Callable
+    directional_cfconv: Callable
 
 
 def _on_cpu(config) -> bool:
@@ -52,6 +56,17 @@ def _pallas_cfconv(features, lengths, senders, receivers, edge_mask, filter_para
                          config=config, symmetric=True)
 
 
+def _pallas_directional_cfconv(scalars, vectors, along, edge_vectors, senders, receivers, edge_mask, filter_params,
+                               *, cutoff, config=None):
+    args = (scalars, vectors, along, edge_vectors, senders, receivers, edge_mask, filter_params)
+    if _on_cpu(config):
+        return directional_cfconv_reference(*args, cutoff=cutoff)
+    from pallas_kernels.directional_cfconv.pallas import directional_cfconv_pallas
+
+    return directional_cfconv_pallas(*args, cutoff=cutoff, config=config,
+                                     graph=_neighbour_list_graph(senders, receivers, edge_mask, scalars.shape[0]))
+
+
 def _pallas_edge_difference(values, senders, receivers, edge_mask, *, config=None):
     if _on_cpu(config):
         return edge_difference_reference(values, senders, receivers, edge_mask)
@@ -64,10 +79,12 @@ def _pallas_edge_difference(values, senders, receivers, edge_mask, *, config=Non
 def pallas_set(config=None) -> Kernels:
     """The Pallas set launched with `config` (a `PallasConfig`; None: the tuned defaults)."""
     return Kernels(functools.partial(_pallas_cfconv, config=config),
-                   functools.partial(_pallas_edge_difference, config=config))
+                   functools.partial(_pallas_edge_difference, config=config),
+                   functools.partial(_pallas_directional_cfconv, config=config))
 
 
-KERNELS = {"xla": Kernels(cfconv_reference, edge_difference_reference), "pallas": pallas_set()}
+KERNELS = {"xla": Kernels(cfconv_reference, edge_difference_reference, directional_cfconv_reference),
+           "pallas": pallas_set()}
 
 
 def check_kernel(name: str) -> str:
@@ -82,6 +99,14 @@ def cfconv(features: jax.Array, lengths: jax.Array, senders: jax.Array, receiver
     """`cfconv_reference`'s computation (see its docstring), done by the kernel set named `kernel`."""
     return KERNELS[check_kernel(kernel)].cfconv(features, lengths, senders, receivers, edge_mask, filter_params,
                                                 cutoff=cutoff)
+
+
+def directional_cfconv(scalars: jax.Array, vectors: jax.Array, along: jax.Array, edge_vectors: jax.Array,
+                       senders: jax.Array, receivers: jax.Array, edge_mask: jax.Array, filter_params: dict, *,
+                       cutoff: float, kernel: str = "xla") -> tuple[jax.Array, jax.Array]:
+    """`directional_cfconv_reference`'s computation (see its docstring), done by the kernel set named `kernel`."""
+    return KERNELS[check_kernel(kernel)].directional_cfconv(scalars, vectors, along, edge_vectors, senders, receivers,
+                                                            edge_mask, filter_params, cutoff=cutoff)
 
 
 def edge_difference(values: jax.Array, senders: jax.Array, receivers: jax.Array, edge_mask: jax.Array, *,

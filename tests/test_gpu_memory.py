@@ -47,6 +47,15 @@ def test_before_jax_initialises_preallocation_is_turned_off_without_initialising
     assert _fresh_python(code, XLA_PYTHON_CLIENT_MEM_FRACTION="0.3")["outcome"] == "user"
 
 
+def test_importing_what_an_experiment_imports_leaves_jax_uninitialised():
+    # experiments/materials.py imports these before it loads its torch teacher; one that initialised JAX's
+    # backend on import (jax_md does) would leave torch 25 % of a GPU (an out-of-memory seen on the H200).
+    code = ("import json\nimport distiller.train.loop, distiller.evaluate, distiller.label, distiller.speed\n"
+            "import distiller.run_directory, distiller.teachers.registry, distiller.students\n"
+            "from jax._src import xla_bridge\nprint(json.dumps(xla_bridge.backends_are_initialized()))\n")
+    assert _fresh_python(code) is False
+
+
 def test_after_jax_initialised_on_a_cpu_nothing_changes_and_nothing_warns():
     code = ("import warnings\nimport jax, jax.numpy as jnp\njnp.zeros(1).block_until_ready()\n"
             "from distiller.gpu_memory import make_room_for_torch\n"

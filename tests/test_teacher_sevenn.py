@@ -22,6 +22,7 @@ from distiller.model import EnergyModel  # noqa: E402
 from distiller.structure import Structure, StructureError  # noqa: E402
 from distiller.teachers.registry import load_teacher, teacher_files  # noqa: E402
 from distiller.teachers.sevenn import load_sevenn, parse_spec  # noqa: E402
+from finite_differences import energy_differences, strained  # noqa: E402
 
 SPEC = "sevenn:7net-0"
 
@@ -113,38 +114,19 @@ def test_label_arrays(teacher, structures, labelled):
     assert np.asarray(arrays["stress_mask"]).tolist() == [False, True, True]
 
 
-def strained(s: Structure, strain: np.ndarray) -> Structure:
-    deformation = np.eye(3) + strain
-    return s.replace(positions=s.positions @ deformation, cell=s.cell @ deformation)
-
-
 def test_forces_and_stress_are_derivatives_of_the_energy(teacher64, teacher):
     """float64 (sevenn's one-hot cast, module docstring), central differences with h = 1e-5 (Å, strain), on
     diamond Si's 2-atom cell, sheared and rattled: the three force components of one atom, the six of stress."""
     si = Structure.from_ase(ase.build.bulk("Si", "diamond", a=5.43), name="Si2")
     shear = np.array([[0.01, 0.02, 0.0], [0.0, -0.01, 0.01], [0.015, 0.0, 0.005]])
     crystal = strained(si, shear).replace(positions=strained(si, shear).positions + [[0.05, -0.03, 0.02], [0, 0, 0]])
-    h = 1e-5
     components = [(1, axis) for axis in range(3)]
     strains = [(i, j) for i in range(3) for j in range(i, 3)]
-    displaced = []
-    for atom, axis in components:
-        for sign in (1, -1):
-            positions = crystal.positions.copy()
-            positions[atom, axis] += sign * h
-            displaced.append(crystal.replace(positions=positions))
-    for i, j in strains:
-        for sign in (1, -1):
-            e = np.zeros((3, 3))
-            e[i, j] = e[j, i] = sign * h / 2 if i != j else sign * h  # symmetric: dE/dh = V sigma_ij
-            displaced.append(strained(crystal, e))
-    exact, *others = teacher64.label([crystal, *displaced])
-    numerical = np.array([s.energy for s in others]).reshape(-1, 2) @ np.array([1.0, -1.0]) / (2 * h)
-    for (atom, axis), d in zip(components, numerical):
-        assert abs(-d - exact.forces[atom, axis]) < 1e-7, (atom, axis)
-    volume = abs(np.linalg.det(crystal.cell))
-    for (i, j), d in zip(strains, numerical[len(components):]):
-        assert abs(d / volume - exact.stress[i, j]) < 1e-9, (i, j)
+    exact, forces, stress = energy_differences(teacher64.label, crystal, components, strains, h=1e-5)
+    for (atom, axis), f in zip(components, forces):
+        assert abs(f - exact.forces[atom, axis]) < 1e-7, (atom, axis)
+    for (i, j), sigma in zip(strains, stress):
+        assert abs(sigma - exact.stress[i, j]) < 1e-9, (i, j)
     assert np.abs(exact.forces).max() > 0.1 and abs(exact.stress[0, 1]) > 1e-3
     # The float64 teacher is the float32 one, to float32's rounding.
     single = teacher.label([crystal])[0]

@@ -8,7 +8,8 @@ Methods, each configured by a frozen dataclass (its `method` names it in provena
                      (`distiller.data.perturb.perturb`, the same rattle the online trainer applies in jit);
   NormalModeConfig   ANI-style normal-mode sampling: relax with the model (FIRE), Hessian of the model at the
                      minimum, modes populated at temperature T;
-  MDConfig           NVT molecular dynamics with the model (JAX-MD, `distiller.md`), snapshots every k steps;
+  MDConfig           NVT molecular dynamics with the model (JAX-MD, `distiller.md`), snapshots every k steps,
+                     trajectories of one atom count and pbc integrated as one program;
   RattleRelaxConfig  rattle-relax-repeat families: rattle, a few FIRE steps, rattle again...; every rattled and
                      every partly relaxed frame is kept, reaching the off-equilibrium regions MD at T misses.
 
@@ -90,7 +91,14 @@ class NormalModeConfig:
 class MDConfig:
     """NVT MD with the model from each seed: `replicas` independent trajectories (velocities and noise seeded
     by fold_in(key, seed, replica)), each with `equilibration` steps discarded, then `count` snapshots, one every
-    `interval` steps."""
+    `interval` steps.
+
+    Up to `parallel` trajectories of one atom count and pbc (a seed's replicas, and seeds alike) are integrated
+    as one program (`distiller.md.simulate_replicas`): the same trajectories to float32 rounding, one
+    compilation, and for a host (torch, ASE) teacher one teacher call per step for all of them instead of one
+    each (what that saves is per-call cost: a torch teacher's round trip and launches on a GPU; on a CPU the
+    work grows with the atoms and little changes). A blow-up in one stops its program (whose other
+    trajectories are then lost too)."""
 
     count: int = 10  # snapshots per trajectory
     temperature: float = 300.0  # K
@@ -102,11 +110,12 @@ class MDConfig:
     tau: float = 100.0  # fs, Nose-Hoover chain time constant
     chunk: int = 500  # steps per compiled lax.scan
     replicas: int = 1  # trajectories per seed
+    parallel: int = 64  # trajectories integrated together as one program (1: one after the other)
     method: ClassVar[str] = "md"
 
     def __post_init__(self):
         _check_positive(self, count=self.count, interval=self.interval, dt=self.dt, chunk=self.chunk,
-                        replicas=self.replicas, friction=self.friction, tau=self.tau)
+                        replicas=self.replicas, parallel=self.parallel, friction=self.friction, tau=self.tau)
         _check_non_negative(self, temperature=self.temperature, equilibration=self.equilibration)
         if self.equilibration % self.interval:
             raise ValueError(f"MDConfig: equilibration ({self.equilibration}) must be a multiple of interval "
@@ -313,28 +322,62 @@ def normal_modes(seeds, config: NormalModeConfig, model, key=0, *,
 
 
 def teacher_md(seeds, config: MDConfig, model, key=0, *, min_distance: float = MIN_DISTANCE) -> list[Structure]:
-    from distiller.md.simulate import MDFailure, frames, simulate
-
+    """Candidates in the order seed, replica, step (sample j = replica * count + snapshot), however the
+    trajectories were grouped into programs (`_md_programs`): the keys are per trajectory, not per program."""
     model = as_model(model)
+    seeds = _seeds(seeds)
+    candidates: dict[tuple[int, int], list[Structure]] = {}
+    for trajectories in _md_programs(seeds, config):
+        candidates.update(_md_program(model, seeds, trajectories, config, key, min_distance))
+    return [c for i in range(len(seeds)) for replica in range(config.replicas) for c in candidates[i, replica]]
+
+
+def _md_programs(seeds: list[tuple[Structure, dict]], config: MDConfig) -> list[list[tuple[int, int]]]:
+    """The trajectories (seed index, replica) grouped into programs of at most `config.parallel`: one program
+    needs one atom count and pbc (`simulate_replicas`), so groups are by those, in the seeds' order."""
+    groups: dict[tuple, list[tuple[int, int]]] = {}
+    for i, (seed, _) in enumerate(seeds):
+        shape = (seed.n_atoms, tuple(np.asarray(seed.pbc, bool).tolist()))
+        groups.setdefault(shape, []).extend((i, replica) for replica in range(config.replicas))
+    return [group[k:k + config.parallel] for group in groups.values()
+            for k in range(0, len(group), config.parallel)]
+
+
+def _md_program(model, seeds: list[tuple[Structure, dict]], trajectories: list[tuple[int, int]], config: MDConfig,
+                key, min_distance: float) -> dict[tuple[int, int], list[Structure]]:
+    """The candidates of each trajectory (seed index, replica), all integrated as one program: `simulate` for
+    one, `simulate_replicas` for more (replica k equals `simulate` with its key to float32 rounding, and a host
+    teacher labels all of them in one call per step). A blow-up names its seed and replica."""
+    from distiller.md.simulate import MDFailure, frames, simulate, simulate_replicas
+
     dynamics = config.dynamics()
     steps = config.equilibration + config.count * config.interval
-    out = []
-    for i, (seed, source) in enumerate(_seeds(seeds)):
-        j = 0
-        for replica in range(config.replicas):
-            try:
-                for records in simulate(model, seed, dynamics, steps, log_every=config.interval,
-                                        chunk=config.chunk, key=_keys(key, i, replica)):
-                    for frame in frames(seed, records, config.dt):
-                        step = frame.info["step"]
-                        if step <= config.equilibration:
-                            continue
-                        candidate = _candidate(seed, source, config, key, j, frame.positions, replica=replica,
-                                               step=step, time_fs=step * config.dt, model=model.name)
-                        out.append(_require_valid(candidate, min_distance, f"MD with {model.name} at step {step}"))
-                        j += 1
-            except MDFailure as err:
-                raise err.within(f"{seed.name} (MD replica {replica} with {model.name})") from err
+    structures = [seeds[i][0] for i, _ in trajectories]
+    keys = [_keys(key, i, replica) for i, replica in trajectories]
+    if len(trajectories) == 1:
+        chunks = ((records,) for records in simulate(model, structures[0], dynamics, steps, log_every=config.interval,
+                                                     chunk=config.chunk, key=keys[0]))
+    else:
+        chunks = simulate_replicas(model, structures, dynamics, steps, keys=keys, log_every=config.interval,
+                                   chunk=config.chunk)
+    out: dict[tuple[int, int], list[Structure]] = {trajectory: [] for trajectory in trajectories}
+    try:
+        for records in chunks:
+            for (i, replica), trajectory_records in zip(trajectories, records):
+                seed, source = seeds[i]
+                kept = out[i, replica]
+                for frame in frames(seed, trajectory_records, config.dt):
+                    step = frame.info["step"]
+                    if step <= config.equilibration:
+                        continue
+                    candidate = _candidate(seed, source, config, key, replica * config.count + len(kept),
+                                           frame.positions, replica=replica, step=step, time_fs=step * config.dt,
+                                           model=model.name)
+                    kept.append(_require_valid(candidate, min_distance, f"MD with {model.name} at step {step}"))
+    except MDFailure as err:
+        i, replica = trajectories[0 if err.replica is None else err.replica]
+        raise MDFailure(f"{seeds[i][0].name} (MD replica {replica} with {model.name})", err.step, err.time_fs,
+                        err.cause, err.last_step, replica=replica) from err
     return out
 
 

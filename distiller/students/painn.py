@@ -13,9 +13,9 @@ r̂ = (x_j − x_i)/r and the radial filter W(r) = envelope(r) · spline(r) (the
 Scalars only ever meet vectors through norms and dot products, so E is exactly invariant under rotations,
 reflections, translations and permutations; forces and stress come from `distiller.derivatives`.
 
-Two of the three message sums (a and b ⊙ v_j) are continuous-filter convolutions of per-atom features, so they
-run as one `cfconv` call (the fused Pallas kernel under kernel="pallas"); the direction term c ⊙ r̂ depends on
-the edge, not only on the sender, and stays a plain-JAX gather and segment sum.
+The three message sums are one `directional_cfconv` call over the edge vectors (its reference is the plain-JAX
+definition; under kernel="pallas" the whole message is one fused kernel launch per pass, r and r̂ computed per
+edge inside it, so the edge vectors' cotangent goes straight to the position gradient).
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from distiller.students.base import MessagePassingConfig, edge_lengths, energy_readout, register
-from pallas_kernels import cfconv
-from pallas_kernels.cfconv import envelope, radial_filter
+from distiller.students.base import MessagePassingConfig, energy_readout, register
+from pallas_kernels import directional_cfconv
 
 # |w| = sqrt(|w|² + ε²): smooth at w = 0, where vectors start (sqrt's derivative there is infinite).
 NORM_EPSILON = 1e-4
@@ -54,22 +53,15 @@ class Message(nn.Module):
     config: PaiNNConfig
 
     @nn.compact
-    def __call__(self, s, v, lengths, unit, senders, receivers, edge_mask):
-        c, n_atoms = self.config, s.shape[0]
+    def __call__(self, s, v, vectors, senders, receivers, edge_mask):
+        c = self.config
         F = c.features
         phi = nn.Dense(3 * F, name="phi_out")(nn.silu(nn.Dense(F, name="phi_hidden")(s)))
         phi_s, phi_v, phi_r = jnp.split(phi, 3, axis=-1)
         coefficients = self.param("filter", nn.initializers.normal(1.0), (c.n_rbf, 3, F))
-        # a and b ⊙ v_j: one cfconv over [φ_s, φ_v v_x, φ_v v_y, φ_v v_z], the vector components sharing b's filter.
-        x = jnp.concatenate([phi_s, (phi_v[:, None, :] * v).reshape(n_atoms, 3 * F)], axis=-1)
-        conv_filter = {"coefficients": jnp.concatenate([coefficients[:, 0]] + [coefficients[:, 1]] * 3, axis=-1)}
-        conv = cfconv(x, lengths, senders, receivers, edge_mask, conv_filter, cutoff=c.cutoff, kernel=c.kernel)
-        ds, dv = conv[:, :F], conv[:, F:].reshape(n_atoms, 3, F)
-        # c ⊙ r̂: the filter times the sender's features, along the edge's direction.
-        weight = envelope(lengths, c.cutoff)[:, None] * radial_filter(lengths, {"coefficients": coefficients[:, 2]},
-                                                                      c.cutoff)
-        along = jnp.where(edge_mask[:, None], weight * phi_r[senders], 0.0)[:, None, :] * unit[:, :, None]
-        dv = dv + jax.ops.segment_sum(along, receivers, num_segments=n_atoms)
+        # (a, b, c) = φ ⊙ W: a on φ_s, b on φ_v ⊙ v_j (the three components sharing b's filter), c along r̂.
+        ds, dv = directional_cfconv(phi_s, phi_v[:, None, :] * v, phi_r, vectors, senders, receivers, edge_mask,
+                                    {"coefficients": coefficients}, cutoff=c.cutoff, kernel=c.kernel)
         return s + ds / c.avg_neighbours, v + dv / c.avg_neighbours
 
 
@@ -94,11 +86,9 @@ class PaiNN(nn.Module):
     @nn.compact
     def __call__(self, species, vectors, senders, receivers, edge_mask, atom_mask):
         c = self.config
-        lengths = edge_lengths(vectors, edge_mask)
-        unit = vectors / jnp.where(edge_mask, lengths, 1.0)[:, None]  # 0 on padding edges (v = 0 there)
         s = nn.Embed(len(c.elements), c.features, name="embedding")(species)
         v = jnp.zeros((s.shape[0], 3, c.features), s.dtype)
         for t in range(c.layers):
-            s, v = Message(c, name=f"message_{t}")(s, v, lengths, unit, senders, receivers, edge_mask)
+            s, v = Message(c, name=f"message_{t}")(s, v, vectors, senders, receivers, edge_mask)
             s, v = Update(c, name=f"update_{t}")(s, v)
         return energy_readout(self, s, species, len(c.elements))

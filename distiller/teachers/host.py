@@ -9,6 +9,10 @@ The derivative: with D = ∂E/∂x = −F and the strain derivative ∂E/∂ε =
 V σ = Xᵀ D + cellᵀ ∂E/∂cell, so ∂E/∂cell = cell⁻ᵀ (V σ + Xᵀ F) (X: the graph's positions). Only first
 derivatives exist (Hessians need a JAX model), and every evaluation is a host round trip with the teacher's full
 cost: label offline (`distiller label`) when the structures are known in advance.
+
+Under `jax.vmap` (N MD replicas as one program, `simulate_replicas`) the callback is batched
+(`vmap_method="broadcast_all"`): the host gets every replica's padded arrays at once and labels all their
+structures in one `label` call, so a step of N replicas costs one round trip and one teacher call, not N.
 """
 
 from __future__ import annotations
@@ -26,19 +30,31 @@ from distiller.structure import Structure
 
 
 def _host_labels(label: Callable, info: dict, numbers, positions, atom_mask, graph_index, cell, pbc, graph_mask):
-    """Energies (G,), forces (A, 3) and stress (G, 3, 3) of a padded batch's arrays, zeros on padding."""
-    arrays = Batch(numbers, positions, atom_mask, graph_index, cell, pbc, None, graph_mask, *[None] * 8)
-    parts = unbatch(arrays)
-    energy = np.zeros(graph_mask.shape[0], positions.dtype)
+    """Energies (..., G), forces (..., A, 3) and stress (..., G, 3, 3) of padded batches' arrays, zeros on padding.
+
+    Leading axes (those of `graph_mask` before its last) are vmap's (`vmap_method="broadcast_all"`: every
+    array has them): the real structures of every batch go to ONE `label` call, so N replicas of an MD program
+    cost one teacher call per step, not N (on a GPU a torch teacher's time is launches and the round trip)."""
+    lead = np.shape(graph_mask)[:-1]
+    arrays = [np.asarray(x) for x in (numbers, positions, atom_mask, graph_index, cell, pbc, graph_mask)]
+    arrays = [x.reshape((-1,) + x.shape[len(lead):]) for x in arrays]
+    positions, graph_mask = arrays[1], arrays[6]
+    energy = np.zeros(graph_mask.shape, positions.dtype)
     forces = np.zeros(positions.shape, positions.dtype)
-    stress = np.zeros((graph_mask.shape[0], 3, 3), positions.dtype)
-    if parts:
-        structures = [s.replace(info=dict(info)) for s, _ in parts]
-        for (s, index), g, t in zip(parts, np.flatnonzero(graph_mask), label(structures)):
-            energy[g], forces[index] = t.energy, t.forces
+    stress = np.zeros(graph_mask.shape + (3, 3), positions.dtype)
+    places, structures = [], []  # (batch, graph, atom indices) of each structure in the one call
+    for b in range(graph_mask.shape[0]):
+        parts = unbatch(Batch(*(x[b] for x in arrays[:6]), None, arrays[6][b], *[None] * 8))
+        for (s, index), g in zip(parts, np.flatnonzero(graph_mask[b])):
+            places.append((b, g, index))
+            structures.append(s.replace(info=dict(info)))
+    if structures:
+        for (b, g, index), t in zip(places, label(structures)):
+            energy[b, g], forces[b, index] = t.energy, t.forces
             if t.stress is not None:
-                stress[g] = t.stress
-    return energy, forces, stress
+                stress[b, g] = t.stress
+    return (energy.reshape(lead + energy.shape[1:]), forces.reshape(lead + forces.shape[1:]),
+            stress.reshape(lead + stress.shape[1:]))
 
 
 def callback_energies(label: Callable, info: dict | None = None) -> Callable:
@@ -54,7 +70,7 @@ def callback_energies(label: Callable, info: dict | None = None) -> Callable:
         shapes = (jax.ShapeDtypeStruct(graph_mask.shape, dtype), jax.ShapeDtypeStruct(positions.shape, dtype),
                   jax.ShapeDtypeStruct(graph_mask.shape + (3, 3), dtype))
         return jax.pure_callback(host, shapes, numbers, positions, atom_mask, graph_index, cell, pbc, graph_mask,
-                                 vmap_method="sequential")
+                                 vmap_method="broadcast_all")
 
     @jax.custom_jvp
     def energy(positions, cell, numbers, atom_mask, graph_index, pbc, graph_mask):

@@ -6,6 +6,8 @@
     orb:...               Orb models (distiller.teachers.orb.load_orb, imported only when asked for)
     sevenn:7net-0         SevenNet-0, shipped in the sevenn wheel; sevenn:PATH.pth any SevenNet checkpoint
                           (distiller.teachers.sevenn.load_sevenn, likewise)
+    chgnet:0.3.0          CHGNet 0.3.0, shipped in the chgnet wheel; chgnet:PATH any CHGNet checkpoint
+                          (distiller.teachers.chgnet.load_chgnet, likewise)
     ase:module.Class      any ASE calculator (distiller.teachers.ase_teacher.load_ase, likewise)
 
 FeNNol-PMC teachers are loaded once per process and spec: their files are checksummed, so a spec always means
@@ -67,11 +69,12 @@ _LOADERS: dict[str, Loader] = {}
 _LAZY: dict[str, tuple[str, str]] = {
     "orb": ("distiller.teachers.orb", "orb_model"),
     "sevenn": ("distiller.teachers.sevenn", "sevenn_model"),
+    "chgnet": ("distiller.teachers.chgnet", "chgnet_model"),
     "ase": ("distiller.teachers.ase_teacher", "load_ase"),
 }
 
 # Prefixes of PyTorch teachers: a process that loads one shares the GPU with JAX (distiller.gpu_memory).
-TORCH_PREFIXES = frozenset({"orb", "sevenn"})
+TORCH_PREFIXES = frozenset({"orb", "sevenn", "chgnet"})
 
 
 def is_torch_spec(spec) -> bool:
@@ -111,8 +114,8 @@ def known_prefixes() -> list[str]:
 def teacher_files(spec: str) -> dict[str, str]:
     """The sha256 of every model file a teacher spec reads, by file name: what a dataset or a run records, so that
     it refuses to be extended or resumed with other weights under the same spec. FeNNol-PMC files are checked
-    against the recorded sums whenever they load; a `fennol:PATH` file and a SevenNet checkpoint (by the name or
-    path the spec gives) are hashed here. Teachers whose weights are not a file named by the spec (Orb, ASE
+    against the recorded sums whenever they load; a `fennol:PATH` file and a SevenNet or CHGNet checkpoint (by the
+    name or path the spec gives) are hashed here. Teachers whose weights are not a file named by the spec (Orb, ASE
     calculators) give {}."""
     prefix, _, rest = spec.partition(":")
     if prefix == "fennol-pmc":
@@ -126,6 +129,10 @@ def teacher_files(spec: str) -> dict[str, str]:
         from distiller.teachers.sevenn import sevenn_file_hashes
 
         return sevenn_file_hashes(spec)
+    if prefix == "chgnet":
+        from distiller.teachers.chgnet import chgnet_file_hashes
+
+        return chgnet_file_hashes(spec)
     return {}
 
 

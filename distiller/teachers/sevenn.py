@@ -34,7 +34,6 @@ Loading applies distiller.gpu_memory's policy first, so that JAX leaves room for
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
 from typing import Any, ClassVar, Sequence
 
@@ -56,8 +55,8 @@ from distiller.files import sha256
 from distiller.gpu_memory import make_room_for_torch
 from distiller.model import EnergyModel
 from distiller.structure import Structure
-from distiller.teachers.torch_bridge import (PRECISIONS, TorchTeacher, default_device, split_spec, torch_settings,
-                                             voigt_to_matrices)
+from distiller.teachers.torch_bridge import (PRECISIONS, TorchTeacher, checkpoint_path, default_device, split_spec,
+                                             torch_settings, voigt_to_matrices)
 
 
 def pretrained_checkpoints() -> dict[str, str]:
@@ -94,16 +93,7 @@ def parse_spec(spec: str) -> SevenNetSpec:
         raise bad("no checkpoint name or path")
     if options.get("precision", SevenNetSpec.precision) not in PRECISIONS:
         raise bad(f"unknown precision {options['precision']!r}")
-    if body in names:
-        checkpoint = names[body]
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"teacher {spec!r}: sevenn's checkpoint {checkpoint} is missing from the "
-                                    f"installed package (reinstall sevenn==0.13.0)")
-    else:
-        checkpoint = os.path.expanduser(body)
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"teacher {spec!r}: no SevenNet checkpoint file {checkpoint} (known names: "
-                                    f"{', '.join(names)})")
+    checkpoint = checkpoint_path(spec, body, names, "SevenNet", "sevenn==0.13.0")
     return SevenNetSpec(name=body, checkpoint=checkpoint, precision=options.get("precision", SevenNetSpec.precision),
                         modal=options.get("modal"))
 

@@ -41,6 +41,7 @@ import abc
 import contextlib
 import dataclasses
 import functools
+import os
 from typing import Any, Callable, ClassVar, Iterator, NamedTuple, Sequence
 
 import jax
@@ -76,6 +77,21 @@ def split_spec(spec: str, prefix: str, options: Sequence[str], bad: Callable[[st
             raise bad(f"unknown option {item!r}")
         found[key] = value
     return body, found
+
+
+def checkpoint_path(spec: str, body: str, names: dict[str, str], model: str, package: str) -> str:
+    """The checkpoint file a spec's BODY names: a model shipped in the installed `package` (`names`: its
+    name -> file) or a path; FileNotFoundError naming the spec where the file is missing."""
+    if body in names:
+        if not os.path.isfile(names[body]):
+            raise FileNotFoundError(f"teacher {spec!r}: {package.split('==')[0]}'s checkpoint {names[body]} is missing "
+                                    f"from the installed package (reinstall {package})")
+        return names[body]
+    checkpoint = os.path.expanduser(body)
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"teacher {spec!r}: no {model} checkpoint file {checkpoint} (known names: "
+                                f"{', '.join(names)})")
+    return checkpoint
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,12 +1,17 @@
 """Where a training step's labels come from: a teacher inside the step (online) or a dataset (offline).
 
-Both sources give the step the same things:
+Both sources (and MD sampling's, distiller.train.md_sampling.MDSampler) give the step the same things:
 
     inputs(step) / batches(start)       the step's inputs: functions of (seed, step) only, so resumes replay exactly
     capacity(inputs)                    static capacities for those inputs (grown by `grow` after an overflow)
+    initial_pool(teacher_params)        the source's state between steps (TrainState.pool: MD sampling's replicas;
+                                        None here), and pool_template() its shapes for a checkpoint
+    advance(capacity, teacher_params, pool, inputs, key)
+                                        -> (inputs, pool, overflow, metrics), inside jit: the state moved on (here:
+                                        nothing moves)
     labelled(capacity, teacher_params, inputs, key, shift)
                                         -> (batch with edges and labels, overflow), inside jit
-    reference_data(label)               structures and float64 energies to fit the student's reference energies
+    reference_data(label, pool)         structures and float64 energies to fit the student's reference energies
     held_out(count)                     structures kept out of training, for the final report
 
 Labels' energies are relative to the student's reference energies: a dataset's loader subtracts them on the
@@ -50,7 +55,20 @@ def _graph_numbers(batch: Batch) -> list[np.ndarray]:
     return [z[(gi == g) & atoms] for g in np.flatnonzero(np.asarray(batch.graph_mask))]
 
 
-class OnlineTeacher:
+class Stateless:
+    """A label source without a state between steps: no pool, and `advance` leaves the inputs as they are."""
+
+    def initial_pool(self, teacher_params: Any) -> None:
+        return None
+
+    def pool_template(self) -> None:
+        return None
+
+    def advance(self, capacity: Any, teacher_params: Any, pool: None, inputs: Batch, key: jax.Array):
+        return inputs, pool, jnp.asarray(False), {}
+
+
+class OnlineTeacher(Stateless):
     """Seed structures rattled and strained inside the step and labelled there by a JAX teacher (FeNNol). One
     batch shape; capacities (neighbour list at the larger of the two cutoffs, teacher) grow on overflow."""
 
@@ -90,7 +108,7 @@ class OnlineTeacher:
     def capacity(self, inputs: Batch) -> capacities.Capacity:
         return self.current
 
-    def grow(self, inputs: Batch, key: jax.Array) -> None:
+    def grow(self, inputs: Batch, key: jax.Array, pool: None = None) -> None:
         """Capacities that fit the step of (inputs, key) and everything they fitted before."""
         self.current = capacities.allocate(self.teacher, self.sample(inputs, key), self.cutoff, previous=self.current)
 
@@ -120,7 +138,7 @@ class OnlineTeacher:
     def shift(self, student_reference: ReferenceEnergies) -> jax.Array:
         return jnp.asarray(self.teacher.reference.minus(student_reference), jnp.float32)
 
-    def reference_data(self, label) -> tuple[list[np.ndarray], np.ndarray, Batch]:
+    def reference_data(self, label, pool: None = None) -> tuple[list[np.ndarray], np.ndarray, Batch]:
         """Atomic numbers and teacher energies (float64 totals) of the first steps' structures, and a batch.
         `label(capacity, inputs, key)` is the jitted `labelled` with no shift (energies relative to the teacher's
         reference)."""
@@ -155,7 +173,7 @@ class OnlineTeacher:
         return out[:count]
 
 
-class DatasetLabels:
+class DatasetLabels(Stateless):
     """Offline mode: labelled structures from a dataset (any teacher), batched by the grain loader.
 
     `held_out` structures (a seeded choice) are kept out of training for evaluation. The loader's batches
@@ -206,7 +224,7 @@ class DatasetLabels:
             self.capacities[shape] = capacities.allocate(None, inputs, self.cutoff).neighbours
         return capacities.Capacity(self.capacities[shape])
 
-    def grow(self, inputs: Batch, key: jax.Array) -> None:
+    def grow(self, inputs: Batch, key: jax.Array, pool: None = None) -> None:
         shape = BatchShape(atoms=inputs.positions.shape[0], graphs=inputs.graph_mask.shape[0])
         self.capacities[shape] = capacities.allocate(None, inputs, self.cutoff, previous=self.capacity(inputs)).neighbours
 
@@ -226,7 +244,7 @@ class DatasetLabels:
     def shift(self, student_reference: ReferenceEnergies) -> jax.Array:
         return jnp.zeros(student_reference.table.shape, jnp.float32)
 
-    def reference_data(self, label) -> tuple[list[np.ndarray], np.ndarray, Batch]:
+    def reference_data(self, label, pool: None = None) -> tuple[list[np.ndarray], np.ndarray, Batch]:
         """Atomic numbers and energies (float64) of (up to 512) training structures, and the first step's batch."""
         # Spread over the whole training set: a dataset is ordered by its labelling job's inputs (often one
         # system after another), so its first 512 structures can miss whole systems and their elements.

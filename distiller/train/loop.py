@@ -29,8 +29,8 @@ from distiller.files import write_json_atomic
 from distiller.run_directory import DivergedError, RunDirectory, RunDirectoryError, RunLock
 from distiller.structure import Structure, write_structures
 from distiller.teachers.registry import teacher_files
-from distiller.train.schedules import Plateau, after_validation
-from distiller.train.step import Distillation, TrainState
+from distiller.train.schedules import after_validation
+from distiller.train.step import Distillation, TrainState, check_pool, checkpoint_items, from_checkpoint
 from distiller.train.validation import Validation, read_validation_set
 
 
@@ -92,10 +92,8 @@ def _run(config: Experiment, run_dir: RunDirectory, lock: RunLock, resume: bool,
     if resuming:
         job.use_reference(run_dir.read_reference())
         template = job.state_template()
-        start, ema, (params, opt_state, step, plateau) = run_dir.restore(
-            template.ema, (template.params, template.opt_state, template.step, template.plateau),
-            set_aside_damaged=True)
-        state = TrainState(params, opt_state, step, ema, Plateau(*plateau))
+        start, ema, optimizer = run_dir.restore(template.ema, checkpoint_items(template), set_aside_damaged=True)
+        state = from_checkpoint(ema, optimizer)
         run_dir.truncate_metrics(start)
         capacity = run_dir.load_capacity(start)
         if capacity is not None:
@@ -128,6 +126,8 @@ def _run(config: Experiment, run_dir: RunDirectory, lock: RunLock, resume: bool,
             validated = validation is not None and (done % config.validation.every == 0 or done == config.steps)
             logged = done % config.log_every == 0 or done == config.steps or validated
             checkpointed = done % config.checkpoint_every == 0 or done == config.steps or out_of_time or bool(signals)
+            # A replica that blew up (MD sampling) first: its labels, hence the loss, are not finite either.
+            check_pool(job, done, state, last["checkpoint"])
             _check_finite(config, done, metrics, last["checkpoint"])
             if checkpointed:  # before anything of the step is written
                 _check_finite_weights(config, done, state, last["checkpoint"])
@@ -151,8 +151,7 @@ def _run(config: Experiment, run_dir: RunDirectory, lock: RunLock, resume: bool,
             if checkpointed:
                 # Capacities first: a checkpoint on disk always has the capacities it was trained with.
                 run_dir.save_capacity(done, job.data.capacity_state())
-                run_dir.save_checkpoint(checkpoints, done, state.ema,
-                                        (state.params, state.opt_state, state.step, state.plateau))
+                run_dir.save_checkpoint(checkpoints, done, state.ema, checkpoint_items(state))
                 board.flush()
                 last["checkpoint"] = done
             last["step"] = done

@@ -1,0 +1,40 @@
+"""Central finite differences of a teacher's energy, for the torch teachers' tests of forces and stress.
+
+One `label` call takes the structure and every displaced and strained copy of it, so a teacher's batching is
+exercised too and a module pays for one model call, not one per copy.
+"""
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from distiller.structure import Structure
+
+
+def strained(s: Structure, strain: np.ndarray) -> Structure:
+    """The structure with its cell and positions deformed by 1 + strain (positions as row vectors)."""
+    deformation = np.eye(3) + strain
+    return s.replace(positions=s.positions @ deformation, cell=s.cell @ deformation)
+
+
+def energy_differences(label: Callable[[Sequence[Structure]], list[Structure]], structure: Structure,
+                       components: Sequence[tuple[int, int]], strains: Sequence[tuple[int, int]],
+                       h: float) -> tuple[Structure, np.ndarray, np.ndarray]:
+    """(the structure labelled, -dE/dx for each (atom, axis) of `components` (eV/Å), (1/V) dE/dε_ij for each
+    (i, j) of `strains` (eV/Å³, ε symmetric)), the derivatives as central differences of `label`'s energy with
+    step h (Å, strain): what the labelled forces and stress (ASE's sign) must equal."""
+    displaced = []
+    for atom, axis in components:
+        for sign in (1, -1):
+            positions = structure.positions.copy()
+            positions[atom, axis] += sign * h
+            displaced.append(structure.replace(positions=positions))
+    for i, j in strains:
+        for sign in (1, -1):
+            e = np.zeros((3, 3))
+            e[i, j] = e[j, i] = sign * h / 2 if i != j else sign * h  # symmetric: dE/dh = V sigma_ij
+            displaced.append(strained(structure, e))
+    exact, *others = label([structure, *displaced])
+    slopes = np.array([s.energy for s in others]).reshape(-1, 2) @ np.array([1.0, -1.0]) / (2 * h)
+    volume = abs(np.linalg.det(structure.cell))
+    return exact, -slopes[:len(components)], slopes[len(components):] / volume
