@@ -16,12 +16,12 @@ import pytest
 pytest.importorskip("sevenn", reason="sevenn is not installed (pip install distiller[sevenn]): no SevenNet teacher")
 
 import torch  # noqa: E402
-from sevenn.calculator import SevenNetCalculator  # noqa: E402
 
 from distiller.model import EnergyModel  # noqa: E402
 from distiller.structure import Structure, StructureError  # noqa: E402
 from distiller.teachers.registry import load_teacher, teacher_files  # noqa: E402
 from distiller.teachers.sevenn import load_sevenn, parse_spec  # noqa: E402
+from sevenn.calculator import SevenNetCalculator  # noqa: E402  (after distiller's import, which quiets sevenn's)
 from finite_differences import energy_differences, strained  # noqa: E402
 
 SPEC = "sevenn:7net-0"

@@ -40,16 +40,20 @@ from typing import Any, ClassVar, Sequence
 import torch
 from ase import Atoms
 
-try:
-    import sevenn._keys as KEY
-    from sevenn import _const
-    from sevenn.atom_graph_data import AtomGraphData
-    from sevenn.nn.node_embedding import OnehotEmbedding
-    from sevenn.train.dataload import unlabeled_atoms_to_graph
-    from sevenn.util import dtype_correct, load_checkpoint
-    from torch_geometric.loader.dataloader import Collater
-except ImportError as err:  # the registry names the spec; this says what to install
-    raise ImportError(f"the SevenNet teacher needs sevenn==0.13.0 (pip install 'distiller[sevenn]'): {err}") from err
+with warnings.catch_warnings():
+    # sevenn's layers decorate functions with torch.jit.script at import, which torch deprecates: not the user's to fix.
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=DeprecationWarning)
+    try:
+        import sevenn._keys as KEY
+        from sevenn import _const
+        from sevenn.atom_graph_data import AtomGraphData
+        from sevenn.nn.node_embedding import OnehotEmbedding
+        from sevenn.train.dataload import unlabeled_atoms_to_graph
+        from sevenn.util import dtype_correct, load_checkpoint
+        from torch_geometric.loader.dataloader import Collater
+    except ImportError as err:  # the registry names the spec; this says what to install
+        raise ImportError(f"the SevenNet teacher needs sevenn==0.13.0 (pip install 'distiller[sevenn]'): "
+                          f"{err}") from err
 
 from distiller.files import sha256
 from distiller.gpu_memory import make_room_for_torch
