@@ -192,16 +192,12 @@ def md_speed(model: EnergyModel, structure: Structure, replicas: int, steps: int
     A chunk whose neighbour list overflowed was redone with larger capacities, i.e. recompiled: its wall time
     is compilation, not integration, so the rate comes from the chunks that ran once (all of them, usually).
     """
-    from distiller.md import Dynamics, energy_drift, simulate, simulate_replicas, thermo
+    from distiller.md import Dynamics, energy_drift, simulate_each, thermo
 
     dynamics = Dynamics("nve", temperature=300.0, dt=dt)
     log_every = math.gcd(chunk, 50)  # the thermo log (for the drift) every 50 steps where the chunk allows
-    if replicas == 1:
-        runs = ((records,) for records in simulate(model, structure, dynamics, chunk + steps, log_every=log_every,
-                                                    chunk=chunk, key=0))
-    else:
-        runs = simulate_replicas(model, [structure] * replicas, dynamics, chunk + steps, log_every=log_every,
-                                 chunk=chunk)
+    runs = simulate_each(model, [structure] * replicas, dynamics, chunk + steps, keys=list(range(replicas)),
+                         log_every=log_every, chunk=chunk)
     rows, chunks = [[] for _ in range(replicas)], []
     start = last = time.perf_counter()
     warmup = None

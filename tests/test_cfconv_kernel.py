@@ -23,6 +23,7 @@ from pallas_kernels.cfconv import cfconv_reference
 from pallas_kernels.cfconv.pallas import cfconv_pallas
 from pallas_kernels.edges.edge_op import KernelConfig, PallasConfig
 from pallas_kernels.edges.graph import edge_graph
+from arrays import assert_close
 
 CUTOFF = 3.0
 TINY = KernelConfig(block_edges=4, block_atoms=4)  # flat layout: one loop over a program's 4 atoms' edges
@@ -62,16 +63,6 @@ def call(fn, p, features=None, lengths=None, params=None, **kwargs):
 
 def pallas(*args, config=CONFIG, **kwargs):
     return cfconv_pallas(*args, config=config, **kwargs)
-
-
-def assert_close(actual, desired, rtol=2e-5):
-    actual, desired = jax.tree.leaves(actual), jax.tree.leaves(desired)
-    assert len(actual) == len(desired)
-    for a, d in zip(actual, desired):
-        a, d = np.asarray(a, np.float64), np.asarray(d, np.float64)
-        assert a.shape == d.shape and np.all(np.isfinite(a))
-        scale = max(np.abs(d).max(), 1e-30)
-        np.testing.assert_allclose(a, d, rtol=0, atol=rtol * scale)
 
 
 def test_edge_graph_groups_unsorted_edges():

@@ -22,6 +22,7 @@ from pallas_kernels import KERNELS, directional_cfconv, pallas_set
 from pallas_kernels.directional_cfconv import directional_cfconv_reference
 from pallas_kernels.directional_cfconv.pallas import directional_cfconv_pallas
 from pallas_kernels.edges.edge_op import KernelConfig, PallasConfig
+from arrays import assert_close
 from pallas_kernels.edges.graph import edge_graph
 
 CUTOFF = 3.0
@@ -62,15 +63,6 @@ def call(fn, p, *inputs, **kwargs):
 
 def pallas(*args, config=CONFIG, **kwargs):
     return directional_cfconv_pallas(*args, config=config, **kwargs)
-
-
-def assert_close(actual, desired, rtol=2e-5):
-    actual, desired = jax.tree.leaves(actual), jax.tree.leaves(desired)
-    assert len(actual) == len(desired)
-    for a, d in zip(actual, desired):
-        a, d = np.asarray(a, np.float64), np.asarray(d, np.float64)
-        assert a.shape == d.shape and np.all(np.isfinite(a))
-        np.testing.assert_allclose(a, d, rtol=0, atol=rtol * max(np.abs(d).max(), 1e-30))
 
 
 @pytest.mark.parametrize("config", [CONFIG, CONFIG_ATOM], ids=["flat", "atom"])

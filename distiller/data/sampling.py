@@ -345,21 +345,17 @@ def _md_programs(seeds: list[tuple[Structure, dict]], config: MDConfig) -> list[
 
 def _md_program(model, seeds: list[tuple[Structure, dict]], trajectories: list[tuple[int, int]], config: MDConfig,
                 key, min_distance: float) -> dict[tuple[int, int], list[Structure]]:
-    """The candidates of each trajectory (seed index, replica), all integrated as one program: `simulate` for
-    one, `simulate_replicas` for more (replica k equals `simulate` with its key to float32 rounding, and a host
-    teacher labels all of them in one call per step). A blow-up names its seed and replica."""
-    from distiller.md.simulate import MDFailure, frames, simulate, simulate_replicas
+    """The candidates of each trajectory (seed index, replica), all integrated as one program (`simulate_each`:
+    replica k equals `simulate` with its key to float32 rounding, and a host teacher labels all of them in one
+    call per step). A blow-up names its seed and replica."""
+    from distiller.md.simulate import MDFailure, frames, simulate_each
 
     dynamics = config.dynamics()
     steps = config.equilibration + config.count * config.interval
     structures = [seeds[i][0] for i, _ in trajectories]
     keys = [_keys(key, i, replica) for i, replica in trajectories]
-    if len(trajectories) == 1:
-        chunks = ((records,) for records in simulate(model, structures[0], dynamics, steps, log_every=config.interval,
-                                                     chunk=config.chunk, key=keys[0]))
-    else:
-        chunks = simulate_replicas(model, structures, dynamics, steps, keys=keys, log_every=config.interval,
-                                   chunk=config.chunk)
+    chunks = simulate_each(model, structures, dynamics, steps, keys=keys, log_every=config.interval,
+                           chunk=config.chunk)
     out: dict[tuple[int, int], list[Structure]] = {trajectory: [] for trajectory in trajectories}
     try:
         for records in chunks:

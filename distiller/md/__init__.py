@@ -13,7 +13,7 @@ replica with `--replicas N`).
 from distiller.md.minimize import Relaxer, hessian, relax
 from distiller.md.potential import NeighbourList, potential, space
 from distiller.md.simulate import (Dynamics, MDFailure, Records, Safety, energy_drift, frames, simulate,
-                                   simulate_replicas, thermo)
+                                   simulate_each, simulate_replicas, thermo)
 
 __all__ = ["NeighbourList", "potential", "space", "Dynamics", "MDFailure", "Records", "Safety", "energy_drift",
-           "frames", "simulate", "simulate_replicas", "thermo", "Relaxer", "hessian", "relax"]
+           "frames", "simulate", "simulate_each", "simulate_replicas", "thermo", "Relaxer", "hessian", "relax"]

@@ -26,7 +26,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from pallas_kernels.edges.edge_op import (EdgeOp, Launch, PallasConfig, StaticValue, apply, block_size,
                                          dot_precision, primal_values)
-from pallas_kernels.edges.graph import EdgeGraph, edge_graph
+from pallas_kernels.edges.graph import EdgeGraph, graph_for
 from pallas_kernels.cfconv.reference import envelope, spaced_bsplines, spline_spacing
 
 DEFAULT_CONFIG = PallasConfig()
@@ -172,11 +172,7 @@ def cfconv_pallas(features: jax.Array, lengths: jax.Array, senders: jax.Array, r
     config = default_config(n_features) if config is None else config
     if lengths.shape != edge_mask.shape or lengths.ndim != 1:
         raise ValueError(f"lengths {lengths.shape} and edge_mask {edge_mask.shape} must be equal-length vectors")
-    if graph is None:
-        graph = edge_graph(senders, receivers, edge_mask, n_atoms)
-    elif graph.n_atoms != n_atoms or graph.n_edges != lengths.shape[0]:
-        raise ValueError(f"graph is for {graph.n_atoms} atoms and {graph.n_edges} edges, the inputs have "
-                         f"{n_atoms} and {lengths.shape[0]}")
+    graph = graph_for(graph, senders, receivers, edge_mask, n_atoms)
     coefficients = filter_params["coefficients"]
     n_basis = coefficients.shape[0]
     spacing = spline_spacing(cutoff, n_basis)

@@ -35,7 +35,7 @@ from pallas_kernels.cfconv.pallas import default_config
 from pallas_kernels.cfconv.reference import envelope, spaced_bsplines, spline_spacing
 from pallas_kernels.directional_cfconv.reference import check_shapes
 from pallas_kernels.edges.edge_op import EdgeOp, PallasConfig, apply, block_size, dot_precision
-from pallas_kernels.edges.graph import EdgeGraph, edge_graph
+from pallas_kernels.edges.graph import EdgeGraph, graph_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,11 +85,7 @@ def directional_cfconv_pallas(scalars: jax.Array, vectors: jax.Array, along: jax
     check_shapes(scalars, vectors, along, edge_vectors, senders, receivers, edge_mask, filter_params)
     n_atoms, n_features = scalars.shape
     config = default_config(4 * n_features) if config is None else config
-    if graph is None:
-        graph = edge_graph(senders, receivers, edge_mask, n_atoms)
-    elif graph.n_atoms != n_atoms or graph.n_edges != edge_mask.shape[0]:
-        raise ValueError(f"graph is for {graph.n_atoms} atoms and {graph.n_edges} edges, the inputs have "
-                         f"{n_atoms} and {edge_mask.shape[0]}")
+    graph = graph_for(graph, senders, receivers, edge_mask, n_atoms)
     coefficients = filter_params["coefficients"]
     n_basis = coefficients.shape[0]
     # Triton blocks have power-of-two sides (dots at least 16): zero rows and columns contribute nothing.

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.edge_difference.reference import edge_difference_reference
 from pallas_kernels.edges.edge_op import EdgeOp, Launch, PallasConfig, apply, block_size
-from pallas_kernels.edges.graph import EdgeGraph, edge_graph
+from pallas_kernels.edges.graph import EdgeGraph, graph_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +74,5 @@ def edge_difference_pallas(values: jax.Array, senders: jax.Array, receivers: jax
     if senders.shape != receivers.shape or senders.shape != edge_mask.shape or senders.ndim != 1:
         raise ValueError(f"senders {senders.shape}, receivers {receivers.shape} and edge_mask {edge_mask.shape} "
                          "must be equal-length vectors")
-    if graph is None:
-        graph = edge_graph(senders, receivers, edge_mask, n_atoms)
-    elif graph.n_atoms != n_atoms or graph.n_edges != senders.shape[0]:
-        raise ValueError(f"graph is for {graph.n_atoms} atoms and {graph.n_edges} edges, the inputs have "
-                         f"{n_atoms} and {senders.shape[0]}")
+    graph = graph_for(graph, senders, receivers, edge_mask, n_atoms)
     return _difference(n_columns, config.launch())(graph, senders, receivers, values)

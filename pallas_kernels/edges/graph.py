@@ -92,3 +92,15 @@ def edge_graph(senders: jax.Array, receivers: jax.Array, edge_mask: jax.Array, n
     # In a program whose passes never walk the sender order (energy and forces through the symmetric
     # transpose, see pallas.py), XLA drops this sort as dead code.
     return EdgeGraph(edge_mask, by_receiver=by_receiver, by_sender=edge_order(senders, receivers, edge_mask, n_atoms))
+
+
+def graph_for(graph: EdgeGraph | None, senders: jax.Array, receivers: jax.Array, edge_mask: jax.Array,
+              n_atoms: int) -> EdgeGraph:
+    """A kernel's graph: the one the caller built (checked to fit its inputs: ValueError otherwise), or one
+    built here from the edge list in any order when `graph` is None."""
+    if graph is None:
+        return edge_graph(senders, receivers, edge_mask, n_atoms)
+    if graph.n_atoms != n_atoms or graph.n_edges != edge_mask.shape[0]:
+        raise ValueError(f"graph is for {graph.n_atoms} atoms and {graph.n_edges} edges, the inputs have "
+                         f"{n_atoms} and {edge_mask.shape[0]}")
+    return graph
