@@ -1,4 +1,4 @@
-"""The `distiller` command line: distill, profile, evaluate, label, export and md.
+"""The `distiller` command line: distill, active, profile, evaluate, label, export and md.
 
 A command that fails prints `distiller: error: MESSAGE` and exits 2 for a usage error (a bad option or --set
 value, refused before any work), 1 for any other failure; `--debug` shows the traceback instead.
@@ -45,6 +45,30 @@ def _distill(args) -> int:
             raise UsageError(f"--time: {err}") from err
     run(config, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     print(f"run directory: {config.run_dir}")
+    return 0
+
+
+def _active(args) -> int:
+    import dataclasses
+
+    from distiller.config import apply_override, load_active_learning
+    from distiller.train.active import ACTIVE, ROUNDS, active_learning
+
+    # --set active.FIELD=... sets the experiment file's ActiveLearning, any other key its Experiment.
+    ours = [item for item in args.set if item.strip().startswith("active.")]
+    args.set = [item for item in args.set if item not in ours]
+    config = _experiment(args)
+    active = load_active_learning(args.experiment)
+    for item in ours + ([f"rounds={args.rounds}"] if args.rounds is not None else []):
+        try:
+            active = apply_override(active, item.strip().removeprefix("active."))
+        except (ValueError, KeyError, TypeError) as err:
+            raise UsageError(f"{'--rounds' if item.startswith('rounds=') else '--set ' + item}: {_message(err)}") \
+                from err
+    if args.run_dir:
+        config = dataclasses.replace(config, run_dir=args.run_dir)
+    rows = active_learning(config, active, progress=not args.quiet)
+    print(f"{len(rows)} rounds written to {os.path.join(config.run_dir, ACTIVE, ROUNDS)}")
     return 0
 
 
@@ -278,6 +302,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. 30m or 2h; --resume continues")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_distill)
+
+    p = add_parser("active", help="active learning: rounds of student MD checked by the teacher, the worst frames "
+                                  "added to training (RUN/active/rounds.jsonl)",
+                   description="Trains the experiment (or continues it), then runs rounds: the student runs NVT MD "
+                               "from the seeds on a temperature ladder, the teacher labels its frames, the frames "
+                               "with the largest force error (or ensemble spread) join the training pool, and "
+                               "training continues. Settings: `active = ActiveLearning(...)` in the experiment "
+                               "file. Run again, it continues: a killed job redoes at most its round in progress.")
+    p.add_argument("experiment", help="Python file defining `config = Experiment(...)` (and `active`)")
+    p.add_argument("--rounds", type=int, metavar="N", help="rounds in all (those done are kept)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field: active.select=32 (ActiveLearning) or steps=200 (Experiment)")
+    p.add_argument("--run-dir", help="override the run directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_active)
 
     p = add_parser("profile", help="write a jax.profiler trace of N training steps")
     p.add_argument("experiment", help="Python file defining `config = Experiment(...)`")

@@ -237,6 +237,63 @@ class Experiment:
                              "(validation.structures and validation.every)")
 
 
+@dataclasses.dataclass(frozen=True)
+class ActiveLearning:
+    """Rounds of teacher-checked student trajectories (distiller.train.active, `distiller active EXPERIMENT.py`).
+
+    An experiment file defines it beside `config` as `active = ActiveLearning(...)` (defaults if it does not). A
+    round: the run's student runs NVT (Langevin) MD from the seed structures, replica r being seed r mod S at
+    temperatures[(r // S) mod T] (MDSampling's ladder); every `interval`-th step is a frame the teacher labels;
+    the `select` frames with the largest `criterion` join the training pool and training resumes for
+    `steps_per_round` steps. A replica that blows up (md.simulate's Safety, a bond stretched `max_stretch`x,
+    atoms closer than `min_distance`) is a finding: its time to failure is reported, its frames up to the last
+    sane one are kept. Only `rounds` may change when the job is continued."""
+
+    rounds: int = 3
+    steps_per_round: int = 1000  # training steps after each round's selection
+    structures: tuple[str, ...] = ()  # MD seed structure files; (): the experiment's `structures`
+    replicas: int = 4  # MD replicas per round (the ladder's convention above)
+    temperatures: tuple[float, ...] = (300.0, 400.0, 500.0, 600.0)  # K
+    md_steps: int = 2000  # MD steps per replica and round, a multiple of `interval`
+    dt: float = 0.5  # fs
+    friction: float = 0.01  # 1/fs, Langevin
+    interval: int = 20  # MD steps between frames (step 0, the seed itself, is not a frame)
+    select: int = 16  # frames per round that join the pool (all of them if fewer)
+    criterion: str = "force_error"  # or "ensemble_spread" (an ensemble teacher's energy spread per atom)
+    checkpoint: str = "best"  # the student that runs MD: "best" (RUN/best/, else the latest) or "latest"
+    max_temperature: float | None = None  # K; None: 5000 K, or 3x the replica's temperature where higher
+    max_energy_jump: float = 1.0  # eV/atom between frames
+    min_distance: float = 0.5  # Å
+    max_stretch: float = 1.5  # a bond longer than this x its length in the seed is broken
+
+    CRITERIA: typing.ClassVar[tuple[str, ...]] = ("force_error", "ensemble_spread")
+    CHECKPOINTS: typing.ClassVar[tuple[str, ...]] = ("best", "latest")
+    RESUMABLE: typing.ClassVar[tuple[str, ...]] = ("rounds",)
+
+    def __post_init__(self):
+        check_fields(self, "active.", integers={"rounds": AT_LEAST_0, "steps_per_round": AT_LEAST_1,
+                                                "replicas": AT_LEAST_1, "md_steps": AT_LEAST_1,
+                                                "interval": AT_LEAST_1, "select": AT_LEAST_1},
+                     reals={"dt": POSITIVE, "friction": POSITIVE, "max_energy_jump": POSITIVE,
+                            "min_distance": POSITIVE, "max_stretch": (lambda x: x > 1, "> 1")})
+        if self.max_temperature is not None:
+            check_fields(self, "active.", reals={"max_temperature": POSITIVE})
+        if not isinstance(self.temperatures, tuple) or not self.temperatures or \
+                not all(_is_number(t) and t > 0 for t in self.temperatures):
+            raise ValueError(f"active.temperatures must be a non-empty tuple of temperatures > 0 K, got "
+                             f"{self.temperatures!r}")
+        if not isinstance(self.structures, tuple) or not all(isinstance(s, str) for s in self.structures):
+            raise ValueError(f"active.structures must be a tuple of structure files, got {self.structures!r}")
+        if self.md_steps % self.interval:
+            raise ValueError(f"active.md_steps must be a multiple of active.interval ({self.interval}), got "
+                             f"{self.md_steps}")
+        if self.criterion not in self.CRITERIA:
+            raise ValueError(f"active.criterion must be one of {', '.join(self.CRITERIA)}, got {self.criterion!r}")
+        if self.checkpoint not in self.CHECKPOINTS:
+            raise ValueError(f"active.checkpoint must be one of {', '.join(self.CHECKPOINTS)}, got "
+                             f"{self.checkpoint!r}")
+
+
 def parse_duration(text: str) -> float:
     """'90s', '30m', '1.5h' or a number of seconds -> seconds."""
     units = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -250,14 +307,20 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-def load_experiment(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Experiment:
-    """Run an experiment file and return its `config`, with `key.sub=value` overrides applied."""
-    path = os.fspath(path)
+def _experiment_module(path: str) -> types.ModuleType:
+    """The experiment file, run as a module."""
     spec = importlib.util.spec_from_file_location(f"experiment_{abs(hash(path))}", path)
     if not os.path.isfile(path) or spec is None or spec.loader is None:
         raise FileNotFoundError(f"experiment file not found: {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def load_experiment(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Experiment:
+    """Run an experiment file and return its `config`, with `key.sub=value` overrides applied."""
+    path = os.fspath(path)
+    module = _experiment_module(path)
     config = getattr(module, "config", None)
     if not isinstance(config, Experiment):
         raise ValueError(f"{path} must define `config = Experiment(...)`")
@@ -274,6 +337,21 @@ def load_experiment(path: str | os.PathLike, overrides: Sequence[str] = ()) -> E
     for item in overrides:
         config = apply_override(config, item)
     return config
+
+
+def load_active_learning(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ActiveLearning:
+    """The experiment file's `active = ActiveLearning(...)` (ActiveLearning() where it defines none), its
+    structure files relative to the experiment file, with `field=value` overrides applied."""
+    path = os.fspath(path)
+    active = getattr(_experiment_module(path), "active", ActiveLearning())
+    if not isinstance(active, ActiveLearning):
+        raise ValueError(f"{path}: `active` must be an ActiveLearning(...), got {type(active).__name__}")
+    here = os.path.dirname(os.path.abspath(path))
+    active = dataclasses.replace(active, structures=tuple(
+        s if os.path.isabs(s) else os.path.normpath(os.path.join(here, s)) for s in active.structures))
+    for item in overrides:
+        active = apply_override(active, item)
+    return active
 
 
 def apply_override(config: Any, item: str) -> Any:

@@ -4,6 +4,7 @@
     python experiments/aspirin.py --only painn-64x3 [--time 10m]
     python experiments/aspirin.py --only painn-64x3,painn-64x3-hvp --steps 10000   # shorter runs, like for like
     python experiments/aspirin.py --only painn-64x3,painn-64x3-hvp --timing 400    # training ms/step alone
+    python experiments/aspirin.py --only painn-64x3-md,painn-64x3-active   # issue 13's coverage variants
     python experiments/aspirin.py --tiny           # the same pipeline at toy sizes (a CPU smoke run)
     distiller distill experiments/aspirin.py       # the PaiNN student alone (the sampled sets must exist)
 
@@ -22,7 +23,10 @@ replaced, the others kept.
                  MD from keys 900+: the structures every number below is measured on
 2. Online training: each step draws training structures, rattles them by 0.02 Å and labels them with the
    ensemble inside the step (unlimited fresh labels near the physical distribution); the averaged weights
-   (EMA) are validated every `validation.every` steps and the best kept.
+   (EMA) are validated every `validation.every` steps and the best kept. Issue 13's variants change only where
+   the structures come from: painn-64x3-md draws each batch from 32 replicas of the seed moving by ensemble MD
+   inside the step (MDSampling); painn-64x3-active trains 15,000 steps, then runs 3 active-learning rounds
+   (ACTIVE: the student's own MD, the frames where it errs most added to the training structures, 5,000 steps each).
 3. Evaluation on both test sets; harmonic frequencies of student and teacher at the teacher's minimum (BFGS to
    1 meV/Å; their Hessians there); student and teacher speed (µs/atom/step, energy and forces, one call of 64 molecules).
    Written to bench/results/fidelity-<device>.json, with each student's training ms/step (metrics.jsonl: the
@@ -34,7 +38,8 @@ import json
 import os
 import sys
 
-from distiller.config import Experiment, LossConfig, OptimizerConfig, SamplingConfig, ValidationConfig
+from distiller.config import (ActiveLearning, Experiment, LossConfig, MDSampling, OptimizerConfig, SamplingConfig,
+                              ValidationConfig)
 from distiller.students import PaiNNConfig, SchNetConfig
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -69,7 +74,23 @@ STUDENTS = {
     "painn-64x3-hvp": dataclasses.replace(config, name="aspirin-painn-64x3-hvp",
                                           run_dir=os.path.join(WORK, "painn-64x3-hvp"),
                                           loss=dataclasses.replace(config.loss, hvp_weight=1.0)),
+    # Issue 13's coverage variants, like for like with painn-64x3 (30,000 steps in all):
+    # online MD sampling: 32 replicas of the seed move by ensemble MD on the 300-600 K ladder, 10 steps of 0.5 fs
+    # between optimiser steps, and each step's batch is drawn from them (plus the same rattling);
+    "painn-64x3-md": dataclasses.replace(config, name="aspirin-painn-64x3-md", run_dir=os.path.join(WORK, "painn-64x3-md"),
+                                         structures=(SEED,),
+                                         sampling=MDSampling(replicas=32, temperatures=(300.0, 400.0, 500.0, 600.0),
+                                                             steps_between=10, equilibration=2000, rattle=0.02)),
+    # active learning: 15,000 steps of painn-64x3's recipe, then 3 rounds (ACTIVE) of 5,000.
+    "painn-64x3-active": dataclasses.replace(config, name="aspirin-painn-64x3-active", steps=15000,
+                                             run_dir=os.path.join(WORK, "painn-64x3-active")),
 }
+
+# The active-learning rounds of the students named here (distiller.train.active): each round the student runs
+# 16 replicas x 2 ps of NVT MD (300-600 K) from the seed, the ensemble labels every 20th step, and the 512 frames
+# where the student's forces err most join the structures the step draws from.
+ACTIVE = {"painn-64x3-active": ActiveLearning(rounds=3, steps_per_round=5000, structures=(SEED,), replicas=16,
+                                              md_steps=4000, interval=20, select=512)}
 
 # (temperature K, trajectories, snapshots per trajectory, first key) of each MD set.
 MD_SETS = {
@@ -189,6 +210,7 @@ def main(argv) -> dict:
     from distiller.speed import compare_speed, device_name, versions
     from distiller.structure import read_structures
     from distiller.teachers.registry import load_teacher
+    from distiller.train.active import active_learning
     from distiller.train.loop import run
 
     tiny = "--tiny" in argv
@@ -210,11 +232,14 @@ def main(argv) -> dict:
 
     results, timings = [], {}
     for name in only:
-        student_config = STUDENTS[name]
+        student_config, active = STUDENTS[name], ACTIVE.get(name)
         if tiny:
+            sampling = student_config.sampling
+            if isinstance(sampling, MDSampling):
+                sampling = dataclasses.replace(sampling, replicas=4, steps_between=2, equilibration=0)
             student_config = dataclasses.replace(student_config, steps=20, batch_size=2, checkpoint_every=10,
-                                                 log_every=5, validation=dataclasses.replace(student_config.validation,
-                                                                                             every=10))
+                                                 log_every=5, sampling=sampling,
+                                                 validation=dataclasses.replace(student_config.validation, every=10))
         if steps is not None and steps != student_config.steps:
             suffix = f"-{steps // 1000}k" if steps % 1000 == 0 else f"-{steps}"
             name += suffix
@@ -233,7 +258,15 @@ def main(argv) -> dict:
             print(json.dumps({name: timings[name]}))
             continue
         student_config = dataclasses.replace(student_config, time_limit=time_limit)
-        run(student_config, resume=True)
+        if active is None:
+            run(student_config, resume=True)
+        else:  # the student's own training, then its rounds; evaluated once every round has trained
+            if tiny:
+                active = dataclasses.replace(active, rounds=1, steps_per_round=10, replicas=2, md_steps=40,
+                                             interval=10, select=4)
+            active_learning(student_config, active)
+            student_config = dataclasses.replace(student_config,
+                                                 steps=student_config.steps + active.rounds * active.steps_per_round)
         run_dir = RunDirectory(student_config.run_dir)
         rows = run_dir.read_metrics()
         done = rows[-1]["step"] if rows else 0

@@ -10,8 +10,8 @@ energies by electron-volts) and Orb (the real architecture, random weights, floa
     calculator        the ASE calculator gives the numbers of the pure functions
 
 Finite differences run in float64: JAX models under `jax.enable_x64` (weights and batch cast), Orb with its
-float64 precision. Each check batches its structures (displaced copies included) into one call, so a model
-compiles a few shapes only. Orb costs seconds per structure on a CPU, so it gets the lighter variant of each
+float64 precision. Each check batches its structures (displaced copies included) into one call, and the force
+and stress checks share theirs (one float64 program per model), so a model compiles a few shapes only. Orb costs seconds per structure on a CPU, so it gets the lighter variant of each
 check (fewer structures and components; a 2-atom Si crystal where the others take watertiny), and it is not
 rotation invariant: its architecture learns that from
 augmented data, random weights have none (translations and permutations it must respect).
@@ -96,19 +96,19 @@ def labelled(model, structures):
 
 
 def energies64(model, structures: list[Structure]) -> np.ndarray:
-    """float64 total energies. JAX models: in float64 on edges built once for the first structure (at the
-    model's cutoff plus 0.5 Å, so that small displacements keep every pair they need), the model's capacity
-    measured in float32; the structures are copies of one, displaced a little."""
+    """float64 total energies of `structures` (any sizes, molecules and cells mixed), in one call. JAX models: in
+    float64 on edges built once in float32 (at the model's cutoff plus 0.5 Å, so that small displacements keep every
+    pair they need), the model's capacity measured in float32."""
     if model.host_only:
         return np.array([s.energy for s in model.label(structures)])
-    n = structures[0].n_atoms
-    shape = BatchShape(atoms=n * len(structures) + 1, graphs=len(structures) + 1)
+    total = sum(s.n_atoms for s in structures)
+    shape = BatchShape(atoms=total + 1, graphs=len(structures) + 1)
     batch32 = jax.tree.map(jnp.asarray, pad_structures(structures, shape))
     capacity = capacities.allocate(model, batch32, model.cutoff + 0.5)
     edges, found = with_neighbours(batch32, model.cutoff + 0.5, capacity.neighbours)
     assert not bool(found.overflow)
     positions = np.zeros(batch32.positions.shape)
-    positions[: n * len(structures)] = np.concatenate([s.positions for s in structures])
+    positions[:total] = np.concatenate([s.positions for s in structures])
     cells = np.asarray(batch32.cell, np.float64).copy()
     for g, s in enumerate(structures):
         if s.periodic:
@@ -122,6 +122,51 @@ def energies64(model, structures: list[Structure]) -> np.ndarray:
         assert not bool(out.overflow)
         energy = np.asarray(out.energy, np.float64)[: len(structures)]
     return model.total_energies(structures, energy)
+
+
+H = 1e-4  # Å for positions, strain for cells: the step of the float64 central differences
+STRAINS = [(0, 0), (1, 1), (0, 1), (1, 2)]
+
+
+def force_checked(model, aspirin, water) -> list[tuple[Structure, list[tuple[int, int]]]]:
+    """The structures whose forces are checked against differences, each with its (atom, axis) components. Orb's
+    periodic derivatives are the stress check's; the ensemble is its members' mean (member 0 does water)."""
+    count = 2 if light(model) else 4
+    cases = []
+    for s in (aspirin,) if light(model) or model.n_members > 1 else (aspirin, water):
+        rng = np.random.default_rng(0)
+        cases.append((s, list(zip(rng.integers(0, s.n_atoms, count), rng.integers(0, 3, count)))))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def differences(model, aspirin, water, crystal):
+    """Central differences of the float64 energy: -dE/dx for each force-checked structure and component, and
+    (1/V) dE/d(eps_ij) of the periodic structure for each of STRAINS. Every displaced and strained copy goes into
+    one `energies64` call: a model compiles one float64 program for both checks."""
+    periodic = crystal if light(model) else water
+    cases = force_checked(model, aspirin, water)
+    copies = []
+    for s, components in cases:
+        for atom, k in components:
+            for sign in (1.0, -1.0):
+                positions = s.positions.copy()
+                positions[atom, k] += sign * H
+                copies.append(s.replace(positions=positions))
+    for i, j in STRAINS:
+        for sign in (1.0, -1.0):
+            deform = np.eye(3)
+            deform[i, j] += sign * H
+            deform[j, i] += sign * H * (i != j)  # a symmetric strain: the stress is symmetric
+            copies.append(periodic.replace(positions=periodic.positions @ deform, cell=periodic.cell @ deform))
+    slopes = (lambda e: (e[0::2] - e[1::2]) / (2 * H))(energies64(model, copies))
+    forces, start = [], 0
+    for s, components in cases:
+        forces.append(-slopes[start:start + len(components)])
+        start += len(components)
+    volume = abs(np.linalg.det(periodic.cell))
+    stress = [slope / volume / (1 if i == j else 2) for slope, (i, j) in zip(slopes[start:], STRAINS)]
+    return forces, np.array(stress)
 
 
 def random_orthogonal(seed: int, proper: bool) -> np.ndarray:
@@ -175,22 +220,10 @@ def test_invariance_and_force_covariance(model, name, request):
 
 # --- derivatives ------------------------------------------------------------------------------------------------
 
-def test_forces_are_minus_the_energy_gradient(model, aspirin, water):
-    h = 1e-4
-    count = 2 if light(model) else 4
-    # Orb's periodic derivatives are the stress check's; the ensemble is its members' mean (member 0 does water).
-    for s in (aspirin,) if light(model) or model.n_members > 1 else (aspirin, water):
+def test_forces_are_minus_the_energy_gradient(model, aspirin, water, differences):
+    numeric_forces, _ = differences
+    for (s, components), numeric in zip(force_checked(model, aspirin, water), numeric_forces):
         (analytic,) = labelled(model, [s])
-        rng = np.random.default_rng(0)
-        components = list(zip(rng.integers(0, s.n_atoms, count), rng.integers(0, 3, count)))
-        displaced = []
-        for atom, k in components:
-            for sign in (1.0, -1.0):
-                positions = s.positions.copy()
-                positions[atom, k] += sign * h
-                displaced.append(s.replace(positions=positions))
-        e = energies64(model, displaced)
-        numeric = -(e[0::2] - e[1::2]) / (2 * h)
         expected = np.array([analytic.forces[a, k] for a, k in components])
         scale = np.abs(analytic.forces).max()
         np.testing.assert_allclose(expected, numeric, atol=2e-4 * scale + 1e-5, err_msg=s.name)
@@ -231,23 +264,11 @@ def test_hessian_vector_products_are_finite_differences_of_forces(model, aspirin
             assert not np.any(hvp[n:])  # padding atoms
 
 
-def test_stress_is_the_strain_derivative(model, periodic, aspirin):
-    water = periodic
-    (analytic,) = labelled(model, [water])
-    h = 1e-4
-    strained = []
-    components = [(0, 0), (1, 1), (0, 1), (1, 2)]
-    for i, j in components:
-        for sign in (1.0, -1.0):
-            deform = np.eye(3)
-            deform[i, j] += sign * h
-            deform[j, i] += sign * h * (i != j)  # a symmetric strain: the stress is symmetric
-            strained.append(water.replace(positions=water.positions @ deform, cell=water.cell @ deform))
-    e = energies64(model, strained)
-    volume = abs(np.linalg.det(water.cell))
-    for n, (i, j) in enumerate(components):
-        numeric = (e[2 * n] - e[2 * n + 1]) / (2 * h * volume) / (1 if i == j else 2)
-        assert analytic.stress[i, j] == pytest.approx(numeric, abs=2e-4 * np.abs(analytic.stress).max() + 1e-7)
+def test_stress_is_the_strain_derivative(model, periodic, aspirin, differences):
+    (analytic,) = labelled(model, [periodic])
+    _, numeric = differences
+    for (i, j), expected in zip(STRAINS, numeric):
+        assert analytic.stress[i, j] == pytest.approx(expected, abs=2e-4 * np.abs(analytic.stress).max() + 1e-7)
     assert np.abs(analytic.stress).max() > 1e-4  # eV/Å³: the check has something to check
     np.testing.assert_allclose(analytic.stress, analytic.stress.T, atol=1e-7)
     assert labelled(model, [aspirin])[0].stress is None  # no cell, no stress
@@ -283,13 +304,14 @@ def test_alone_equals_batched_equals_supercell(model, aspirin, periodic):
 
 
 def test_energy_per_atom_of_tilings(model, water):
-    """watertiny tiled 4 x 4 x 4 (5,184 atoms): E/N as the cell's within 1e-5 eV/atom (a float32 sum of the
-    totals was off by 7 meV/atom)."""
+    """watertiny tiled 3 x 3 x 3 (2,187 atoms): E/N as the cell's within 1e-5 eV/atom (a float32 sum of the
+    totals was off by 7 meV/atom at 5,184 atoms; at 2,187 a float32 total of ~1.5e6 eV has an ulp of 0.125 eV,
+    6e-5 eV/atom, so even one rounding of it fails this, and a larger tiling only costs more run time)."""
     if model.host_only:
         pytest.skip("host-only models sum in their own precision (Orb: float64 here); the 2x2x2 supercell "
                     "check covers them")
     (cell,) = labelled(model, [water])
-    big_structure = tiled(water, (4, 4, 4))
+    big_structure = tiled(water, (3, 3, 3))
     (big,) = labelled(model, [big_structure])
     assert abs(big.energy / big_structure.n_atoms - cell.energy / water.n_atoms) < 1e-5
 

@@ -54,12 +54,12 @@ def trained(tmp_path_factory, structures_dir):
         student=SchNetConfig(cutoff=4.0, features=16, layers=2, n_rbf=8),
         optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=10, final_learning_rate=1e-3),
     )
-    state = run(config, progress=False)
-    return config, state
+    job = Distillation.create(config)  # kept for the tests that go on with the run (compiled already)
+    return config, job, run(config, progress=False, job=job)
 
 
 def test_training_lowers_the_loss(trained):
-    config, state = trained
+    config, _, state = trained
     rows = metrics(pathlib.Path(config.run_dir))
     assert [r["step"] for r in rows] == list(range(1, 81))
     first, last = rows[:10], rows[-10:]
@@ -125,12 +125,10 @@ def test_hessian_vector_product_loss_trains_online_and_is_refused_offline(tmp_pa
         Distillation.create(offline)
 
 
-@pytest.mark.parametrize("in_flight", [0, 1])
-def test_overflowing_steps_are_redone_as_when_stepping_one_at_a_time(tmp_path, structures_dir, monkeypatch,
-                                                                       in_flight):
+def test_overflowing_steps_are_redone_as_when_stepping_one_at_a_time(tmp_path, structures_dir, monkeypatch):
     """A step whose neighbour list overflows is redone at grown capacities, and with a step in flight (as on
-    GPUs) the one dispatched after it again: the result is bit for bit that of `apply_step` one at a time."""
-    monkeypatch.setattr(loop, "steps_in_flight", lambda: in_flight)
+    GPUs) the one dispatched after it again: the result, with no step in flight and with one, is bit for bit
+    that of `apply_step` one at a time. (One Distillation for the three: its compilations are shared.)"""
     config = small_config(structures_dir, tmp_path / "run")
     initial_state = Distillation.initial_state
 
@@ -142,33 +140,38 @@ def test_overflowing_steps_are_redone_as_when_stepping_one_at_a_time(tmp_path, s
 
     monkeypatch.setattr(Distillation, "initial_state", with_tiny_capacity)
     job = Distillation.create(config)
-    final = run(config, progress=False, job=job)
-    assert job.data.capacity_state().neighbours.edges > 16
-    assert [r["step"] for r in metrics(tmp_path / "run")] == list(range(1, 9))
+    finals = []
+    for in_flight in (0, 1):
+        monkeypatch.setattr(loop, "steps_in_flight", lambda: in_flight)
+        run_dir = tmp_path / f"in-flight-{in_flight}"
+        finals.append(run(dataclasses.replace(config, run_dir=str(run_dir)), progress=False, job=job))
+        assert job.data.capacity_state().neighbours.edges > 16
+        assert [r["step"] for r in metrics(run_dir)] == list(range(1, 9))
 
     state = job.initial_state()  # tiny capacities again
     inputs = job.data.batches(0)
     for step in range(8):
         state, _, _ = job.apply_step(state, next(inputs), job.step_key(step))
-    for x, y in zip(jax.tree_util.tree_leaves(final.params), jax.tree_util.tree_leaves(state.params)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    for final in finals:
+        for x, y in zip(jax.tree_util.tree_leaves(final.params), jax.tree_util.tree_leaves(state.params)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_a_fresh_run_never_overwrites_checkpoints_unasked(trained, tmp_path, structures_dir):
-    config, _ = trained
+    config, _, _ = trained
     with pytest.raises(FileExistsError, match="up to step 80.*--resume.*--overwrite"):
         run(config, progress=False)
     assert latest_step(config.run_dir) == 80  # nothing touched
     again = small_config(structures_dir, tmp_path / "again")  # the resume tests' config: compiled already
-    run(again, progress=False, stop_after=2)
-    run(again, progress=False, overwrite=True)  # the demo's way: start again, old checkpoints deleted
+    job = Distillation.create(again)
+    run(again, progress=False, stop_after=2, job=job)
+    run(again, progress=False, overwrite=True, job=job)  # the demo's way: start again, old checkpoints deleted
     assert [r["step"] for r in metrics(tmp_path / "again")] == list(range(1, 9))
     assert latest_step(again.run_dir) == 8
 
 
 def test_evaluate_writes_report_and_plot(trained, tmp_path):
-    config, state = trained
-    job = Distillation.create(config)
+    config, job, state = trained
     held_out = tmp_path / "held_out.extxyz"
     structures = write_held_out(job, str(held_out))
     assert len(structures) == 3
@@ -189,7 +192,7 @@ def test_evaluate_writes_report_and_plot(trained, tmp_path):
 def test_calculator_finite_differences_match_the_trained_students_forces(trained, structures_dir):
     """Central differences (5e-3 Å) of the calculator's energy against its forces, on a trained student: the
     energies are float64 totals whose model part is float32-exact, so differences of 1e-2 eV mean something."""
-    config, _ = trained
+    config, _, _ = trained
     atoms = read_structures(structures_dir / "aspirin.extxyz")[0].to_ase()
     atoms.calc = Calculator(config.run_dir)
     forces = atoms.get_forces()
