@@ -63,6 +63,17 @@ class SamplingConfig:
                                                "strain": (lambda x: 0 <= x < 1 / 3, "in [0, 1/3)")})
 
 
+def check_ladder(config: Any, prefix: str) -> None:
+    """The temperature ladder (`temperatures`) and the optional `max_temperature` of a pool of MD replicas
+    (MDSampling, ActiveLearning)."""
+    if config.max_temperature is not None:
+        check_fields(config, prefix, reals={"max_temperature": POSITIVE})
+    if not isinstance(config.temperatures, tuple) or not config.temperatures or \
+            not all(_is_number(t) and t > 0 for t in config.temperatures):
+        raise ValueError(f"{prefix}temperatures must be a non-empty tuple of temperatures > 0 K, got "
+                         f"{config.temperatures!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class MDSampling:
     """Training structures drawn from a pool of replicas of the seed structures that move by teacher MD
@@ -95,12 +106,7 @@ class MDSampling:
                      reals={"dt": POSITIVE, "friction": AT_LEAST_0, "rattle": AT_LEAST_0,
                             "strain": (lambda x: 0 <= x < 1 / 3, "in [0, 1/3)"), "max_energy_jump": POSITIVE,
                             "min_distance": AT_LEAST_0})
-        if self.max_temperature is not None:
-            check_fields(self, "sampling.", reals={"max_temperature": POSITIVE})
-        if not isinstance(self.temperatures, tuple) or not self.temperatures or \
-                not all(_is_number(t) and t > 0 for t in self.temperatures):
-            raise ValueError(f"sampling.temperatures must be a non-empty tuple of temperatures > 0 K, got "
-                             f"{self.temperatures!r}")
+        check_ladder(self, "sampling.")
         if self.equilibration % self.steps_between:
             raise ValueError(f"sampling.equilibration must be a multiple of sampling.steps_between "
                              f"({self.steps_between}), got {self.equilibration}")
@@ -276,12 +282,7 @@ class ActiveLearning:
                                                 "interval": AT_LEAST_1, "select": AT_LEAST_1},
                      reals={"dt": POSITIVE, "friction": POSITIVE, "max_energy_jump": POSITIVE,
                             "min_distance": POSITIVE, "max_stretch": (lambda x: x > 1, "> 1")})
-        if self.max_temperature is not None:
-            check_fields(self, "active.", reals={"max_temperature": POSITIVE})
-        if not isinstance(self.temperatures, tuple) or not self.temperatures or \
-                not all(_is_number(t) and t > 0 for t in self.temperatures):
-            raise ValueError(f"active.temperatures must be a non-empty tuple of temperatures > 0 K, got "
-                             f"{self.temperatures!r}")
+        check_ladder(self, "active.")
         if not isinstance(self.structures, tuple) or not all(isinstance(s, str) for s in self.structures):
             raise ValueError(f"active.structures must be a tuple of structure files, got {self.structures!r}")
         if self.md_steps % self.interval:

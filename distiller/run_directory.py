@@ -426,3 +426,34 @@ def load_student(run_dir: str | os.PathLike, step: int | None = None, kernel: st
         raise DivergedError(f"{run.path}: the student of step {step} has weights that are not finite (NaN or "
                             f"infinity): the run diverged; train it again with a lower optimizer.learning_rate")
     return student_model(config.student, params, run.read_reference(), name=os.path.abspath(run.path))
+
+
+def training_seconds(rows: list[dict]) -> float:
+    """Wall-clock seconds of training over every call of a run, from its metrics.jsonl rows: each call's clock
+    (`seconds`) starts at 0, so it falls back where a resumed call begins."""
+    total, last = 0.0, 0.0
+    for row in rows:
+        seconds = row.get("seconds", last)
+        if seconds < last:
+            total += last
+        last = seconds
+    return round(total + last, 1)
+
+
+def step_timing(rows: list[dict], checkpoint_every: int) -> dict:
+    """Training ms/step from metrics.jsonl rows: over the logged intervals of each call after its first (which
+    holds the compilation), leaving out those ending in a validation and those starting at a checkpoint. The
+    median of the intervals' ms/step (robust to a recompilation after a capacity grew) and their overall mean."""
+    intervals, previous = [], None
+    for row in rows:
+        if previous is not None and row["seconds"] >= previous["seconds"]:  # the same call
+            validated = any(k.startswith("val_") for k in row)
+            checkpointed = previous["step"] % checkpoint_every == 0
+            if not validated and not checkpointed and row["step"] > previous["step"]:
+                intervals.append((row["step"] - previous["step"], row["seconds"] - previous["seconds"]))
+        previous = row
+    if not intervals:
+        return {"ms_per_step": None, "ms_per_step_mean": None, "timed_steps": 0}
+    steps, seconds = np.array(intervals).T
+    return {"ms_per_step": round(float(np.median(1000 * seconds / steps)), 3),
+            "ms_per_step_mean": round(float(1000 * seconds.sum() / steps.sum()), 3), "timed_steps": int(steps.sum())}

@@ -155,40 +155,10 @@ def normal_modes_mae(student, teacher, minimum) -> dict:
             "teacher_cm1": [round(float(x), 2) for x in nu_t], "student_cm1": [round(float(x), 2) for x in nu_s]}
 
 
-def training_seconds(rows: list[dict]) -> float:
-    """Wall-clock seconds of training over every call of a run: each call's clock starts at 0 in metrics.jsonl."""
-    total, last = 0.0, 0.0
-    for row in rows:
-        if row["seconds"] < last:
-            total += last
-        last = row["seconds"]
-    return round(total + last, 1)
-
-
-def step_timing(rows: list[dict], checkpoint_every: int) -> dict:
-    """Training ms/step from metrics.jsonl: over the logged intervals of each call after its first (which holds
-    the compilation), leaving out those ending in a validation and those starting at a checkpoint. The median
-    of the intervals' ms/step (robust to a recompilation after a capacity grew) and their overall mean."""
-    import numpy as np
-
-    intervals, previous = [], None
-    for row in rows:
-        if previous is not None and row["seconds"] >= previous["seconds"]:  # the same call
-            validated = any(k.startswith("val_") for k in row)
-            checkpointed = previous["step"] % checkpoint_every == 0
-            if not validated and not checkpointed and row["step"] > previous["step"]:
-                intervals.append((row["step"] - previous["step"], row["seconds"] - previous["seconds"]))
-        previous = row
-    if not intervals:
-        return {"ms_per_step": None, "ms_per_step_mean": None, "timed_steps": 0}
-    steps, seconds = np.array(intervals).T
-    return {"ms_per_step": round(float(np.median(1000 * seconds / steps)), 3),
-            "ms_per_step_mean": round(float(1000 * seconds.sum() / steps.sum()), 3), "timed_steps": int(steps.sum())}
-
-
 def merged(path: str, out: dict) -> dict:
-    """`out` with the students and step timings of the results already at `path` that it does not replace (by
-    name); each older entry keeps the command, device and versions it was made with."""
+    """`out` with the students, step timings and test-set descriptions of the results already at `path` that it
+    does not replace (by name; experiments/water.py writes to the same file); each older student and timing keeps
+    the command, device and versions it was made with."""
     if not os.path.isfile(path):
         return out
     with open(path) as f:
@@ -198,7 +168,8 @@ def merged(path: str, out: dict) -> dict:
     students = [new.pop(entry["name"], {**made, **entry}) for entry in old.get("students", [])]
     timing = {name: {**made, **entry} for name, entry in old.get("step_timing", {}).items()}
     timing.update(out.get("step_timing", {}))
-    return {**out, "students": students + list(new.values()), "step_timing": timing}
+    return {**out, "students": students + list(new.values()), "step_timing": timing,
+            "test_sets": {**old.get("test_sets", {}), **out.get("test_sets", {})}}
 
 
 def main(argv) -> dict:
@@ -206,7 +177,7 @@ def main(argv) -> dict:
 
     from distiller.evaluate import evaluate_run
     from distiller.files import write_json_atomic
-    from distiller.run_directory import RunDirectory, load_student
+    from distiller.run_directory import RunDirectory, load_student, step_timing, training_seconds
     from distiller.speed import compare_speed, device_name, versions
     from distiller.structure import read_structures
     from distiller.teachers.registry import load_teacher

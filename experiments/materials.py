@@ -226,18 +226,6 @@ def run_config_for(tiny: bool, work: str) -> Experiment:
     return run_config
 
 
-def training_seconds_over_calls(rows: list[dict]) -> float:
-    """Wall seconds of training summed over the calls that made metrics.jsonl (`seconds` counts from each call's
-    start, so it falls back where a resumed call begins)."""
-    total, last = 0.0, 0.0
-    for row in rows:
-        seconds = row.get("seconds", last)
-        if seconds < last:
-            total += last
-        last = seconds
-    return round(total + last, 1)
-
-
 def option(argv, name: str, choices=None):
     """The value after `name` in argv (None if absent), checked against `choices`."""
     if name not in argv:
@@ -259,7 +247,7 @@ def main(argv) -> dict:
     from distiller.evaluate import evaluate_run
     from distiller.files import write_json_atomic
     from distiller.label import label_dataset
-    from distiller.run_directory import RunDirectory, load_student
+    from distiller.run_directory import RunDirectory, load_student, training_seconds
     from distiller.speed import compare_speed, device_name, versions
     from distiller.teachers.registry import load_teacher
     from distiller.train.loop import run
@@ -291,7 +279,7 @@ def main(argv) -> dict:
 
     t0 = time.perf_counter()
     run(run_config, resume=True)
-    training_seconds = round(time.perf_counter() - t0, 1)
+    call_seconds = round(time.perf_counter() - t0, 1)
     rows = RunDirectory(run_config.run_dir).read_metrics()
     done = rows[-1]["step"] if rows else 0
     if done < run_config.steps:
@@ -323,7 +311,7 @@ def main(argv) -> dict:
            "sets": {name: {"file": os.path.relpath(path, ROOT)} for name, path in sets.items()},
            "labelling": labelling, "student": run_config.student.to_dict(), "loss": dataclasses.asdict(run_config.loss),
            "steps": done, "batch_size": run_config.batch_size,
-           "train_seconds": training_seconds_over_calls(rows) or training_seconds,
+           "train_seconds": training_seconds(rows) or call_seconds,
            "best": RunDirectory(run_config.run_dir).read_best(), "test_sets": results,
            "speed": speed, "md_speed": md}
     kind = "tiny" if tiny else jax.devices()[0].device_kind.split()[-1].lower()

@@ -206,28 +206,19 @@ def parse(argv) -> dict:
     return args
 
 
-def _aspirin():
-    """experiments/aspirin.py as a module: its results merge and its readers of metrics.jsonl serve here too."""
+def merged_results(path: str, out: dict) -> dict:
+    """This call's results `out` merged with those at `path` (aspirin's too) by experiments/aspirin.py's `merged`:
+    students, step timings and test sets of other names kept, an entry of the same name replaced."""
     spec = importlib.util.spec_from_file_location("aspirin_experiment", os.path.join(HERE, "aspirin.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    return module.merged(path, out)
 
 
 def results_kind(tiny: bool) -> str:
     import jax
 
     return "tiny" if tiny else jax.devices()[0].device_kind.split()[-1].lower()
-
-
-def merged_results(path: str, out: dict) -> dict:
-    """This call's results `out` merged with those at `path` by experiments/aspirin.py's `merged` (students and
-    step timings of other names kept, an entry of the same name replaced), the test sets already described
-    there (aspirin's) kept beside these."""
-    if os.path.isfile(path):
-        with open(path) as f:
-            out = {**out, "test_sets": {**json.load(f).get("test_sets", {}), **out["test_sets"]}}
-    return _aspirin().merged(path, out)
 
 
 def collect_stability(path: str, entry: dict) -> list:
@@ -299,7 +290,7 @@ def main(argv) -> dict:
 
     from distiller.evaluate import evaluate_run
     from distiller.files import write_json_atomic
-    from distiller.run_directory import RunDirectory
+    from distiller.run_directory import RunDirectory, step_timing, training_seconds
     from distiller.speed import compare_speed, device_name, versions
     from distiller.structure import read_structures
     from distiller.teachers.registry import load_teacher
@@ -343,13 +334,13 @@ def main(argv) -> dict:
                           repeats=3 if tiny else 20, native=False)["results"]
     seconds["speed"] = time.perf_counter() - t0
 
-    rows, aspirin = RunDirectory(run_config.run_dir).read_metrics(), _aspirin()
+    rows = RunDirectory(run_config.run_dir).read_metrics()
     entry = {"name": STUDENT, "command": command, "device": device_name(), "teacher": TEACHER,
              "systems": list(systems), "student": run_config.student.to_dict(),
              "sampling": dataclasses.asdict(run_config.sampling), "loss": dataclasses.asdict(run_config.loss),
              "steps": done, "batch_size": run_config.batch_size, "best": RunDirectory(run_config.run_dir).read_best(),
-             "train_seconds": aspirin.training_seconds(rows),
-             **aspirin.step_timing(rows, run_config.checkpoint_every),
+             "train_seconds": training_seconds(rows),
+             **step_timing(rows, run_config.checkpoint_every),
              "sets": {name: {"file": os.path.relpath(path, ROOT), "structures": len(read_structures(path))}
                       for name, path in sets.items()},
              "test_sets": test_sets, "speed": speed,

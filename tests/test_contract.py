@@ -40,6 +40,7 @@ from distiller.reference import ReferenceEnergies
 from distiller.structure import Structure
 from distiller.students import architectures, config_class, init_params, student_model
 from distiller.teachers.registry import load_teacher
+from finite_differences import central_slopes, displaced
 
 ORB = "orb:random/orb-v3-conservative?precision=float64"
 MODELS = ["fennol-pmc:ani1x/0", "fennol-pmc:ani1x", *[f"student:{name}" for name in architectures()], ORB]
@@ -146,27 +147,14 @@ def differences(model, aspirin, water, crystal):
     one `energies64` call: a model compiles one float64 program for both checks."""
     periodic = crystal if light(model) else water
     cases = force_checked(model, aspirin, water)
-    copies = []
-    for s, components in cases:
-        for atom, k in components:
-            for sign in (1.0, -1.0):
-                positions = s.positions.copy()
-                positions[atom, k] += sign * H
-                copies.append(s.replace(positions=positions))
-    for i, j in STRAINS:
-        for sign in (1.0, -1.0):
-            deform = np.eye(3)
-            deform[i, j] += sign * H
-            deform[j, i] += sign * H * (i != j)  # a symmetric strain: the stress is symmetric
-            copies.append(periodic.replace(positions=periodic.positions @ deform, cell=periodic.cell @ deform))
-    slopes = (lambda e: (e[0::2] - e[1::2]) / (2 * H))(energies64(model, copies))
+    copies = [c for s, components in cases for c in displaced(s, components, (), H)]
+    copies += displaced(periodic, (), STRAINS, H)
+    slopes = central_slopes(energies64(model, copies), H)
     forces, start = [], 0
     for s, components in cases:
         forces.append(-slopes[start:start + len(components)])
         start += len(components)
-    volume = abs(np.linalg.det(periodic.cell))
-    stress = [slope / volume / (1 if i == j else 2) for slope, (i, j) in zip(slopes[start:], STRAINS)]
-    return forces, np.array(stress)
+    return forces, slopes[start:] / abs(np.linalg.det(periodic.cell))
 
 
 def random_orthogonal(seed: int, proper: bool) -> np.ndarray:

@@ -168,3 +168,21 @@ def test_offline_config_checks(tmp_path, emt_dataset):
         Distillation.create(dataclasses.replace(config, teacher="fennol-pmc:ani1x"))
     with pytest.raises(ValueError, match="sets both `structures`"):
         Distillation.create(dataclasses.replace(config, structures=("x.extxyz",)))
+
+
+def test_added_training_datasets_are_read_after_the_runs_own(tmp_path, emt_dataset):
+    """DatasetLabels.add_training (active learning's offline pool): the extra structures come after the run's,
+    join the training indices alone (the held-out split is the run's), and must share the run's teacher."""
+    job = Distillation.create(offline_config(emt_dataset, tmp_path / "run", steps=1))
+    run_set, held, trained = job.data.dataset, list(job.data.held_out_indices), list(job.data.train_indices)
+    extra = write_dataset(tmp_path / "extra", run_set.get([5, 6, 7]), teacher=EMT)
+    job.data.add_training([extra])
+    n = len(run_set)
+    assert list(job.data.held_out_indices) == held
+    assert list(job.data.train_indices) == trained + [n, n + 1, n + 2]
+    got = job.data.dataset.get([0, n - 1, n, n + 2])
+    assert [s.name for s in got] == [run_set[0].name, run_set[n - 1].name, extra[0].name, extra[2].name]
+    np.testing.assert_array_equal(got[3].forces, extra[2].forces)
+    other = write_dataset(tmp_path / "other", run_set.get([1]), teacher="ase:ase.calculators.lj.LennardJones")
+    with pytest.raises(ValueError, match="labelled by 'ase:ase.calculators.lj.LennardJones'"):
+        job.data.add_training([other])

@@ -590,6 +590,33 @@ class Dataset:
         return f"Dataset({self.path!r}, {len(self)} structures, teacher={self.teacher!r}, {len(self.parts)} files)"
 
 
+class PooledDataset:
+    """Datasets read as one, in order (the `Dataset` reading interface the loader uses: len, n_atoms, get, path and
+    teacher, the last two the first's): indices 0..N-1 are the first's, then the next one's, and so on."""
+
+    def __init__(self, base: Dataset, extra: Sequence[Dataset]):
+        self.parts = [base, *extra]
+        self.path, self.teacher = base.path, base.teacher
+        self.n_atoms = np.concatenate([np.asarray(d.n_atoms) for d in self.parts])
+        self._offsets = np.cumsum([0] + [len(d) for d in self.parts])
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def get(self, ks) -> list[Structure]:
+        ks = np.asarray(list(ks), np.int64)
+        which = np.searchsorted(self._offsets, ks, side="right") - 1
+        out: list[Any] = [None] * len(ks)
+        for p in np.unique(which):
+            where = np.flatnonzero(which == p)
+            for j, s in zip(where, self.parts[p].get((ks[where] - self._offsets[p]).tolist())):
+                out[j] = s
+        return out
+
+    def __getitem__(self, k: int) -> Structure:
+        return self.get([k])[0]
+
+
 def open_dataset(path: str | os.PathLike, allow_incomplete: bool = False) -> Dataset:
     """Open a dataset directory, merging its shards; checks manifests, metadata.json and file sizes.
 

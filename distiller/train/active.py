@@ -50,7 +50,7 @@ import jax
 import numpy as np
 
 from distiller.config import ActiveLearning, Experiment, MDSampling, to_dict
-from distiller.data.dataset import Dataset, open_dataset
+from distiller.data.dataset import open_dataset
 from distiller.evaluate import summarise
 from distiller.files import (fsync_directory, is_temporary, lock_exclusively, temporary_path, write_json_atomic,
                              write_text_atomic)
@@ -199,33 +199,6 @@ def _replicas(student: EnergyModel, structures: list[Structure], temperatures: l
 # The pool, as the trainer reads it
 
 
-class PooledDataset:
-    """A run's dataset followed by the rounds' datasets, as one for the loader (the `Dataset` reading interface:
-    len, n_atoms, get, path, teacher): indices 0..N-1 are the run's, then each round's in order."""
-
-    def __init__(self, base: Dataset, extra: Sequence[Dataset]):
-        self.parts = [base, *extra]
-        self.path, self.teacher = base.path, base.teacher
-        self.n_atoms = np.concatenate([np.asarray(d.n_atoms) for d in self.parts])
-        self._offsets = np.cumsum([0] + [len(d) for d in self.parts])
-
-    def __len__(self) -> int:
-        return int(self._offsets[-1])
-
-    def get(self, ks) -> list[Structure]:
-        ks = np.asarray(list(ks), np.int64)
-        which = np.searchsorted(self._offsets, ks, side="right") - 1
-        out: list[Any] = [None] * len(ks)
-        for p in np.unique(which):
-            where = np.flatnonzero(which == p)
-            for j, s in zip(where, self.parts[p].get((ks[where] - self._offsets[p]).tolist())):
-                out[j] = s
-        return out
-
-    def __getitem__(self, k: int) -> Structure:
-        return self.get([k])[0]
-
-
 def training_job(config: Experiment, directories: Sequence[str]) -> Distillation:
     """The Distillation of `config` whose label source also reads the selected frames of the round directories
     `directories` (see the module docstring)."""
@@ -233,16 +206,8 @@ def training_job(config: Experiment, directories: Sequence[str]) -> Distillation
         files = tuple(os.path.join(d, SELECTED) for d in directories if os.path.exists(os.path.join(d, SELECTED)))
         return Distillation.create(dataclasses.replace(config, structures=config.structures + files))
     job = Distillation.create(config)
-    data = job.data
-    extra = [open_dataset(os.path.join(d, DATASET)) for d in directories if os.path.isdir(os.path.join(d, DATASET))]
-    for dataset in extra:
-        if dataset.teacher != data.dataset.teacher:
-            raise ValueError(f"{dataset.path}: labelled by {dataset.teacher!r}, the run's dataset by "
-                             f"{data.dataset.teacher!r}")
-    base = len(data.dataset)
-    data.dataset = PooledDataset(data.dataset, extra)
-    data.train_indices = np.concatenate([data.train_indices, np.arange(base, len(data.dataset))])
-    data.use_reference(data.loader.reference)  # the loader over the pool (run() sets the run's reference again)
+    job.data.add_training([open_dataset(os.path.join(d, DATASET)) for d in directories
+                           if os.path.isdir(os.path.join(d, DATASET))])
     return job
 
 

@@ -21,7 +21,7 @@ host in float64; an online teacher's energies (relative to its own reference) ar
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,9 @@ from distiller.derivatives import predictions
 from distiller.model import EnergyModel
 from distiller.reference import ReferenceEnergies
 from distiller.structure import Structure, read_structures
+
+if TYPE_CHECKING:
+    from distiller.data.dataset import Dataset
 
 
 def step_key(seed: int, step: int) -> jax.Array:
@@ -209,6 +212,20 @@ class DatasetLabels(Stateless):
         self.loader = Loader(self.dataset, self.config.batch_size, seed=self.config.seed,
                              max_atoms=lc.max_atoms or None, indices=self.train_indices, threads=lc.threads,
                              prefetch=lc.prefetch, reference=reference)
+
+    def add_training(self, extra: Sequence[Dataset]) -> None:
+        """Train on `extra` datasets too (after the run's, e.g. active learning's rounds): the held-out split stays
+        the run's. They must be labelled by the run's dataset's teacher."""
+        from distiller.data.dataset import PooledDataset
+
+        for dataset in extra:
+            if dataset.teacher != self.dataset.teacher:
+                raise ValueError(f"{dataset.path}: labelled by {dataset.teacher!r}, the run's dataset by "
+                                 f"{self.dataset.teacher!r}")
+        base = len(self.dataset)
+        self.dataset = PooledDataset(self.dataset, extra)
+        self.train_indices = np.concatenate([self.train_indices, np.arange(base, len(self.dataset))])
+        self.use_reference(self.loader.reference)  # the loader over the pool (run() sets the run's reference again)
 
     def inputs(self, step: int, seed: int | None = None) -> Batch:
         if seed is not None and seed != self.config.seed:
