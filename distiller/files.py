@@ -12,7 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 TEMPORARY_MARK = ".tmp-"
 
@@ -68,6 +68,21 @@ def write_json_atomic(path: str | os.PathLike, data: Any, indent: int | None = 2
     except ValueError as err:
         raise ValueError(f"{path}: not written, {err} (NaN or infinity)") from None
     write_text_atomic(path, text)
+
+
+def update_json(path: str | os.PathLike, update: Callable[[Any], Any]) -> Any:
+    """Replace the JSON at `path` by `update(old)` (old is None where there is no file yet), written atomically
+    under an exclusive lock on `path`.lock: several processes of one job (students trained side by side, stability
+    reports of several systems) add to one results file without losing each other's entries. Returns the new data."""
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = None
+        if os.path.isfile(path):
+            with open(path) as f:
+                old = json.load(f)
+        new = update(old)
+        write_json_atomic(path, new)
+    return new
 
 
 def lock_exclusively(path: str | os.PathLike) -> IO | None:

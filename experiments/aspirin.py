@@ -5,6 +5,9 @@
     python experiments/aspirin.py --only painn-64x3,painn-64x3-hvp --steps 10000   # shorter runs, like for like
     python experiments/aspirin.py --only painn-64x3,painn-64x3-hvp --timing 400    # training ms/step alone
     python experiments/aspirin.py --only painn-64x3-md,painn-64x3-active   # issue 13's coverage variants
+    python experiments/aspirin.py --sample         # the sets alone (before students train side by side)
+    python experiments/aspirin.py --only painn-32x2 --no-speed &   # ... one process per student, then:
+    python experiments/aspirin.py --only painn-32x2,painn-64x3,schnet-64x3 --speed   # their speed, one process
     python experiments/aspirin.py --tiny           # the same pipeline at toy sizes (a CPU smoke run)
     distiller distill experiments/aspirin.py       # the PaiNN student alone (the sampled sets must exist)
 
@@ -13,8 +16,11 @@ checkpoints (a `--time` stop included), evaluation is redone from the checkpoint
 its run has all its steps. `--steps N` trains each student for N steps instead (its own run directory and entry,
 NAME-Nk, since the learning-rate schedule follows the step count). `--timing K` trains K steps of each student in
 NAME-timing (no validation, evaluation or checkpoints before the last step) and records its training ms/step.
-The results of a call are merged into bench/results/fidelity-<device>.json: entries of the same name are
-replaced, the others kept.
+The results of a call are merged into bench/results/fidelity-<device>.json (under a lock: students trained
+side by side write to it): entries of the same name are replaced, the others kept. Speed is measured alone:
+`--no-speed` leaves it out of the evaluation (students trained side by side share the GPU), and `--speed`
+times the listed, evaluated students one after the other beside the teacher in one process, adding their
+`speed` rows (both kernel sets) to their entries.
 
 1. Structures, all by the teacher (the 8-member ensemble) from the aspirin seed, each set from its own keys:
      train       NVT (Langevin) MD at 300, 400, 500 and 600 K, and normal-mode samples at 400 K
@@ -28,7 +34,8 @@ replaced, the others kept.
    inside the step (MDSampling); painn-64x3-active trains 15,000 steps, then runs 3 active-learning rounds
    (ACTIVE: the student's own MD, the frames where it errs most added to the training structures, 5,000 steps each).
 3. Evaluation on both test sets; harmonic frequencies of student and teacher at the teacher's minimum (BFGS to
-   1 meV/Å; their Hessians there); student and teacher speed (µs/atom/step, energy and forces, one call of 64 molecules).
+   1 meV/Å; their Hessians there); student and teacher speed (µs/atom/step, energy and forces, one call of 64
+   molecules, and of 1,024 in `--speed`, with the student's XLA and Pallas kernels).
    Written to bench/results/fidelity-<device>.json, with each student's training ms/step (metrics.jsonl: the
    logged intervals of each call after its first, without those that hold a validation or a checkpoint).
 """
@@ -69,8 +76,15 @@ config = Experiment(
 
 STUDENTS = {
     "painn-64x3": config,
+    # The accuracy-against-cost table: both architectures at two or three sizes, the same recipe.
+    "painn-32x2": dataclasses.replace(config, name="aspirin-painn-32x2", run_dir=os.path.join(WORK, "painn-32x2"),
+                                      student=dataclasses.replace(config.student, features=32, layers=2)),
+    "painn-128x3": dataclasses.replace(config, name="aspirin-painn-128x3", run_dir=os.path.join(WORK, "painn-128x3"),
+                                       student=dataclasses.replace(config.student, features=128)),
     "schnet-64x3": dataclasses.replace(config, name="aspirin-schnet-64x3", run_dir=os.path.join(WORK, "schnet-64x3"),
                                        student=SchNetConfig(cutoff=5.0, features=64, layers=3, n_rbf=16)),
+    "schnet-128x3": dataclasses.replace(config, name="aspirin-schnet-128x3", run_dir=os.path.join(WORK, "schnet-128x3"),
+                                        student=SchNetConfig(cutoff=5.0, features=128, layers=3, n_rbf=16)),
     "painn-64x3-hvp": dataclasses.replace(config, name="aspirin-painn-64x3-hvp",
                                           run_dir=os.path.join(WORK, "painn-64x3-hvp"),
                                           loss=dataclasses.replace(config.loss, hvp_weight=1.0)),
@@ -100,6 +114,9 @@ MD_SETS = {
     "test-500K": [(500.0, 4, 50, 910)],
 }
 NORMAL_MODES = 1000  # normal-mode samples at 400 K in the training set
+SPEED_COPIES = (64, 1024)  # aspirin molecules in one energy+forces call of `--speed` (64 in the evaluation)
+FLAGS = ("--tiny", "--sample", "--speed", "--no-speed")
+OPTIONS = ("--only", "--time", "--steps", "--timing")  # take a value
 
 
 def structures(name: str, teacher, tiny: bool) -> str:
@@ -155,14 +172,12 @@ def normal_modes_mae(student, teacher, minimum) -> dict:
             "teacher_cm1": [round(float(x), 2) for x in nu_t], "student_cm1": [round(float(x), 2) for x in nu_s]}
 
 
-def merged(path: str, out: dict) -> dict:
-    """`out` with the students, step timings and test-set descriptions of the results already at `path` that it
-    does not replace (by name; experiments/water.py writes to the same file); each older student and timing keeps
-    the command, device and versions it was made with."""
-    if not os.path.isfile(path):
+def merged(old: dict | None, out: dict) -> dict:
+    """`out` with the students, step timings and test-set descriptions of the results `old` (already in the file)
+    that it does not replace (by name; experiments/water.py writes to the same file); each older student and timing
+    keeps the command, device and versions it was made with."""
+    if old is None:
         return out
-    with open(path) as f:
-        old = json.load(f)
     made = {key: old[key] for key in ("command", "device", "versions") if key in old}
     new = {entry["name"]: entry for entry in out["students"]}
     students = [new.pop(entry["name"], {**made, **entry}) for entry in old.get("students", [])]
@@ -172,11 +187,113 @@ def merged(path: str, out: dict) -> dict:
             "test_sets": {**old.get("test_sets", {}), **out.get("test_sets", {})}}
 
 
-def main(argv) -> dict:
+def parse(argv) -> dict:
+    """The command line as {option: value} (True for a flag); a one-line SystemExit for anything else."""
+    from distiller.config import parse_duration
+
+    args, rest = {}, list(argv)
+    while rest:
+        name = rest.pop(0)
+        if name in FLAGS:
+            args[name] = True
+        elif name in OPTIONS:
+            if not rest or rest[0].startswith("--"):
+                raise SystemExit(f"experiments/aspirin.py: {name} needs a value")
+            args[name] = rest.pop(0)
+        else:
+            raise SystemExit(f"experiments/aspirin.py: unknown argument {name!r} (known: {', '.join(FLAGS + OPTIONS)})")
+    args["--only"] = args["--only"].split(",") if "--only" in args else list(STUDENTS)
+    unknown = sorted(set(args["--only"]) - set(STUDENTS))
+    if unknown:
+        raise SystemExit(f"experiments/aspirin.py: unknown student(s) {', '.join(unknown)} (known: {', '.join(STUDENTS)})")
+    try:
+        args["--time"] = parse_duration(args["--time"]) if "--time" in args else 0.0
+    except ValueError as err:
+        raise SystemExit(f"experiments/aspirin.py: --time: {err}") from None
+    for name in ("--steps", "--timing"):
+        if name in args:
+            if not args[name].isdigit() or int(args[name]) < 1:
+                raise SystemExit(f"experiments/aspirin.py: {name} takes a number of steps >= 1, not {args[name]!r}")
+            args[name] = int(args[name])
+    if "--speed" in args and ("--timing" in args or "--no-speed" in args):
+        raise SystemExit("experiments/aspirin.py: --speed times evaluated students; it takes no --timing or --no-speed")
+    return args
+
+
+def student_config_for(name: str, tiny: bool, steps: int | None) -> tuple[str, Experiment]:
+    """Student `name`'s entry name and experiment: toy sizes at --tiny; with `steps` other than its own, its own
+    run directory and entry (NAME-Nk: the learning-rate schedule follows the step count)."""
+    student_config = STUDENTS[name]
+    if tiny:
+        sampling = student_config.sampling
+        if isinstance(sampling, MDSampling):
+            sampling = dataclasses.replace(sampling, replicas=4, steps_between=2, equilibration=0)
+        student_config = dataclasses.replace(student_config, steps=20, batch_size=2, checkpoint_every=10,
+                                             log_every=5, sampling=sampling,
+                                             validation=dataclasses.replace(student_config.validation, every=10))
+    if steps is not None and steps != student_config.steps:
+        suffix = f"-{steps // 1000}k" if steps % 1000 == 0 else f"-{steps}"
+        name += suffix
+        student_config = dataclasses.replace(student_config, name=student_config.name + suffix, steps=steps,
+                                             run_dir=student_config.run_dir + suffix)
+    return name, student_config
+
+
+def results_path(tiny: bool) -> str:
     import jax
 
+    kind = "tiny" if tiny else jax.devices()[0].device_kind.split()[-1].lower()
+    return os.path.join(WORK if tiny else os.path.join(ROOT, "bench", "results"), f"fidelity-{kind}.json")
+
+
+def time_students(names: list, teacher, tiny: bool, steps: int | None, command: str) -> dict:
+    """`--speed`: energy+forces of each evaluated student (its XLA and Pallas kernels; XLA alone on a CPU) beside
+    the teacher, on SPEED_COPIES aspirin molecules per call, one student after the other in this process; the rows
+    replace each entry's `speed`. Students not yet evaluated are refused before any timing."""
+    import jax
+
+    from distiller.files import update_json
+    from distiller.run_directory import load_student
+    from distiller.speed import compare_speed
+    from distiller.structure import read_structures
+
+    path = results_path(tiny)
+    entries = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            entries = {entry["name"]: entry for entry in json.load(f).get("students", [])}
+    named = [student_config_for(name, tiny, steps) for name in names]
+    missing = [name for name, _ in named if name not in entries]
+    if missing:
+        raise SystemExit(f"experiments/aspirin.py --speed: {', '.join(missing)} not evaluated in {path} yet: "
+                         "train and evaluate them first (the same command without --speed)")
+    seed = read_structures(SEED)
+    systems = {f"aspirin x{n}": seed * n for n in ((4, 16) if tiny else SPEED_COPIES)}
+    kernels = ("xla", "pallas") if jax.default_backend() == "gpu" else ("xla",)
+    timed = {}
+    for name, student_config in named:
+        rows = []
+        for kernel in kernels:
+            report = compare_speed(teacher, load_student(student_config.run_dir, kernel=kernel), systems,
+                                   repeats=3 if tiny else 20, native=False, progress=True)
+            rows += [{**row, "kernel": kernel} for row in report["results"]]
+        timed[name] = rows
+        print(json.dumps({name: rows}), flush=True)
+
+    def with_speed(old: dict) -> dict:
+        for entry in old["students"]:
+            if entry["name"] in timed:
+                entry.update(speed=timed[entry["name"]], speed_command=command)
+        return old
+
+    update_json(path, with_speed)
+    print(f"results: {path}")
+    return timed
+
+
+def main(argv) -> dict:
     from distiller.evaluate import evaluate_run
-    from distiller.files import write_json_atomic
+    from distiller.files import update_json
     from distiller.run_directory import RunDirectory, load_student, step_timing, training_seconds
     from distiller.speed import compare_speed, device_name, versions
     from distiller.structure import read_structures
@@ -184,38 +301,21 @@ def main(argv) -> dict:
     from distiller.train.active import active_learning
     from distiller.train.loop import run
 
-    tiny = "--tiny" in argv
-    only = argv[argv.index("--only") + 1].split(",") if "--only" in argv else list(STUDENTS)
-    time_limit = 0.0
-    if "--time" in argv:
-        from distiller.config import parse_duration
-
-        time_limit = parse_duration(argv[argv.index("--time") + 1])
-    steps = int(argv[argv.index("--steps") + 1]) if "--steps" in argv else None
-    timing = int(argv[argv.index("--timing") + 1]) if "--timing" in argv else None
-    unknown = sorted(set(only) - set(STUDENTS))
-    if unknown:
-        raise SystemExit(f"unknown student(s) {', '.join(unknown)} (known: {', '.join(STUDENTS)})")
+    args = parse(argv)
+    tiny, steps, timing = bool(args.get("--tiny")), args.get("--steps"), args.get("--timing")
     command = "python experiments/aspirin.py " + " ".join(argv)
     teacher = load_teacher(TEACHER)
+    if "--speed" in args:
+        return time_students(args["--only"], teacher, tiny, steps, command)
     tests = {name: structures(name, teacher, tiny) for name in MD_SETS}
+    if "--sample" in args:
+        return {}
     minimum = None
 
     results, timings = [], {}
-    for name in only:
-        student_config, active = STUDENTS[name], ACTIVE.get(name)
-        if tiny:
-            sampling = student_config.sampling
-            if isinstance(sampling, MDSampling):
-                sampling = dataclasses.replace(sampling, replicas=4, steps_between=2, equilibration=0)
-            student_config = dataclasses.replace(student_config, steps=20, batch_size=2, checkpoint_every=10,
-                                                 log_every=5, sampling=sampling,
-                                                 validation=dataclasses.replace(student_config.validation, every=10))
-        if steps is not None and steps != student_config.steps:
-            suffix = f"-{steps // 1000}k" if steps % 1000 == 0 else f"-{steps}"
-            name += suffix
-            student_config = dataclasses.replace(student_config, name=student_config.name + suffix, steps=steps,
-                                                 run_dir=student_config.run_dir + suffix)
+    for base in args["--only"]:
+        name, student_config = student_config_for(base, tiny, steps)
+        active = ACTIVE.get(base)
         if timing is not None:  # K steps alone in their own run directory: no validation, one checkpoint
             student_config = dataclasses.replace(
                 student_config, name=student_config.name + "-timing", run_dir=student_config.run_dir + "-timing",
@@ -228,7 +328,7 @@ def main(argv) -> dict:
                              **step_timing(rows, student_config.checkpoint_every)}
             print(json.dumps({name: timings[name]}))
             continue
-        student_config = dataclasses.replace(student_config, time_limit=time_limit)
+        student_config = dataclasses.replace(student_config, time_limit=args["--time"])
         if active is None:
             run(student_config, resume=True)
         else:  # the student's own training, then its rounds; evaluated once every round has trained
@@ -252,8 +352,9 @@ def main(argv) -> dict:
             test_sets[test] = {k: report["summary"][k] for k in ("structures", "accuracy_retained", "forces_mae",
                                                                  "forces_rmse", "energy_mae_per_atom")}
         student = load_student(student_config.run_dir)
-        speed = compare_speed(teacher, student_config.run_dir, {"aspirin x64": read_structures(SEED) * 64},
-                              repeats=3 if tiny else 20, native=False)
+        speed = None if "--no-speed" in args else compare_speed(
+            teacher, student_config.run_dir, {"aspirin x64": read_structures(SEED) * 64}, repeats=3 if tiny else 20,
+            native=False)["results"]
         if minimum is None:
             minimum, minimum_fmax = teacher_minimum(teacher, tiny)
         results.append({"name": name, "command": command, "student": student_config.student.to_dict(),
@@ -262,7 +363,7 @@ def main(argv) -> dict:
                         "train_seconds": training_seconds(rows),
                         **step_timing(rows, student_config.checkpoint_every), "test_sets": test_sets,
                         "teacher_minimum_fmax": minimum_fmax, **normal_modes_mae(student, teacher, minimum),
-                        "speed": speed["results"]})
+                        "speed": speed})
         print(json.dumps({k: results[-1][k] for k in ("name", "steps", "ms_per_step", "test_sets",
                                                       "normal_modes_mae_cm1")}, indent=1))
     if not results and not timings:
@@ -270,10 +371,8 @@ def main(argv) -> dict:
     out = {"command": command, "device": device_name(), "versions": versions(), "teacher": TEACHER,
            "test_sets": {name: {"file": os.path.relpath(path, ROOT), "structures": len(read_structures(path))}
                          for name, path in tests.items()}, "students": results, "step_timing": timings}
-    kind = "tiny" if tiny else jax.devices()[0].device_kind.split()[-1].lower()
-    path = os.path.join(WORK if tiny else os.path.join(ROOT, "bench", "results"), f"fidelity-{kind}.json")
-    out = merged(path, out)
-    write_json_atomic(path, out)
+    path = results_path(tiny)
+    out = update_json(path, lambda old: merged(old, out))  # students trained side by side share the file
     print(f"results: {path}")
     return out
 

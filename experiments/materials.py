@@ -190,11 +190,9 @@ def md_speed_rows(teacher, students: dict, tiny: bool) -> list[dict]:
 def stability(system: str, teacher, tiny: bool, work: str, command: str) -> None:
     """`--stability SYSTEM`: the trained student's MD stability report from the system's ideal crystal; the
     collected reports in bench/results/materials-stability-<gpu>.json (runs/materials_tiny/ for --tiny)."""
-    import fcntl
-
     import jax
 
-    from distiller.files import write_json_atomic
+    from distiller.files import update_json
     from distiller.speed import device_name
     from distiller.stability import evaluate_stability
 
@@ -204,14 +202,8 @@ def stability(system: str, teacher, tiny: bool, work: str, command: str) -> None
                                 out=os.path.join(run_dir, "stability", system), progress=True, command=command)
     kind = "tiny" if tiny else jax.devices()[0].device_kind.split()[-1].lower()
     path = os.path.join(work if tiny else os.path.join(ROOT, "bench", "results"), f"materials-stability-{kind}.json")
-    with open(path + ".lock", "w") as lock:  # the three systems' processes add to one file
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        collected = {}
-        if os.path.isfile(path):
-            with open(path) as f:
-                collected = json.load(f)
-        collected[system] = {"command": command, "device": device_name(), **result.report["summary"]}
-        write_json_atomic(path, collected)
+    entry = {"command": command, "device": device_name(), **result.report["summary"]}
+    update_json(path, lambda collected: {**(collected or {}), system: entry})  # the three systems' processes
     print(json.dumps({system: result.report["summary"]}), flush=True)
 
 

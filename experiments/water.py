@@ -3,6 +3,7 @@ on liquid water, judged on teacher MD it never saw, then run in MD against the t
 
     python experiments/water.py                     # sample, train, evaluate, time: a GPU job (~8 min, H200)
     python experiments/water.py --time 5m           # at most 5 min of training per call; the same command continues
+    python experiments/water.py --no-speed          # no speed timing (another job shares the GPU)
     python experiments/water.py --stability waterbox [--ps 10]   # MD stability of the trained student (issue 13)
     python experiments/water.py --tiny              # the same pipeline at toy sizes (a CPU smoke run, runs/water_tiny/)
     python experiments/water.py --tiny --stability watertiny
@@ -78,7 +79,7 @@ config = Experiment(
     # to lead.
     loss=LossConfig(energy_weight=1000.0, forces_weight=10.0, stress_weight=1e4),
     optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=300, final_learning_rate=1e-5, ema_decay=0.999),
-    steps=4000,
+    steps=12000,
     batch_size=2,
     seed=0,
     run_dir=os.path.join(WORK, "painn-64x3"),
@@ -100,7 +101,7 @@ KEEP_EVERY = {"validation": 10}  # snapshots kept of each set's runs: every k-th
 MD_RUN = {"replicas": 4, "count": 20, "interval": 20, "equilibration": 800, "chunk": 400}
 MD_RUN_TINY = {"replicas": 2, "count": 2, "interval": 5, "equilibration": 10, "chunk": 20}
 STABILITY_PS = 10.0  # NVT ps of `--stability` (0.05 at --tiny); NVE runs half as long
-OPTIONS = {"--tiny": False, "--time": True, "--stability": True, "--ps": True}  # takes a value?
+OPTIONS = {"--tiny": False, "--no-speed": False, "--time": True, "--stability": True, "--ps": True}  # takes a value?
 
 
 def system_file(system: str) -> str:
@@ -206,13 +207,13 @@ def parse(argv) -> dict:
     return args
 
 
-def merged_results(path: str, out: dict) -> dict:
-    """This call's results `out` merged with those at `path` (aspirin's too) by experiments/aspirin.py's `merged`:
+def merged_results(old: dict | None, out: dict) -> dict:
+    """This call's results `out` merged with those already in the file, `old` (aspirin's too) by experiments/aspirin.py's `merged`:
     students, step timings and test sets of other names kept, an entry of the same name replaced."""
     spec = importlib.util.spec_from_file_location("aspirin_experiment", os.path.join(HERE, "aspirin.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.merged(path, out)
+    return module.merged(old, out)
 
 
 def results_kind(tiny: bool) -> str:
@@ -222,22 +223,13 @@ def results_kind(tiny: bool) -> str:
 
 
 def collect_stability(path: str, entry: dict) -> list:
-    """`entry` added to the list of stability reports at `path` (written atomically), replacing the one of the
-    same student and system; under a lock, since reports of several systems may run side by side."""
-    import fcntl
+    """`entry` added to the list of stability reports at `path`, replacing the one of the same student and
+    system (under a lock: reports of several systems may run side by side)."""
+    from distiller.files import update_json
 
-    from distiller.files import write_json_atomic
-
-    with open(path + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        collected = []
-        if os.path.isfile(path):
-            with open(path) as f:
-                collected = json.load(f)
-        key = (entry["student"], entry["system"])
-        collected = [e for e in collected if (e.get("student"), e.get("system")) != key] + [entry]
-        write_json_atomic(path, collected)
-    return collected
+    key = (entry["student"], entry["system"])
+    return update_json(path, lambda collected: [e for e in collected or [] if (e.get("student"), e.get("system"))
+                                                != key] + [entry])
 
 
 def stability(system: str, teacher, tiny: bool, time_ps: float, command: str) -> dict:
@@ -289,7 +281,7 @@ def main(argv) -> dict:
                          f"{' --tiny' if tiny else ''} first")
 
     from distiller.evaluate import evaluate_run
-    from distiller.files import write_json_atomic
+    from distiller.files import update_json
     from distiller.run_directory import RunDirectory, step_timing, training_seconds
     from distiller.speed import compare_speed, device_name, versions
     from distiller.structure import read_structures
@@ -330,8 +322,9 @@ def main(argv) -> dict:
     seconds["evaluation"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     timed = systems[-1]  # waterbox (watertiny at --tiny)
-    speed = compare_speed(teacher, run_config.run_dir, {timed: read_structures(system_file(timed))},
-                          repeats=3 if tiny else 20, native=False)["results"]
+    speed = None if "--no-speed" in args else compare_speed(
+        teacher, run_config.run_dir, {timed: read_structures(system_file(timed))}, repeats=3 if tiny else 20,
+        native=False)["results"]
     seconds["speed"] = time.perf_counter() - t0
 
     rows = RunDirectory(run_config.run_dir).read_metrics()
@@ -347,12 +340,11 @@ def main(argv) -> dict:
              "seconds": {k: round(v, 1) for k, v in seconds.items()}}
     print(json.dumps({k: entry[k] for k in ("name", "steps", "ms_per_step", "test_sets", "seconds")}, indent=1))
     path = os.path.join(work if tiny else os.path.join(ROOT, "bench", "results"), f"fidelity-{results_kind(tiny)}.json")
-    out = merged_results(path, {"command": command, "device": device_name(), "versions": versions(),
-                                "teacher": TEACHER, "students": [entry], "step_timing": {},
-                                "test_sets": {name: {"file": os.path.relpath(p, ROOT),
-                                                     "structures": len(read_structures(p))}
-                                              for name, p in tests.items()}})
-    write_json_atomic(path, out)
+    out = {"command": command, "device": device_name(), "versions": versions(), "teacher": TEACHER,
+           "students": [entry], "step_timing": {},
+           "test_sets": {name: {"file": os.path.relpath(p, ROOT), "structures": len(read_structures(p))}
+                         for name, p in tests.items()}}
+    out = update_json(path, lambda old: merged_results(old, out))
     print(f"results: {path}")
     return out
 
