@@ -21,7 +21,7 @@ from test_train import small_config
 from distiller import neighbours as nl
 from distiller import reference as references
 from distiller.capacity import Capacity
-from distiller.files import lock_exclusively
+from distiller.files import lock_exclusively, update_json
 from distiller.run_directory import (CheckpointError, DivergedError, RunDirectory, RunDirectoryError, load_student,
                                      params_template)
 from distiller.teachers.fennol import FennolCapacity
@@ -175,6 +175,21 @@ def test_two_trainers_never_share_a_run_directory(tmp_path, config_of, template)
         train(config, template)
     assert os.listdir(config.run_dir) == [".lock"]
     holder.close()
+
+
+def test_results_files_updated_by_processes_side_by_side_lose_no_entry(tmp_path):
+    # experiments' students trained side by side add their entries to one results file
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "results.json")
+    add = ("import sys; from distiller.files import update_json\n"
+           "for k in range(int(sys.argv[2]), int(sys.argv[2]) + 40):\n"
+           "    update_json(sys.argv[1], lambda old: {**(old or {}), str(k): k})")
+    workers = [subprocess.Popen([sys.executable, "-c", add, path, str(100 * w)]) for w in range(3)]
+    assert [worker.wait(60) for worker in workers] == [0, 0, 0]
+    with open(path) as f:
+        assert sorted(json.load(f).values()) == [100 * w + k for w in range(3) for k in range(40)]
 
 
 def test_a_run_directory_deleted_during_training_stops_it(tmp_path, config_of, template):

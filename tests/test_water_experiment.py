@@ -64,16 +64,14 @@ def test_config_is_the_experiment_file_one_and_tiny_lives_apart(water):
     assert tiny.steps < config.steps and tiny.student == config.student
 
 
-def test_results_join_aspirins_without_replacing_them(water, tmp_path):
-    path = tmp_path / "fidelity-h200.json"
+def test_results_join_aspirins_without_replacing_them(water):
     aspirin = {"command": "python experiments/aspirin.py", "device": "gpu:NVIDIA H200", "versions": {"jax": "x"},
                "teacher": "fennol-pmc:ani1x", "test_sets": {"test-300K": {"file": "runs/aspirin/test-300K.extxyz"}},
                "students": [{"name": "painn-64x3", "test_sets": {"test-300K": {"accuracy_retained": 0.973}}},
                             {"name": water.STUDENT, "test_sets": {}}],
                "step_timing": {"painn-64x3": {"ms_per_step": 11.3}}}
-    path.write_text(json.dumps(aspirin))
     entry = {"name": water.STUDENT, "test_sets": {"test-waterbox-300K": {"accuracy_retained": 0.97}}}
-    out = water.merged_results(str(path), {"command": "python experiments/water.py", "device": "gpu:NVIDIA H200",
+    out = water.merged_results(aspirin, {"command": "python experiments/water.py", "device": "gpu:NVIDIA H200",
                                            "versions": {}, "teacher": "fennol-pmc:ani1x", "students": [entry],
                                            "step_timing": {},
                                            "test_sets": {"test-waterbox-300K": {"file": "runs/water/t.extxyz"}}})
