@@ -47,10 +47,12 @@ class Batch(NamedTuple):
     forces: jax.Array  # (A, 3)
     stress: jax.Array  # (G, 3, 3)
     stress_mask: jax.Array  # (G,) bool: graphs that carry a stress label
-    # Hessian-vector-product labels (online training with the HVP loss term only; None elsewhere): a unit
-    # displacement direction per graph (its atoms' 3n components have norm 1) and the teacher's H·v, eV/Å².
-    directions: jax.Array | None = None  # (A, 3)
-    hvp: jax.Array | None = None  # (A, 3)
+    # Hessian-vector-product labels (training with the HVP loss term, labelling with --hvp; None elsewhere): a
+    # unit displacement direction per graph (its atoms' 3n components have norm 1) and the teacher's H·v, eV/Å².
+    # A training step's labels hold one per graph, (A, 3); `pad_structures(..., hvp=K)` gives a dataset's K
+    # stored ones, (K, A, 3), of which the step picks one per graph (train/labels.py).
+    directions: jax.Array | None = None  # (A, 3) or (K, A, 3)
+    hvp: jax.Array | None = None  # (A, 3) or (K, A, 3)
 
     @property
     def n_graphs(self) -> int:
@@ -185,11 +187,13 @@ def near_origin(structure: Structure) -> np.ndarray:
 
 
 def pad_structures(structures: Sequence[Structure], shape: BatchShape | None = None,
-                   reference: ReferenceEnergies | None = None) -> Batch:
+                   reference: ReferenceEnergies | None = None, hvp: int = 0) -> Batch:
     """Concatenate and pad structures into a Batch without edges (E = 0); labels where present, energies minus
     `reference` (taken in float64, before the labels become float32). Positions are `near_origin`'s: a batch's
     structures may sit away from the given ones by lattice vectors and whole Å, so the positions of structures
-    taken back out of a batch (`unbatch`) are where the model saw them."""
+    taken back out of a batch (`unbatch`) are where the model saw them.
+    With `hvp` = K > 0, also every structure's K stored directions and H·v (its `directions`, required, and
+    `hvp`, zeros where it has none yet: labelling computes them), (K, A, 3), zeros on padding atoms."""
     shape = shape or shape_for(structures)
     n_real = sum(s.n_atoms for s in structures)
     if n_real >= shape.atoms or len(structures) >= shape.graphs:
@@ -207,6 +211,8 @@ def pad_structures(structures: Sequence[Structure], shape: BatchShape | None = N
     forces = np.zeros((A, 3), np.float32)
     stress = np.zeros((G, 3, 3), np.float32)
     stress_mask = np.zeros(G, bool)
+    directions = np.zeros((hvp, A, 3), np.float32) if hvp else None
+    products = np.zeros((hvp, A, 3), np.float32) if hvp else None
     start = 0
     for g, s in enumerate(structures):
         sl = slice(start, start + s.n_atoms)
@@ -218,12 +224,20 @@ def pad_structures(structures: Sequence[Structure], shape: BatchShape | None = N
             forces[sl] = s.forces
         if s.stress is not None and s.periodic:
             stress[g], stress_mask[g] = s.stress, True
+        if hvp:
+            if s.directions is None or len(s.directions) != hvp:
+                held = "none" if s.directions is None else len(s.directions)
+                raise ValueError(f"structure '{s.name}': {hvp} Hessian-vector-product directions expected, it has "
+                                 f"{held}")
+            directions[:, sl] = s.directions
+            if s.hvp is not None:
+                products[:, sl] = s.hvp
         start += s.n_atoms
     # Padding atoms sit far apart from each other so that nothing can be near them.
     positions[n_real:] = 0.0
     no_edges = (np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros((0, 3), np.float32), np.zeros(0, bool))
     return Batch(numbers, positions, atom_mask, graph_index, cell, pbc, n_atoms, graph_mask, *no_edges,
-                 energy, forces, stress, stress_mask)
+                 energy, forces, stress, stress_mask, directions, products)
 
 
 def with_neighbours(batch: Batch, cutoff: float, capacity: nl.NeighbourCapacity) -> tuple[Batch, nl.Neighbours]:

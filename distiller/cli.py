@@ -180,18 +180,22 @@ def _label(args) -> int:
     from distiller import label
 
     if args.merge:
-        if args.teacher or args.structures or args.shard:
+        if args.teacher or args.structures or args.shard or args.hvp is not None or args.hvp_seed is not None:
             raise UsageError("distiller label --merge takes only the shard directories and --out")
         summary = label.merge(args.merge, args.out)
     else:
         if not args.teacher or not args.structures:
             raise UsageError("distiller label needs --teacher and --structures (or --merge DIR...)")
+        if args.hvp_seed is not None and args.hvp is None:
+            raise UsageError("--hvp-seed seeds the directions of --hvp K: give --hvp too")
         try:
             shard = label.parse_shard(args.shard or "0/1")
+            hvp = None if args.hvp is None else label.hvp_count(args.hvp)
         except ValueError as err:
             raise UsageError(str(err)) from err
         summary = label.label_dataset(args.teacher, args.structures, args.out, shard=shard, chunk=args.chunk,
-                                      max_atoms=args.max_atoms, skip_bad=args.skip_bad, progress=not args.quiet)
+                                      max_atoms=args.max_atoms, skip_bad=args.skip_bad, hvp=hvp,
+                                      hvp_seed=args.hvp_seed or 0, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -374,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", nargs="+", metavar="DIR", help="gather the shard directories of one job into --out")
     p.add_argument("--skip-bad", action="store_true",
                    help="leave out bad structures (listed with the reasons in OUT/rejected.json) instead of stopping")
+    p.add_argument("--hvp", metavar="K", help="also K random unit directions per structure and the teacher's "
+                   "Hessian-vector products along them (eV/Å², for loss.hvp_weight offline; JAX teachers only)")
+    p.add_argument("--hvp-seed", type=int, metavar="S",
+                   help="seed of the --hvp directions (each a function of S and the structure's index; default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_label)
 

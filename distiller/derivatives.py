@@ -103,6 +103,14 @@ def _second_order(model: EnergyModel) -> None:
                         f"stress); Hessians need a JAX model (a FeNNol teacher or a student)")
 
 
+def unit_directions(batch: Batch, key: jax.Array) -> jax.Array:
+    """(A, 3) a random direction per graph, uniform on the sphere of its atoms' 3n components (norm 1 per graph),
+    0 on padding atoms: what H·v is taken along, online in the training step and by `distiller label --hvp`."""
+    v = jnp.where(batch.atom_mask[:, None], jax.random.normal(key, batch.positions.shape, batch.positions.dtype), 0.0)
+    norm = jnp.sqrt(jax.ops.segment_sum(jnp.sum(v * v, axis=1), batch.graph_index, num_segments=batch.n_graphs))
+    return v / jnp.maximum(norm, 1e-12)[batch.graph_index][:, None]
+
+
 def hessian_vector_product(model: EnergyModel, params: Any, batch: Batch, capacity: Any, vectors: jax.Array) -> jax.Array:
     """(A, 3) H v in eV/Å² for displacements `vectors` (A, 3) (forward over reverse; padding atoms give 0)."""
     return predictions(model, params, batch, capacity, directions=vectors).hvp

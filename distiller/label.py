@@ -1,6 +1,6 @@
 """Labelling jobs: a teacher's energies, forces, stress and ensemble spread for a set of structures, as a dataset.
 
-    distiller label --teacher fennol-pmc:ani1x --structures samples.extxyz --out data/ani [--shard 3/16]
+    distiller label --teacher fennol-pmc:ani1x --structures samples.extxyz --out data/ani [--shard 3/16] [--hvp 4]
 
 The structures of shard i/n are those with index k = i (mod n) in the job's input (files and datasets, in the
 order given). A shard labels its structures sorted by atom count (ties by index), `chunk` at a time, so that
@@ -19,21 +19,32 @@ Any energy model labels through one `distiller.predict.Predictor`: JAX teachers 
 few bucketed shapes, capacities kept between chunks (saved with every commit, so a restarted job pads exactly
 as the uninterrupted one would have and gives the same numbers), with the ensemble's energy spread; host-only
 teachers (Orb, ASE calculators) through their own `label`.
+
+With `--hvp K` (`hvp=K`, JAX teachers only: a host teacher has first derivatives only and is refused before any
+work) every structure also gets K unit directions and the teacher's H·v along each (eV/Å², the online HVP loss
+term's convention), for offline training with `loss.hvp_weight`. The directions of the structure with input index
+k are `unit_directions` (the online term's) of it alone, direction j keyed by (`hvp_seed`, k, j): a function of
+the seed and the index only, so a resumed or sharded job stores the same ones.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
 import time
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from distiller.batch import pad_structures
 from distiller.capacity import Capacity
 from distiller.data.dataset import REJECTED, Dataset, ShardWriter, is_dataset, merge_datasets, open_dataset
+from distiller.derivatives import unit_directions
 from distiller.files import sha256, write_json_atomic
 from distiller.load import as_model
 from distiller.model import EnergyModel
@@ -51,6 +62,34 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not 0 <= i < n:
         raise ValueError(f"--shard {text}: need 0 <= i < n")
     return i, n
+
+
+def hvp_count(value) -> int:
+    """K of `--hvp K` (an int, or its text), checked: an integer >= 1."""
+    count = 0
+    if isinstance(value, (int, np.integer, str)) and not isinstance(value, bool):
+        try:
+            count = int(value)
+        except ValueError:
+            pass
+    if count < 1:
+        raise ValueError(f"--hvp must be an integer >= 1 (directions per structure), got {value!r}")
+    return count
+
+
+@functools.partial(jax.jit, static_argnames="count")
+def _unit_directions(batch, key, count: int):
+    return jax.vmap(lambda j: unit_directions(batch, jax.random.fold_in(key, j)))(jnp.arange(count))
+
+
+def hvp_directions(structure: Structure, seed: int, index: int, count: int) -> np.ndarray:
+    """(count, n, 3) float64 (of float32 values) the directions of `structure`, input index `index`, for `--hvp
+    count`: the online term's `unit_directions` of the structure alone (padded as a batch of one, whose shape is a
+    function of its atom count), direction j keyed by (seed, index, j), so that nothing else (chunk, shard, batch,
+    K) changes it."""
+    key = jax.random.fold_in(jax.random.key(seed), index)
+    directions = _unit_directions(jax.tree.map(jnp.asarray, pad_structures([structure])), key, count)
+    return np.asarray(directions, np.float64)[:, :structure.n_atoms]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,7 +148,7 @@ class Inputs:
             for j, k, s in zip(where, local, got):
                 info = {key: v for key, v in s.info.items() if key != "energy_spread"}  # a previous teacher's
                 info.setdefault("source", {"path": self.paths[p], "index": k})
-                out[j] = s.replace(info=info)
+                out[j] = s.replace(info=info, directions=None, hvp=None)
         return out  # type: ignore[return-value]
 
     @property
@@ -163,18 +202,22 @@ def shard_chunks(n_atoms: np.ndarray, shard: int, shards: int, chunk: int,
 
 def label_dataset(teacher: EnergyModel | str, structures: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                   shard: tuple[int, int] = (0, 1), chunk: int = 64, max_atoms: int = 4096,
-                  skip_bad: bool = False, progress: bool = True) -> dict:
+                  skip_bad: bool = False, hvp: int | None = None, hvp_seed: int = 0, progress: bool = True) -> dict:
     """Label shard `shard` = (i, n) of the structures in `structures` (files and datasets) into dataset `out`.
 
     `teacher` is an EnergyModel or a teacher spec ("fennol-pmc:ani1x"). Resumes a killed job. A bad structure
     stops the job before any work (a dataset's, before its chunk), unless `skip_bad`: then the bad ones are
-    left out and listed in `out`/rejected.json.
+    left out and listed in `out`/rejected.json. `hvp` = K: also K directions per structure (from `hvp_seed` and
+    its input index) and the teacher's H·v along each (a JAX teacher only; see the module docstring).
     Returns a summary: structures of the shard, how many were labelled now, time, rate, batch shapes, how many
     were rejected, and whether the dataset is complete (the last shard to finish writes its metadata.json).
     """
     i, n = shard
     out = os.fspath(out)
+    hvp = None if hvp is None else hvp_count(hvp)
     teacher = as_model(teacher)
+    # First: it refuses a host teacher with --hvp before anything is read or written.
+    labeller = Predictor(teacher, max_atoms=max_atoms, max_structures=chunk, hvp=hvp is not None)
     inputs = Inputs(structures)
     if skip_bad:
         rejected = screen(inputs, teacher)
@@ -189,7 +232,8 @@ def label_dataset(teacher: EnergyModel | str, structures: Sequence[str | os.Path
            "teacher_class": type(teacher.source).__name__, "sources": inputs.sources,
            "structures": int(keep.sum()), "rejected": len(rejected), "chunk": chunk, "shards": n,
            "shard_sizes": [int(keep[s::n].sum()) for s in range(n)]}
-    labeller = Predictor(teacher, max_atoms=max_atoms, max_structures=chunk)
+    if hvp is not None:  # only then: a job without keeps the identity of those labelled before --hvp existed
+        job["hvp"] = {"directions": hvp, "seed": int(hvp_seed)}
     t0 = time.perf_counter()
     labelled_now = 0
     with ShardWriter(out, job, i, n) as writer:
@@ -200,13 +244,16 @@ def label_dataset(teacher: EnergyModel | str, structures: Sequence[str | os.Path
         done = writer.committed_chunks
         skipped = sum(len(c) for k, c in enumerate(chunks) if k in done)
         bar = tqdm(total=sum(map(len, chunks)), initial=skipped, disable=not progress, unit="structure",
-                   desc=f"label {i}/{n}", dynamic_ncols=True)
+                   desc=f"label {i}/{n}" + (f" (H·v x{hvp})" if hvp else ""), dynamic_ncols=True)
         for k, indices in enumerate(chunks):
             if k in done:
                 continue
             structures = inputs.get(indices)
             if inputs.has_datasets and not skip_bad:  # a dataset's structures: checked chunk by chunk
                 refuse_bad(teacher, structures)
+            if hvp is not None:
+                structures = [s.replace(directions=hvp_directions(s, hvp_seed, index, hvp))
+                              for s, index in zip(structures, indices)]
             labels = labeller(structures)
             writer.commit(k, labels, indices, pickle.dumps(labeller.capacities))
             labelled_now += len(indices)
@@ -215,7 +262,7 @@ def label_dataset(teacher: EnergyModel | str, structures: Sequence[str | os.Path
         complete = writer.finish()
     seconds = time.perf_counter() - t0
     return {"out": out, "shard": f"{i}/{n}", "teacher": teacher.name, "structures": sum(map(len, chunks)),
-            "labelled": labelled_now, "resumed_from": skipped, "rejected": len(rejected),
+            "labelled": labelled_now, "resumed_from": skipped, "rejected": len(rejected), "hvp_directions": hvp or 0,
             "seconds": round(seconds, 3),
             "structures_per_second": round(labelled_now / seconds, 3) if labelled_now else None,
             "shapes": sorted([list(s) for s in labeller.shapes_seen]), "capacity_growths": labeller.grown,
@@ -226,4 +273,4 @@ def merge(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) -> dict:
     """`distiller label --merge`: one dataset from the shard directories of one job."""
     dataset = merge_datasets(inputs, out)
     return {"out": os.fspath(out), "structures": len(dataset), "files": len(dataset.parts),
-            "teacher": dataset.teacher}
+            "teacher": dataset.teacher, "hvp_directions": dataset.hvp_directions}

@@ -3,6 +3,7 @@
     predictor = Predictor(model)                 # a teacher or a student
     labelled = predictor(structures)             # energy (float64 total), forces, stress of periodic ones
     labelled = predictor(structures, params)     # with other weights (a training run's), same compilations
+    labelled = Predictor(teacher, hvp=True)(structures_with_directions)   # also H·v along their `directions`
 
 JAX models: structures go into size buckets (`neighbours.round_up` of their atom counts); a bucket's structures
 are padded into batches of one shape (at most `max_atoms` atoms and `max_structures` structures), so jit
@@ -11,7 +12,9 @@ Capacities are kept per shape (`capacities`, picklable: a restarted labelling jo
 uninterrupted one), measured the first time a shape is seen and grown when a batch overflows. All batches of a
 call are dispatched before the first result is read, so the host pads the next while the device computes.
 
-Host-only models (PyTorch, ASE) label with their own `label`, `max_atoms` at a time.
+Host-only models (PyTorch, ASE) label with their own `label`, `max_atoms` at a time. With `hvp`, a JAX model
+also gives every structure the H·v along each of its K `directions` (eV/Å², `derivatives.hessian_vector_product`,
+in the same program as its labels); a host-only model, with first derivatives only, is refused.
 
 Every result is checked (one structure back per structure, finite numbers, the right shapes): a teacher that
 returns NaN is an error naming the structure, never a label.
@@ -29,7 +32,7 @@ import numpy as np
 from distiller import capacity as capacities
 from distiller import neighbours as nl
 from distiller.batch import Batch, BatchShape, bucket_shape, group_by_atoms, pad_structures, unpad_atoms, with_neighbours
-from distiller.derivatives import Predictions, predictions
+from distiller.derivatives import Predictions, hessian_vector_product, predictions
 from distiller.model import EnergyModel
 from distiller.structure import Structure, StructureError
 
@@ -38,26 +41,38 @@ from distiller.structure import Structure, StructureError
 def batch_predictions(model: EnergyModel, params: Any, batch: Batch, capacity: capacities.Capacity, cutoff: float,
                       stress: bool) -> tuple[Predictions, jax.Array]:
     """The batch's neighbour list (at `cutoff`, at least the model's) and the model's predictions on it, in one
-    XLA program; the overflow flag covers both. Returns (predictions, what the neighbour list needed)."""
+    XLA program; the overflow flag covers both. Returns (predictions, what the neighbour list needed). A batch
+    with K `directions` (K, A, 3) also gets H·v along each, as `hvp` (K, A, 3), one direction after another (the
+    memory of one forward-over-reverse pass)."""
     batch, neighbours = with_neighbours(batch, cutoff, capacity.neighbours)
     out = predictions(model, params, batch, capacity.model, stress=stress)
+    if batch.directions is not None:
+        hvp = jax.lax.map(lambda v: hessian_vector_product(model, params, batch, capacity.model, v), batch.directions)
+        out = out._replace(hvp=hvp)
     return out._replace(overflow=out.overflow | neighbours.overflow), neighbours.needed
 
 
 class Predictor:
     """Labels structures with `model`, compiled once per padded shape (see the module docstring)."""
 
-    def __init__(self, model: EnergyModel, *, max_atoms: int = 4096, max_structures: int | None = None):
+    def __init__(self, model: EnergyModel, *, max_atoms: int = 4096, max_structures: int | None = None,
+                 hvp: bool = False):
         if max_atoms < 1 or (max_structures is not None and max_structures < 1):
             raise ValueError(f"max_atoms ({max_atoms}) and max_structures ({max_structures}) must be >= 1")
+        if hvp and model.host_only:
+            raise ValueError(f"teacher {model.name} is computed outside JAX and has first derivatives only: "
+                             f"Hessian-vector products need a JAX model (a FeNNol teacher, e.g. fennol-pmc:ani1x)")
         self.model, self.max_atoms, self.max_structures = model, int(max_atoms), max_structures
+        self.hvp = hvp  # whether structures' H·v along their `directions` are computed too
         self.capacities: dict[BatchShape, capacities.Capacity] = {}
         self.shapes_seen: set[BatchShape] = set()
         self.grown = 0  # capacity growths (each one a recompilation), for summaries
 
     def __call__(self, structures: Sequence[Structure], params: Any = None) -> list[Structure]:
-        """`structures` labelled by the model, with `params` (JAX models; default: the model's own)."""
-        structures = [s.validated() for s in structures]
+        """`structures` labelled by the model, with `params` (JAX models; default: the model's own); with `hvp`,
+        each structure's K `directions` (the same K for all) give its `hvp`, and `hvp` is None otherwise."""
+        # A structure's H·v from elsewhere (a dataset's teacher) is never passed on as this model's.
+        structures = [s.validated().replace(hvp=None) for s in structures]
         self.model.check(structures)
         if not structures:
             return []
@@ -79,6 +94,9 @@ class Predictor:
         # A call straddling size buckets is labelled bucket by bucket: small structures are not padded to the
         # large ones' shape.
         buckets = np.array([nl.round_up(s.n_atoms) for s in structures])
+        directions = len(structures[0].directions) if self.hvp and structures[0].directions is not None else 0
+        if self.hvp and not directions:
+            raise ValueError(f"structure '{structures[0].name}': no directions to take H·v along")
         out: list[Structure | None] = [None] * len(structures)
         flights = []
         for bucket in np.unique(buckets):
@@ -89,7 +107,7 @@ class Predictor:
             for start in range(0, len(members), step):
                 chunk = members[start:start + step]
                 group = [structures[k] for k in chunk]
-                batch = jax.tree.map(jnp.asarray, pad_structures(group, shape))
+                batch = jax.tree.map(jnp.asarray, pad_structures(group, shape, hvp=directions))
                 capacity = self._capacity(shape, batch)
                 flights.append((chunk, group, shape, batch, self._dispatch(params, batch, capacity)))
         for chunk, group, shape, batch, flight in flights:
@@ -128,11 +146,15 @@ class Predictor:
         spread = np.asarray(out.spread, np.float64)
         stress = np.asarray(out.stress, np.float64)
         forces = unpad_atoms(batch, np.asarray(out.forces, np.float64))
+        # (K, A, 3) -> per structure (K, n, 3)
+        hvp = None if out.hvp is None else [np.swapaxes(h, 0, 1) for h in
+                                            unpad_atoms(batch, np.swapaxes(np.asarray(out.hvp, np.float64), 0, 1))]
         labelled = []
         for g, s in enumerate(group):
             info = {**s.info, "energy_spread": float(spread[g])} if self.model.n_members > 1 else s.info
             labelled.append(s.replace(energy=float(energy[g]), forces=forces[g],
-                                      stress=stress[g] if s.periodic else None, info=info))
+                                      stress=stress[g] if s.periodic else None, info=info,
+                                      hvp=None if hvp is None else hvp[g]))
         return labelled
 
 
@@ -150,6 +172,8 @@ def checked(name: str, structures: Sequence[Structure], labelled: Sequence[Struc
             problem = "misshapen or non-finite stress"
         elif t.n_atoms != s.n_atoms or not np.array_equal(t.numbers, s.numbers):
             problem = "a different structure back"
+        elif t.hvp is not None and (np.shape(t.hvp) != np.shape(t.directions) or not np.all(np.isfinite(t.hvp))):
+            problem = "misshapen or non-finite Hessian-vector products"
         if problem:
             raise StructureError(f"structure '{s.name}': {name} gave {problem}")
     return list(labelled)

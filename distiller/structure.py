@@ -35,6 +35,10 @@ class Structure:
     forces: np.ndarray | None = None
     stress: np.ndarray | None = None  # (3, 3), the strain derivative of the energy over the volume
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Hessian-vector-product labels (`distiller label --hvp K`): K unit displacement directions (each has norm 1
+    # over the 3n components) and the teacher's H·v along each, eV/Å² (distiller.derivatives' convention).
+    directions: np.ndarray | None = None  # (K, n, 3)
+    hvp: np.ndarray | None = None  # (K, n, 3)
 
     @property
     def n_atoms(self) -> int:

@@ -21,7 +21,7 @@ from test_train import small_config
 from distiller import neighbours as nl
 from distiller import reference as references
 from distiller.capacity import Capacity
-from distiller.files import lock_exclusively, update_json
+from distiller.files import lock_exclusively
 from distiller.run_directory import (CheckpointError, DivergedError, RunDirectory, RunDirectoryError, load_student,
                                      params_template)
 from distiller.teachers.fennol import FennolCapacity

@@ -113,16 +113,14 @@ def test_validation_averages_and_time_limit_resume_exactly(tmp_path, structures_
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # the best student is what is loaded
 
 
-def test_hessian_vector_product_loss_trains_online_and_is_refused_offline(tmp_path, structures_dir):
+def test_hessian_vector_product_loss_trains_online(tmp_path, structures_dir):
+    """(Offline, on products stored by `distiller label --hvp K`: tests/test_label_hvp.py.)"""
     config = dataclasses.replace(small_config(structures_dir, tmp_path / "hvp", steps=2),
                                  structures=(str(structures_dir / "aspirin.extxyz"),),
                                  loss=LossConfig(energy_weight=1.0, forces_weight=10.0, hvp_weight=1.0))
     run(config, progress=False)
     rows = metrics(tmp_path / "hvp")
     assert all(np.isfinite(r["hvp_rmse"]) and r["hvp_rmse"] > 0.1 for r in rows)  # eV/Å²: a random student's
-    offline = dataclasses.replace(config, structures=(), dataset=str(tmp_path / "any-dataset"))
-    with pytest.raises(ValueError, match="hvp_weight needs the teacher in the step"):
-        Distillation.create(offline)
 
 
 def test_overflowing_steps_are_redone_as_when_stepping_one_at_a_time(tmp_path, structures_dir, monkeypatch):

@@ -16,9 +16,11 @@ ordered by their index in the labelling job's input ("source index"), whatever t
 labelled them, so a sharded job and an unsharded one give the same dataset.
 
 Records: b"DSR1" | crc32 of the payload (4 bytes, little-endian) | msgpack payload with numbers (uint8),
-positions (float64), cell, pbc, energy, forces, stress, energy_spread, source index, name and `info` as JSON
-(provenance). ArrayRecord (Riegeli) hashes its own chunks too, but a file cut at a chunk boundary reads as a
-shorter valid file, so every file's size, record count and sha256 are kept in the manifest: `open_dataset`
+positions (float64), cell, pbc, energy, forces, stress, energy_spread, source index, name, `info` as JSON
+(provenance) and, labelled with `--hvp K`, directions and hvp ((K, n, 3) float64 each: unit directions and the
+teacher's H·v along them, eV/Å²; the job records K in its `hvp`; records without them, as every record written
+before, read as None). ArrayRecord (Riegeli) hashes its own chunks too, but a file cut at a chunk boundary reads
+as a shorter valid file, so every file's size, record count and sha256 are kept in the manifest: `open_dataset`
 checks sizes and counts, every read checks the record's crc32, and `Dataset.verify` the sha256 of every file.
 Any mismatch is a DatasetError naming the file (and the record).
 
@@ -55,7 +57,7 @@ from distiller.structure import Structure
 FORMAT = "distiller-dataset"
 FORMAT_VERSION = 1
 UNITS = {"energy": "eV", "length": "Å", "forces": "eV/Å", "stress": "eV/Å³ (ASE sign: (1/V) dE/dε)",
-         "energy_spread": "eV"}
+         "energy_spread": "eV", "hvp": "eV/Å² (H·v along unit directions)"}
 MAGIC = b"DSR1"
 # group_size:1 puts every record in its own Riegeli chunk, so one structure is read without decoding its
 # neighbours (grain's random access); the reader options below turn off read-ahead for the same reason.
@@ -112,6 +114,8 @@ def encode_structure(structure: Structure, source_index: int) -> bytes:
         "stress": None if s.stress is None else _array(s.stress, "<f8", (3, 3)),
         "energy_spread": None if spread is None else float(spread),
         "info": json.dumps(info, default=_json_default, sort_keys=True),
+        "directions": None if s.directions is None else _array(s.directions, "<f8", (len(s.directions), n, 3)),
+        "hvp": None if s.hvp is None else _array(s.hvp, "<f8", (len(s.hvp), n, 3)),
     }
     body = msgpack.packb(payload, use_bin_type=True)
     return MAGIC + struct.pack("<I", zlib.crc32(body)) + body
@@ -135,10 +139,14 @@ def decode_structure(record: bytes, where: str = "record") -> tuple[Structure, i
         forces = None if p["forces"] is None else np.frombuffer(p["forces"], "<f8").reshape(n, 3)
         stress = None if p["stress"] is None else np.frombuffer(p["stress"], "<f8").reshape(3, 3)
         info = json.loads(p["info"])
+        # Absent from records written before `--hvp` existed.
+        directions, hvp = (None if p.get(key) is None else np.frombuffer(p[key], "<f8").reshape(-1, n, 3)
+                           for key in ("directions", "hvp"))
         if p["energy_spread"] is not None:
             info["energy_spread"] = float(p["energy_spread"])
         structure = Structure(numbers=numbers, positions=positions, cell=cell, pbc=np.asarray(p["pbc"], bool),
-                              name=p["name"], energy=p["energy"], forces=forces, stress=stress, info=info)
+                              name=p["name"], energy=p["energy"], forces=forces, stress=stress, info=info,
+                              directions=directions, hvp=hvp)
         return structure, int(p["index"])
     except (KeyError, ValueError, TypeError, msgpack.UnpackException) as err:
         # The crc matched, so this is a record written by another format version or a bug, not noise.
@@ -170,6 +178,12 @@ def manifest_name(shard: int, shards: int) -> str:
 
 def part_name(shard: int, shards: int, chunk: int) -> str:
     return f"part-{shard:05d}-of-{shards:05d}-{chunk:06d}.arrayrecord"
+
+
+def hvp_directions(job: dict | None) -> int:
+    """K for a labelling job run with `--hvp K` (each of its records holds K directions and the teacher's H·v
+    along each); 0 for a job without."""
+    return int(((job or {}).get("hvp") or {}).get("directions", 0))
 
 
 def provenance_method(info: dict) -> str:
@@ -339,6 +353,11 @@ def _job_mismatch(path: str, old: Any, new: dict) -> str:
             f"command, or write to another --out directory")
 
 
+def _hvp_held(job: dict) -> str:
+    k = hvp_directions(job)
+    return f"labelled with --hvp {k}" if k else "no Hessian-vector products"
+
+
 def write_dataset(path: str | os.PathLike, structures: Sequence[Structure], teacher: str | None = None,
                   chunk: int = 1024, description: str = "") -> "Dataset":
     """Write (labelled) structures as a complete one-shard dataset in one go; returns it opened."""
@@ -350,6 +369,9 @@ def write_dataset(path: str | os.PathLike, structures: Sequence[Structure], teac
     job = {"teacher": teacher, "sources": [{"path": description or "<in memory>", "sha256": digest.hexdigest(),
                                             "structures": len(structures)}],
            "structures": len(structures), "chunk": chunk, "shards": 1, "shard_sizes": [len(structures)]}
+    products = {None if s.hvp is None else len(s.hvp) for s in structures}
+    if len(products) == 1 and None not in products:  # the job says what its records hold, as labelling's does
+        job["hvp"] = {"directions": products.pop()}
     with ShardWriter(path, job) as writer:
         for c, start in enumerate(range(0, len(structures), chunk)):
             if c not in writer.committed_chunks:
@@ -427,6 +449,7 @@ def summarise(path: str, manifests: list[dict]) -> dict:
         "structures": sum(p["records"] for p in parts), "atoms": sum(sum(p["atoms"]) for p in parts),
         "periodic": sum(p["periodic"] for p in parts), "with_stress": sum(p["stress"] for p in parts),
         "with_energy_spread": sum(p["spread"] for p in parts), "rejected": job.get("rejected", 0),
+        "hvp_directions": hvp_directions(job),
         "elements": dict(sorted(elements.items())),
         "provenance": {"sources": job.get("sources"), "methods": dict(sorted(methods.items()))},
         "shards": manifests[0]["shard"][1], "chunk": job.get("chunk"),
@@ -577,6 +600,12 @@ class Dataset:
     def teacher(self) -> str | None:
         return self.job.get("teacher")
 
+    @property
+    def hvp_directions(self) -> int:
+        """K: every structure holds K directions and the teacher's H·v along each (`distiller label --hvp K`); 0:
+        none."""
+        return hvp_directions(self.job)
+
     def __getstate__(self):
         state = dict(self.__dict__)
         state.pop("_local")  # readers are per process and thread
@@ -657,11 +686,14 @@ def merge_datasets(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) 
     """
     out = os.fspath(out)
     found: dict[int, tuple[str, dict]] = {}
-    job = None
+    job = first = None
     for directory in map(os.fspath, inputs):
         for manifest in read_manifests(directory):
             if job is None:
-                job = manifest["job"]
+                job, first = manifest["job"], directory
+            elif hvp_directions(manifest["job"]) != hvp_directions(job):
+                raise DatasetError(f"cannot merge {first} ({_hvp_held(job)}) with {directory} "
+                                   f"({_hvp_held(manifest['job'])}): label every shard with the same --hvp")
             elif manifest["job"] != job:
                 raise DatasetError(_job_mismatch(f"{directory}/{manifest['_file']}", job, manifest["job"]))
             shard = manifest["shard"][0]

@@ -37,12 +37,14 @@ class Loader:
     `batch_size` structures per batch at most; with `max_atoms`, fewer for large structures (at least one),
     so that a batch holds at most about `max_atoms` atoms. `indices` restricts the loader to a subset of the
     dataset (e.g. a training split). `reference`: the batches' energies are relative to it (distiller.reference).
+    `hvp` = K: batches also carry the structures' K stored directions and H·v ((K, A, 3), `distiller label --hvp
+    K`), for the HVP loss term.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, *, seed: int = 0, max_atoms: int | None = None,
                  indices: Sequence[int] | None = None, process_index: int | None = None,
                  process_count: int | None = None, threads: int = 4, prefetch: int = 16,
-                 require_labels: bool = True, reference: ReferenceEnergies | None = None):
+                 require_labels: bool = True, reference: ReferenceEnergies | None = None, hvp: int = 0):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if process_index is None or process_count is None:
@@ -55,7 +57,7 @@ class Loader:
         self.batch_size, self.seed, self.max_atoms = batch_size, seed, max_atoms
         self.process_index, self.process_count = process_index, process_count
         self.threads, self.prefetch, self.require_labels = threads, prefetch, require_labels
-        self.reference = reference
+        self.reference, self.hvp = reference, hvp
         self.indices = np.arange(len(dataset)) if indices is None else np.asarray(indices, np.int64)
         if self.indices.size == 0:
             raise ValueError(f"{dataset.path}: no structures to load")
@@ -109,9 +111,12 @@ class Loader:
             for s in structures:
                 if s.energy is None or s.forces is None:
                     raise DatasetError(f"{self.dataset.path}: structure '{s.name}' has no energy or forces labels")
+                if self.hvp and (s.hvp is None or len(s.hvp) != self.hvp):
+                    raise DatasetError(f"{self.dataset.path}: structure '{s.name}' has no {self.hvp} Hessian-vector "
+                                       f"products")
         shape = self.shapes[bucket]
         self.shapes_seen.add(shape)
-        return pad_structures(structures, shape, self.reference)
+        return pad_structures(structures, shape, self.reference, hvp=self.hvp)
 
     def grain_dataset(self, start: int = 0, stop: int | None = None):
         """grain MapDataset of the batches of steps [start, stop) (stop: the end of the epoch of `start`)."""

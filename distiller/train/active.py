@@ -283,6 +283,11 @@ def active_learning(config: Experiment, active: ActiveLearning, progress: bool =
         raise ValueError(f"active.criterion='ensemble_spread' needs an ensemble teacher; {config.teacher} is one "
                          "model (no spread): use criterion='force_error' or an ensemble spec")
     teacher.check(seeds)
+    # Offline with the HVP term: each round's frames are labelled with as many stored products as the run's dataset.
+    hvp = open_dataset(config.dataset).hvp_directions if config.dataset and config.loss.weighs("hvp") else None
+    if hvp and teacher.host_only:
+        raise ValueError(f"loss.hvp_weight offline: the rounds' frames need Hessian-vector products and teacher "
+                         f"{config.teacher} is computed outside JAX (first derivatives only): use a JAX teacher")
     run_dir = RunDirectory(config.run_dir)
     directory = run_dir.file(ACTIVE)
     os.makedirs(directory, exist_ok=True)
@@ -308,7 +313,7 @@ def active_learning(config: Experiment, active: ActiveLearning, progress: bool =
         for number in range(len(rows) + 1, active.rounds + 1):
             here = os.path.join(directory, round_name(number))
             if not os.path.isdir(here):
-                _select(config, active, teacher, seeds, criteria, bonds, number, here, progress)
+                _select(config, active, teacher, seeds, criteria, bonds, number, here, progress, hvp)
             with open(os.path.join(here, SUMMARY)) as f:
                 summary = json.load(f)
             target = base + number * active.steps_per_round
@@ -340,7 +345,8 @@ def _trained_to(run_dir: RunDirectory, steps: int, name: str) -> bool:
 
 
 def _select(config: Experiment, active: ActiveLearning, teacher: EnergyModel, seeds: list[Structure],
-            criteria: Criteria, bonds: list[Bonds], number: int, here: str, progress: bool) -> None:
+            criteria: Criteria, bonds: list[Bonds], number: int, here: str, progress: bool,
+            hvp: int | None = None) -> None:
     """Round `number`'s MD, labels and selection, written to `here` whole or not at all."""
     run_dir = RunDirectory(config.run_dir)
     latest = run_dir.latest_step()
@@ -384,7 +390,9 @@ def _select(config: Experiment, active: ActiveLearning, teacher: EnergyModel, se
             **teacher_frames[k].info, "force_error": float(scores["force_error"][k])}) for k in chosen]
         write_structures(os.path.join(tmp, SELECTED), selected)
         if config.dataset:  # offline: a dataset labelled as `distiller label` labels, for the loader
-            label_dataset(teacher, [os.path.join(tmp, SELECTED)], os.path.join(tmp, DATASET), progress=progress)
+            # with `hvp`, the run's K stored products per frame; the round's number seeds their directions
+            label_dataset(teacher, [os.path.join(tmp, SELECTED)], os.path.join(tmp, DATASET), hvp=hvp,
+                          hvp_seed=number, progress=progress)
     summary["label_seconds"] = round(time.perf_counter() - t0, 3)
     write_json_atomic(os.path.join(tmp, SUMMARY), summary)
     os.rename(tmp, here)

@@ -32,7 +32,7 @@ from distiller import neighbours as nl
 from distiller.batch import Batch, BatchShape, graph_sum, pad_structures, unbatch, with_neighbours
 from distiller.config import Experiment
 from distiller.data.perturb import perturb
-from distiller.derivatives import predictions
+from distiller.derivatives import predictions, unit_directions
 from distiller.model import EnergyModel
 from distiller.reference import ReferenceEnergies
 from distiller.structure import Structure, read_structures
@@ -43,14 +43,6 @@ if TYPE_CHECKING:
 
 def step_key(seed: int, step: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), step)
-
-
-def unit_directions(batch: Batch, key: jax.Array) -> jax.Array:
-    """(A, 3) a random direction per graph, uniform on the sphere of its atoms' 3n components (norm 1 per graph),
-    0 on padding atoms."""
-    v = jnp.where(batch.atom_mask[:, None], jax.random.normal(key, batch.positions.shape, batch.positions.dtype), 0.0)
-    norm = jnp.sqrt(jax.ops.segment_sum(jnp.sum(v * v, axis=1), batch.graph_index, num_segments=batch.n_graphs))
-    return v / jnp.maximum(norm, 1e-12)[batch.graph_index][:, None]
 
 
 def _graph_numbers(batch: Batch) -> list[np.ndarray]:
@@ -176,6 +168,16 @@ class OnlineTeacher(Stateless):
         return out[:count]
 
 
+def stored_products(config: Experiment, dataset: Dataset) -> int:
+    """K, the Hessian-vector products stored per structure of `dataset`, which the HVP loss term trains on
+    offline; a ValueError naming the dataset if it holds none."""
+    if not dataset.hvp_directions:
+        raise ValueError(f"experiment {config.name!r}: loss.hvp_weight needs Hessian-vector products and dataset "
+                         f"{dataset.path} holds none: label it with `distiller label --hvp K` (a JAX teacher), or "
+                         f"set loss.hvp_weight=0")
+    return dataset.hvp_directions
+
+
 class DatasetLabels(Stateless):
     """Offline mode: labelled structures from a dataset (any teacher), batched by the grain loader.
 
@@ -199,6 +201,8 @@ class DatasetLabels(Stateless):
         if config.held_out >= len(self.dataset):
             raise ValueError(f"held_out={config.held_out} leaves nothing to train on in {config.dataset} "
                              f"({len(self.dataset)} structures)")
+        # The HVP term reads the products stored with the structures: K of them, one picked per step.
+        self.hvp = stored_products(config, self.dataset) if config.loss.weighs("hvp") else 0
         order = np.random.default_rng([config.seed, 1]).permutation(len(self.dataset))
         self.held_out_indices, self.train_indices = np.sort(order[:config.held_out]), np.sort(order[config.held_out:])
         self.capacities: dict[BatchShape, nl.NeighbourCapacity] = {}
@@ -211,17 +215,22 @@ class DatasetLabels(Stateless):
         lc = self.config.loader
         self.loader = Loader(self.dataset, self.config.batch_size, seed=self.config.seed,
                              max_atoms=lc.max_atoms or None, indices=self.train_indices, threads=lc.threads,
-                             prefetch=lc.prefetch, reference=reference)
+                             prefetch=lc.prefetch, reference=reference, hvp=self.hvp)
 
     def add_training(self, extra: Sequence[Dataset]) -> None:
         """Train on `extra` datasets too (after the run's, e.g. active learning's rounds): the held-out split stays
-        the run's. They must be labelled by the run's dataset's teacher."""
+        the run's. They must be labelled by the run's dataset's teacher (and for the HVP term with as many
+        stored products per structure)."""
         from distiller.data.dataset import PooledDataset
 
         for dataset in extra:
             if dataset.teacher != self.dataset.teacher:
                 raise ValueError(f"{dataset.path}: labelled by {dataset.teacher!r}, the run's dataset by "
                                  f"{self.dataset.teacher!r}")
+            if self.hvp and stored_products(self.config, dataset) != self.hvp:
+                raise ValueError(f"experiment {self.config.name!r}: dataset {dataset.path} holds "
+                                 f"{dataset.hvp_directions} Hessian-vector products per structure and the run's "
+                                 f"{self.dataset.path} {self.hvp}: label it with `distiller label --hvp {self.hvp}`")
         base = len(self.dataset)
         self.dataset = PooledDataset(self.dataset, extra)
         self.train_indices = np.concatenate([self.train_indices, np.arange(base, len(self.dataset))])
@@ -254,8 +263,15 @@ class DatasetLabels(Stateless):
     def labelled(self, capacity: capacities.Capacity, teacher_params: Any, inputs: Batch, key: jax.Array,
                  shift: jax.Array, stress: bool = False, hvp: bool = False) -> tuple[Batch, jax.Array]:
         """Edges for the dataset's structures; their labels came with them (relative to the loader's reference).
-        Datasets carry no H·v labels (`Distillation.create` refuses the HVP term offline)."""
+        With `hvp`, each structure's direction and H·v are one of its K stored ones, picked by the step's key (as
+        the online teacher draws its direction from it): a new one each time the structure comes back."""
         batch, neighbours = with_neighbours(inputs, self.cutoff, capacity.neighbours)
+        if hvp:
+            picked = jax.random.randint(jax.random.fold_in(key, 1), (batch.n_graphs,), 0, self.hvp)[batch.graph_index]
+            atoms = jnp.arange(batch.positions.shape[0])
+            batch = batch._replace(directions=batch.directions[picked, atoms], hvp=batch.hvp[picked, atoms])
+        else:
+            batch = batch._replace(directions=None, hvp=None)
         return batch, neighbours.overflow
 
     def shift(self, student_reference: ReferenceEnergies) -> jax.Array:

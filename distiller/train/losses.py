@@ -70,7 +70,8 @@ class Stress:
 class HessianVectorProducts:
     """Mean over atoms and components of the squared error of H·v along the batch's random unit directions (one
     per structure, new every step), (eV/Å²)²: the teacher's curvature, which energies and forces only sample
-    at points. Online training only (the teacher's H·v is computed in the same step)."""
+    at points. Online, the teacher's H·v is computed in the step along a new direction; offline, it is one of the
+    K products stored with the structure (`distiller label --hvp K`), picked by the step's key."""
 
     weight: Ramp
     target: ClassVar[str] = "hvp"

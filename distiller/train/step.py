@@ -104,9 +104,6 @@ class Distillation:
     @classmethod
     def create(cls, config: Experiment) -> "Distillation":
         if config.dataset:
-            if config.loss.weighs("hvp"):
-                raise ValueError(f"experiment {config.name!r}: loss.hvp_weight needs the teacher in the step (online "
-                                 "training, `structures`); datasets carry no Hessian-vector products")
             data, teacher = DatasetLabels(config, float(config.student.cutoff)), None
         else:
             teacher = load_teacher(config.teacher)
