@@ -1,7 +1,7 @@
 """Issue 12's water experiment (and the water student of issues 13 and 14): a PaiNN student of the ANI-1x ensemble
 on liquid water, judged on teacher MD it never saw, then run in MD against the teacher.
 
-    python experiments/water.py                     # sample, train, evaluate, time: a GPU job (~13 min on an H200: sets 4.5, training 7.5)
+    python experiments/water.py                     # sample, train, evaluate, time: ~13 min on an H200
     python experiments/water.py --time 5m           # at most 5 min of training per call; the same command continues
     python experiments/water.py --no-speed          # no speed timing (another job shares the GPU)
     python experiments/water.py --stability waterbox [--ps 10]   # MD stability of the trained student (issue 13)
