@@ -205,7 +205,8 @@ def parse(argv) -> dict:
     args["--only"] = args["--only"].split(",") if "--only" in args else list(STUDENTS)
     unknown = sorted(set(args["--only"]) - set(STUDENTS))
     if unknown:
-        raise SystemExit(f"experiments/aspirin.py: unknown student(s) {', '.join(unknown)} (known: {', '.join(STUDENTS)})")
+        raise SystemExit(f"experiments/aspirin.py: unknown student(s) {', '.join(unknown)} "
+                         f"(known: {', '.join(STUDENTS)})")
     try:
         args["--time"] = parse_duration(args["--time"]) if "--time" in args else 0.0
     except ValueError as err:
