@@ -23,8 +23,9 @@ times the listed, evaluated students one after the other beside the teacher in o
 `speed` rows (both kernel sets) to their entries.
 
 1. Structures, all by the teacher (the 8-member ensemble) from the aspirin seed, each set from its own keys:
-     train       NVT (Langevin) MD at 300, 400, 500 and 600 K, and normal-mode samples at 400 K
-     validation  MD at 300 and 500 K (keys 500+): the best checkpoint is chosen on it
+     train       NVT (Langevin) MD at 300, 400, 500 and 600 K (key 100; the ladder's 16 trajectories as one
+                 program), and normal-mode samples at 400 K
+     validation  MD at 300 and 500 K (key 500): the best checkpoint is chosen on it
      test-300K, test-500K
                  MD from keys 900+: the structures every number below is measured on
 2. Online training: each step draws training structures, rattles them by 0.02 Å and labels them with the
@@ -106,10 +107,12 @@ STUDENTS = {
 ACTIVE = {"painn-64x3-active": ActiveLearning(rounds=3, steps_per_round=5000, structures=(SEED,), replicas=16,
                                               md_steps=4000, interval=20, select=512)}
 
-# (temperature K, trajectories, snapshots per trajectory, first key) of each MD set.
+# (temperature K or a ladder of them, trajectories at each, snapshots per trajectory, key) of each MD set. A ladder
+# runs as one program (MDConfig's): the training set's 16 trajectories take the steps of one temperature's 4, and
+# validation's 4 share the test sets' program.
 MD_SETS = {
-    "train": [(t, 4, 250, 100 + 10 * k) for k, t in enumerate((300.0, 400.0, 500.0, 600.0))],
-    "validation": [(300.0, 2, 32, 500), (500.0, 2, 32, 510)],
+    "train": [((300.0, 400.0, 500.0, 600.0), 4, 250, 100)],
+    "validation": [((300.0, 500.0), 2, 32, 500)],
     "test-300K": [(300.0, 4, 50, 900)],
     "test-500K": [(500.0, 4, 50, 910)],
 }

@@ -119,6 +119,32 @@ def test_batched_md_sampling_is_the_one_by_one_sampling(emt, copper):
     assert min(moved) > 0.01  # replicas and seeds are distinct trajectories
 
 
+def test_a_temperature_ladder_runs_as_one_program_trajectory_for_trajectory(emt, copper):
+    """MDConfig(temperature=(T0, T1), replicas=2): four trajectories of one seed, replica t * 2 + r at rung t, in
+    one program whose temperatures are arguments; each is what its own program at its rung gives (float32
+    rounding), and each frame names its rung."""
+    ladder = dataclasses.replace(CONFIG, temperature=(300.0, 1200.0), replicas=2)
+    emt.calls.clear()
+    batched = sample([copper], ladder, emt.model, key=4)
+    assert set(emt.calls) == {4}  # one program, one host call per evaluation for all four
+    one_by_one = sample([copper], dataclasses.replace(ladder, parallel=1), emt.model, key=4)
+    assert len(batched) == len(one_by_one) == 4 * 3
+    for old, new in zip(one_by_one, batched):
+        assert new.name == old.name and new.info["provenance"]["replica"] == old.info["provenance"]["replica"]
+        np.testing.assert_allclose(new.positions, old.positions, atol=2e-5)
+    assert [c.info["provenance"]["temperature_K"] for c in batched] == [300.0] * 6 + [1200.0] * 6
+    assert batched[0].info["provenance"]["params"]["temperature"] == (300.0, 1200.0)
+    # The hot rung moves the atoms further from their lattice sites than the cold one (minimum image: a cubic cell).
+    side = np.diag(copper.cell)
+    displacement = [np.abs(d - side * np.round(d / side)).max() for d in (c.positions - copper.positions
+                                                                          for c in batched)]
+    assert min(displacement[6:]) > max(displacement[:6])
+    with pytest.raises(ValueError, match=r"MDConfig.temperature: a ladder needs at least one temperature"):
+        MDConfig(temperature=())
+    with pytest.raises(ValueError, match=r"MDConfig.temperature must be >= 0, got -1.0"):
+        MDConfig(temperature=(300.0, -1.0))
+
+
 def test_a_blow_up_names_its_seed_and_replica(emt, copper):
     """A seed whose atoms nearly overlap explodes in the program it shares with a sane seed: the error names
     that seed and its replica (not the program's index of the trajectory). Six trajectories of copper's cell:

@@ -91,7 +91,9 @@ class NormalModeConfig:
 class MDConfig:
     """NVT MD with the model from each seed: `replicas` independent trajectories (velocities and noise seeded
     by fold_in(key, seed, replica)), each with `equilibration` steps discarded, then `count` snapshots, one every
-    `interval` steps.
+    `interval` steps. `temperature` may be a ladder, a tuple of temperatures: then each seed runs `replicas`
+    trajectories at each rung, replica t * replicas + r at rung t (a ladder of one is the plain temperature,
+    trajectory for trajectory), so a whole ladder shares the programs below.
 
     Up to `parallel` trajectories of one atom count and pbc (a seed's replicas, and seeds alike) are integrated
     as one program (`distiller.md.simulate_replicas`): the same trajectories to float32 rounding, one
@@ -101,7 +103,7 @@ class MDConfig:
     trajectories are then lost too)."""
 
     count: int = 10  # snapshots per trajectory
-    temperature: float = 300.0  # K
+    temperature: float | tuple[float, ...] = 300.0  # K, or a ladder of them (`replicas` trajectories at each)
     interval: int = 20  # steps between snapshots
     equilibration: int = 200  # steps, a multiple of interval
     dt: float = 0.5  # fs
@@ -116,15 +118,35 @@ class MDConfig:
     def __post_init__(self):
         _check_positive(self, count=self.count, interval=self.interval, dt=self.dt, chunk=self.chunk,
                         replicas=self.replicas, parallel=self.parallel, friction=self.friction, tau=self.tau)
-        _check_non_negative(self, temperature=self.temperature, equilibration=self.equilibration)
+        if isinstance(self.temperature, (list, tuple)):
+            if not self.temperature:
+                raise ValueError("MDConfig.temperature: a ladder needs at least one temperature, got ()")
+            object.__setattr__(self, "temperature", tuple(float(t) for t in self.temperature))  # from JSON: a list
+        for rung in self.temperatures:
+            _check_non_negative(self, temperature=rung)
+        _check_non_negative(self, equilibration=self.equilibration)
         if self.equilibration % self.interval:
             raise ValueError(f"MDConfig: equilibration ({self.equilibration}) must be a multiple of interval "
                              f"({self.interval})")
 
-    def dynamics(self):
+    @property
+    def temperatures(self) -> tuple[float, ...]:
+        """The ladder's rungs (one for a plain temperature)."""
+        return self.temperature if isinstance(self.temperature, tuple) else (float(self.temperature),)
+
+    @property
+    def trajectories(self) -> int:
+        """Trajectories per seed: `replicas` at each rung."""
+        return self.replicas * len(self.temperatures)
+
+    def temperature_of(self, replica: int) -> float:
+        """The temperature of a seed's trajectory `replica` (t * replicas + r: rung t)."""
+        return self.temperatures[replica // self.replicas]
+
+    def dynamics(self, temperature: float):
         from distiller.md.simulate import Dynamics
 
-        return Dynamics(ensemble="nvt", temperature=self.temperature, dt=self.dt, thermostat=self.thermostat,
+        return Dynamics(ensemble="nvt", temperature=temperature, dt=self.dt, thermostat=self.thermostat,
                         friction=self.friction, tau=self.tau)
 
 
@@ -329,7 +351,7 @@ def teacher_md(seeds, config: MDConfig, model, key=0, *, min_distance: float = M
     candidates: dict[tuple[int, int], list[Structure]] = {}
     for trajectories in _md_programs(seeds, config):
         candidates.update(_md_program(model, seeds, trajectories, config, key, min_distance))
-    return [c for i in range(len(seeds)) for replica in range(config.replicas) for c in candidates[i, replica]]
+    return [c for i in range(len(seeds)) for replica in range(config.trajectories) for c in candidates[i, replica]]
 
 
 def _md_programs(seeds: list[tuple[Structure, dict]], config: MDConfig) -> list[list[tuple[int, int]]]:
@@ -338,7 +360,7 @@ def _md_programs(seeds: list[tuple[Structure, dict]], config: MDConfig) -> list[
     groups: dict[tuple, list[tuple[int, int]]] = {}
     for i, (seed, _) in enumerate(seeds):
         shape = (seed.n_atoms, tuple(np.asarray(seed.pbc, bool).tolist()))
-        groups.setdefault(shape, []).extend((i, replica) for replica in range(config.replicas))
+        groups.setdefault(shape, []).extend((i, replica) for replica in range(config.trajectories))
     return [group[k:k + config.parallel] for group in groups.values()
             for k in range(0, len(group), config.parallel)]
 
@@ -350,12 +372,14 @@ def _md_program(model, seeds: list[tuple[Structure, dict]], trajectories: list[t
     call per step). A blow-up names its seed and replica."""
     from distiller.md.simulate import MDFailure, frames, simulate_each
 
-    dynamics = config.dynamics()
     steps = config.equilibration + config.count * config.interval
     structures = [seeds[i][0] for i, _ in trajectories]
     keys = [_keys(key, i, replica) for i, replica in trajectories]
-    chunks = simulate_each(model, structures, dynamics, steps, keys=keys, log_every=config.interval,
-                           chunk=config.chunk)
+    temperatures = [config.temperature_of(replica) for _, replica in trajectories]
+    # A program of one rung keeps the temperature in its dynamics; rungs differ per trajectory as arguments.
+    ladder = {"temperatures": temperatures} if len(set(temperatures)) > 1 else {}
+    chunks = simulate_each(model, structures, config.dynamics(temperatures[0]), steps, keys=keys,
+                           log_every=config.interval, chunk=config.chunk, **ladder)
     out: dict[tuple[int, int], list[Structure]] = {trajectory: [] for trajectory in trajectories}
     try:
         for records in chunks:
@@ -366,9 +390,11 @@ def _md_program(model, seeds: list[tuple[Structure, dict]], trajectories: list[t
                     step = frame.info["step"]
                     if step <= config.equilibration:
                         continue
+                    rung = {"temperature_K": config.temperature_of(replica)} if config.trajectories > \
+                        config.replicas else {}  # a ladder's: which rung (a plain temperature is in params)
                     candidate = _candidate(seed, source, config, key, replica * config.count + len(kept),
                                            frame.positions, replica=replica, step=step, time_fs=step * config.dt,
-                                           model=model.name)
+                                           model=model.name, **rung)
                     kept.append(_require_valid(candidate, min_distance, f"MD with {model.name} at step {step}"))
     except MDFailure as err:
         i, replica = trajectories[0 if err.replica is None else err.replica]
