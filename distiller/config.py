@@ -438,6 +438,19 @@ def to_dict(config: Any) -> dict:
     return out
 
 
+# Settings that name files (an Experiment's, flattened with dots, and ActiveLearning's): a resume compares the files
+# they name, not their spelling (`experiments/../../shared/x` from an experiment file's default and `/home/u/shared/x`
+# from DISTILLER_SHARED are the same structures).
+FILE_FIELDS = ("structures", "dataset", "validation.structures")
+
+
+def as_compared(key: str, value: Any) -> Any:
+    """A setting's JSON value as a resume compares it: the real paths (from this directory) of FILE_FIELDS."""
+    if key not in FILE_FIELDS or value is None:
+        return value
+    return os.path.realpath(value) if isinstance(value, str) else [os.path.realpath(v) for v in value]
+
+
 def from_dict(data: dict) -> Experiment:
     """Rebuild an Experiment from `config.json`."""
     def build(cls, values):

@@ -160,6 +160,13 @@ def test_resume_refuses_another_config_before_writing_anything_and_allows_what_m
     with pytest.raises(RunDirectoryError, match="steps=3 is below the run's checkpoint of step 4"):
         train(dataclasses.replace(copy, steps=3), template, resume=True)
     assert open(stored, "rb").read() == before
+    # Files are compared, not their spelling: the same structures through `..` resume; another file does not.
+    aspirin, water = copy.structures
+    respelled = os.path.join(os.path.dirname(aspirin), "..", os.path.basename(os.path.dirname(aspirin)),
+                             os.path.basename(aspirin))
+    train(dataclasses.replace(copy, structures=(respelled, water)), template, resume=True)
+    with pytest.raises(RunDirectoryError, match=r"differs from the run's config.json in structures"):
+        train(dataclasses.replace(copy, structures=(water, water)), template, resume=True)
     # The copy is a moved directory (its config.json names the original); a new name, more steps, other intervals:
     longer = dataclasses.replace(copy, name="longer", steps=6, log_every=2, checkpoint_every=3)
     final = train(longer, template, resume=True)

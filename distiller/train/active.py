@@ -49,7 +49,7 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from distiller.config import ActiveLearning, Experiment, MDSampling, to_dict
+from distiller.config import ActiveLearning, Experiment, MDSampling, as_compared, to_dict
 from distiller.data.dataset import open_dataset
 from distiller.evaluate import summarise
 from distiller.files import (fsync_directory, is_temporary, lock_exclusively, temporary_path, write_json_atomic,
@@ -264,7 +264,8 @@ def _started(directory: str, active: ActiveLearning, base_steps: int | None) -> 
         return int(base_steps)
     with open(path) as f:
         stored = json.load(f)
-    changed = [k for k in sorted(set(stored["active"]) | set(wanted)) if stored["active"].get(k) != wanted.get(k)]
+    changed = [k for k in sorted(set(stored["active"]) | set(wanted))
+               if as_compared(k, stored["active"].get(k)) != as_compared(k, wanted.get(k))]
     if changed:
         differences = "; ".join(f"active.{k} {stored['active'].get(k)!r} -> {wanted.get(k)!r}" for k in changed)
         raise RunDirectoryError(f"{path}: the active-learning job continues with other settings: {differences}; only "

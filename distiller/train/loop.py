@@ -24,7 +24,7 @@ import numpy as np
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from distiller.config import Experiment, to_dict
+from distiller.config import Experiment, as_compared, to_dict
 from distiller.files import write_json_atomic
 from distiller.run_directory import DivergedError, RunDirectory, RunDirectoryError, RunLock
 from distiller.structure import Structure, write_structures
@@ -205,7 +205,8 @@ def check_resume(config: Experiment, run_dir: RunDirectory, previous: int, teach
     except (ValueError, TypeError, KeyError) as err:
         raise RunDirectoryError(f"{run_dir.file('config.json')}: cannot be read ({err})") from None
     wanted = _flat(to_dict(config))
-    changed = [k for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k) and k not in RESUMABLE]
+    changed = [k for k in sorted(set(stored) | set(wanted))
+               if as_compared(k, stored.get(k)) != as_compared(k, wanted.get(k)) and k not in RESUMABLE]
     if changed:
         differences = "; ".join(f"{k} {stored.get(k)!r} -> {wanted.get(k)!r}" for k in changed)
         raise RunDirectoryError(f"{run_dir.path}: --resume with a config that differs from the run's config.json in "
