@@ -295,6 +295,23 @@ class ActiveLearning:
                              f"{self.checkpoint!r}")
 
 
+def parse_arguments(argv: Sequence[str], flags: Sequence[str], options: Sequence[str], program: str) -> dict:
+    """An experiment file's command line as {name: value}: True for each of `flags`, the next word for each of
+    `options`; anything else, or an option without its value, a one-line SystemExit naming `program`."""
+    args, rest = {}, list(argv)
+    while rest:
+        name = rest.pop(0)
+        if name in flags:
+            args[name] = True
+        elif name in options:
+            if not rest or rest[0].startswith("--"):
+                raise SystemExit(f"{program}: {name} needs a value")
+            args[name] = rest.pop(0)
+        else:
+            raise SystemExit(f"{program}: unknown argument {name!r} (known: {', '.join([*flags, *options])})")
+    return args
+
+
 def parse_duration(text: str) -> float:
     """'90s', '30m', '1.5h' or a number of seconds -> seconds."""
     units = {"s": 1.0, "m": 60.0, "h": 3600.0}

@@ -56,6 +56,13 @@ def device_name() -> str:
     return f"{d.platform}:{getattr(d, 'device_kind', d.platform)}"
 
 
+def device_kind() -> str:
+    """The device's model in a file name's form ("h200" for an NVIDIA H200; "cpu"): results files are
+    `bench/results/NAME-<kind>.json`."""
+    d = jax.devices()[0]
+    return getattr(d, "device_kind", d.platform).split()[-1].lower()
+
+
 def add_student_arguments(parser) -> None:
     """The student options every bench script takes: a trained run, or a fresh student of a given size
     (the quickstart's by default)."""

@@ -192,19 +192,9 @@ def merged(old: dict | None, out: dict) -> dict:
 
 def parse(argv) -> dict:
     """The command line as {option: value} (True for a flag); a one-line SystemExit for anything else."""
-    from distiller.config import parse_duration
+    from distiller.config import parse_arguments, parse_duration
 
-    args, rest = {}, list(argv)
-    while rest:
-        name = rest.pop(0)
-        if name in FLAGS:
-            args[name] = True
-        elif name in OPTIONS:
-            if not rest or rest[0].startswith("--"):
-                raise SystemExit(f"experiments/aspirin.py: {name} needs a value")
-            args[name] = rest.pop(0)
-        else:
-            raise SystemExit(f"experiments/aspirin.py: unknown argument {name!r} (known: {', '.join(FLAGS + OPTIONS)})")
+    args = parse_arguments(argv, FLAGS, OPTIONS, "experiments/aspirin.py")
     args["--only"] = args["--only"].split(",") if "--only" in args else list(STUDENTS)
     unknown = sorted(set(args["--only"]) - set(STUDENTS))
     if unknown:
@@ -244,22 +234,36 @@ def student_config_for(name: str, tiny: bool, steps: int | None) -> tuple[str, E
 
 
 def results_path(tiny: bool) -> str:
-    import jax
+    from distiller.speed import device_kind
 
-    kind = "tiny" if tiny else jax.devices()[0].device_kind.split()[-1].lower()
-    return os.path.join(WORK if tiny else os.path.join(ROOT, "bench", "results"), f"fidelity-{kind}.json")
+    return os.path.join(WORK, "fidelity-tiny.json") if tiny else \
+        os.path.join(ROOT, "bench", "results", f"fidelity-{device_kind()}.json")
 
 
-def time_students(names: list, teacher, tiny: bool, steps: int | None, command: str) -> dict:
-    """`--speed`: energy+forces of each evaluated student (its XLA and Pallas kernels; XLA alone on a CPU) beside
-    the teacher, on SPEED_COPIES aspirin molecules per call, one student after the other in this process; the rows
-    replace each entry's `speed`. Students not yet evaluated are refused before any timing."""
-    import jax
-
-    from distiller.files import update_json
+def speed_rows(teacher, run_dir: str, copies, kernels, tiny: bool) -> list[dict]:
+    """Energy+forces of the run's student with each of `kernels` beside the teacher, on each of `copies` aspirin
+    molecules in one call: `compare_speed`'s rows, each naming its kernel."""
     from distiller.run_directory import load_student
     from distiller.speed import compare_speed
     from distiller.structure import read_structures
+
+    seed = read_structures(SEED)
+    systems = {f"aspirin x{n}": seed * n for n in copies}
+    rows = []
+    for kernel in kernels:
+        report = compare_speed(teacher, load_student(run_dir, kernel=kernel), systems, repeats=3 if tiny else 20,
+                               native=False, progress=True)
+        rows += [{**row, "kernel": kernel} for row in report["results"]]
+    return rows
+
+
+def time_students(names: list, teacher, tiny: bool, steps: int | None, command: str) -> dict:
+    """`--speed`: `speed_rows` of each evaluated student (its XLA and Pallas kernels; XLA alone on a CPU) on
+    SPEED_COPIES molecules, one student after the other in this process; the rows replace each entry's `speed`.
+    Students not yet evaluated are refused before any timing."""
+    import jax
+
+    from distiller.files import update_json
 
     path = results_path(tiny)
     entries = {}
@@ -271,18 +275,11 @@ def time_students(names: list, teacher, tiny: bool, steps: int | None, command: 
     if missing:
         raise SystemExit(f"experiments/aspirin.py --speed: {', '.join(missing)} not evaluated in {path} yet: "
                          "train and evaluate them first (the same command without --speed)")
-    seed = read_structures(SEED)
-    systems = {f"aspirin x{n}": seed * n for n in ((4, 16) if tiny else SPEED_COPIES)}
     kernels = ("xla", "pallas") if jax.default_backend() == "gpu" else ("xla",)
     timed = {}
     for name, student_config in named:
-        rows = []
-        for kernel in kernels:
-            report = compare_speed(teacher, load_student(student_config.run_dir, kernel=kernel), systems,
-                                   repeats=3 if tiny else 20, native=False, progress=True)
-            rows += [{**row, "kernel": kernel} for row in report["results"]]
-        timed[name] = rows
-        print(json.dumps({name: rows}), flush=True)
+        timed[name] = speed_rows(teacher, student_config.run_dir, (4, 16) if tiny else SPEED_COPIES, kernels, tiny)
+        print(json.dumps({name: timed[name]}), flush=True)
 
     def with_speed(old: dict) -> dict:
         for entry in old["students"]:
@@ -299,7 +296,7 @@ def main(argv) -> dict:
     from distiller.evaluate import evaluate_run
     from distiller.files import update_json
     from distiller.run_directory import RunDirectory, load_student, step_timing, training_seconds
-    from distiller.speed import compare_speed, device_name, versions
+    from distiller.speed import device_name, versions
     from distiller.structure import read_structures
     from distiller.teachers.registry import load_teacher
     from distiller.train.active import active_learning
@@ -356,9 +353,8 @@ def main(argv) -> dict:
             test_sets[test] = {k: report["summary"][k] for k in ("structures", "accuracy_retained", "forces_mae",
                                                                  "forces_rmse", "energy_mae_per_atom")}
         student = load_student(student_config.run_dir)
-        speed = None if "--no-speed" in args else compare_speed(
-            teacher, student_config.run_dir, {"aspirin x64": read_structures(SEED) * 64}, repeats=3 if tiny else 20,
-            native=False)["results"]
+        speed = None if "--no-speed" in args else speed_rows(teacher, student_config.run_dir, (64,),
+                                                             (student_config.student.kernel,), tiny)
         if minimum is None:
             minimum, minimum_fmax = teacher_minimum(teacher, tiny)
         results.append({"name": name, "command": command, "student": student_config.student.to_dict(),

@@ -190,17 +190,15 @@ def md_speed_rows(teacher, students: dict, tiny: bool) -> list[dict]:
 def stability(system: str, teacher, tiny: bool, work: str, command: str) -> None:
     """`--stability SYSTEM`: the trained student's MD stability report from the system's ideal crystal; the
     collected reports in bench/results/materials-stability-<gpu>.json (runs/materials_tiny/ for --tiny)."""
-    import jax
-
     from distiller.files import update_json
-    from distiller.speed import device_name
+    from distiller.speed import device_kind, device_name
     from distiller.stability import evaluate_stability
 
     run_dir = run_config_for(tiny, work).run_dir
     result = evaluate_stability(run_dir, seeds_file(tiny, work), index=SYSTEMS.index(system), time_ps=0.05 if tiny
                                 else 0.5, nve_ps=0.02 if tiny else 0.25, temperature=600.0, dt=1.0, teacher=teacher,
                                 out=os.path.join(run_dir, "stability", system), progress=True, command=command)
-    kind = "tiny" if tiny else jax.devices()[0].device_kind.split()[-1].lower()
+    kind = "tiny" if tiny else device_kind()
     path = os.path.join(work if tiny else os.path.join(ROOT, "bench", "results"), f"materials-stability-{kind}.json")
     entry = {"command": command, "device": device_name(), **result.report["summary"]}
     update_json(path, lambda collected: {**(collected or {}), system: entry})  # the three systems' processes
@@ -240,7 +238,7 @@ def main(argv) -> dict:
     from distiller.files import write_json_atomic
     from distiller.label import label_dataset
     from distiller.run_directory import RunDirectory, load_student, training_seconds
-    from distiller.speed import compare_speed, device_name, versions
+    from distiller.speed import compare_speed, device_kind, device_name, versions
     from distiller.teachers.registry import load_teacher
     from distiller.train.loop import run
 
@@ -306,7 +304,7 @@ def main(argv) -> dict:
            "train_seconds": training_seconds(rows) or call_seconds,
            "best": RunDirectory(run_config.run_dir).read_best(), "test_sets": results,
            "speed": speed, "md_speed": md}
-    kind = "tiny" if tiny else jax.devices()[0].device_kind.split()[-1].lower()
+    kind = "tiny" if tiny else device_kind()
     path = os.path.join(work if tiny else os.path.join(ROOT, "bench", "results"), f"materials-{kind}.json")
     write_json_atomic(path, out)
     print(f"results: {path}")

@@ -101,7 +101,8 @@ KEEP_EVERY = {"validation": 10}  # snapshots kept of each set's runs: every k-th
 MD_RUN = {"replicas": 4, "count": 20, "interval": 20, "equilibration": 800, "chunk": 400}
 MD_RUN_TINY = {"replicas": 2, "count": 2, "interval": 5, "equilibration": 10, "chunk": 20}
 STABILITY_PS = 10.0  # NVT ps of `--stability` (0.05 at --tiny); NVE runs half as long
-OPTIONS = {"--tiny": False, "--no-speed": False, "--time": True, "--stability": True, "--ps": True}  # takes a value?
+FLAGS = ("--tiny", "--no-speed")
+OPTIONS = ("--time", "--stability", "--ps")  # take a value
 
 
 def system_file(system: str) -> str:
@@ -172,19 +173,9 @@ def trained_steps(run_dir: str) -> int:
 
 def parse(argv) -> dict:
     """The command line as {option: value} (True for a flag); a one-line SystemExit for anything else."""
-    from distiller.config import parse_duration
+    from distiller.config import parse_arguments, parse_duration
 
-    args, rest = {}, list(argv)
-    while rest:
-        name = rest.pop(0)
-        if name not in OPTIONS:
-            raise SystemExit(f"experiments/water.py: unknown argument {name!r} (known: {', '.join(OPTIONS)})")
-        if OPTIONS[name]:
-            if not rest or rest[0].startswith("--"):
-                raise SystemExit(f"experiments/water.py: {name} needs a value")
-            args[name] = rest.pop(0)
-        else:
-            args[name] = True
+    args = parse_arguments(argv, FLAGS, OPTIONS, "experiments/water.py")
     systems = TINY_SYSTEMS if "--tiny" in args else SYSTEMS
     if "--stability" in args and args["--stability"] not in systems:
         raise SystemExit(f"experiments/water.py: --stability takes one of {', '.join(systems)}"
@@ -208,8 +199,9 @@ def parse(argv) -> dict:
 
 
 def merged_results(old: dict | None, out: dict) -> dict:
-    """This call's results `out` merged with those already in the file, `old` (aspirin's too) by experiments/aspirin.py's `merged`:
-    students, step timings and test sets of other names kept, an entry of the same name replaced."""
+    """This call's results `out` merged with those already in the file, `old` (aspirin's too), by
+    experiments/aspirin.py's `merged`: students, step timings and test sets of other names kept, an entry of the
+    same name replaced."""
     spec = importlib.util.spec_from_file_location("aspirin_experiment", os.path.join(HERE, "aspirin.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -217,9 +209,9 @@ def merged_results(old: dict | None, out: dict) -> dict:
 
 
 def results_kind(tiny: bool) -> str:
-    import jax
+    from distiller.speed import device_kind
 
-    return "tiny" if tiny else jax.devices()[0].device_kind.split()[-1].lower()
+    return "tiny" if tiny else device_kind()
 
 
 def collect_stability(path: str, entry: dict) -> list:

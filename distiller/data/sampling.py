@@ -386,12 +386,12 @@ def _md_program(model, seeds: list[tuple[Structure, dict]], trajectories: list[t
             for (i, replica), trajectory_records in zip(trajectories, records):
                 seed, source = seeds[i]
                 kept = out[i, replica]
+                # a ladder's frames name their rung (a plain temperature is in params)
+                rung = {"temperature_K": config.temperature_of(replica)} if len(config.temperatures) > 1 else {}
                 for frame in frames(seed, trajectory_records, config.dt):
                     step = frame.info["step"]
                     if step <= config.equilibration:
                         continue
-                    rung = {"temperature_K": config.temperature_of(replica)} if config.trajectories > \
-                        config.replicas else {}  # a ladder's: which rung (a plain temperature is in params)
                     candidate = _candidate(seed, source, config, key, replica * config.count + len(kept),
                                            frame.positions, replica=replica, step=step, time_fs=step * config.dt,
                                            model=model.name, **rung)
