@@ -8,12 +8,12 @@
     python experiments/aspirin.py --sample         # the sets alone (before students train side by side)
     python experiments/aspirin.py --only painn-32x2 --no-speed &   # ... one process per student, then:
     python experiments/aspirin.py --only painn-32x2,painn-64x3,schnet-64x3 --speed   # their speed, one process
-    python experiments/aspirin.py --tiny           # the same pipeline at toy sizes (a CPU smoke run)
+    python experiments/aspirin.py --tiny           # the same pipeline at toy sizes (a CPU smoke run, runs/aspirin_tiny/)
     distiller distill experiments/aspirin.py       # the PaiNN student alone (the sampled sets must exist)
 
-Everything lives under runs/aspirin/ and resumes: sampled sets are kept, training continues from its
-checkpoints (a `--time` stop included), evaluation is redone from the checkpoints. A student is evaluated once
-its run has all its steps. `--steps N` trains each student for N steps instead (its own run directory and entry,
+Everything lives under runs/aspirin/ (runs/aspirin_tiny/ at --tiny) and resumes: sampled sets are kept,
+training continues from its checkpoints (a `--time` stop included), evaluation is redone from the checkpoints.
+A student is evaluated once its run has all its steps. `--steps N` trains each student for N steps instead (its own run directory and entry,
 NAME-Nk, since the learning-rate schedule follows the step count). `--timing K` trains K steps of each student in
 NAME-timing (no validation, evaluation or checkpoints before the last step) and records its training ms/step.
 The results of a call are merged into bench/results/fidelity-<device>.json (under a lock: students trained
@@ -54,6 +54,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SHARED = os.environ.get("DISTILLER_SHARED", os.path.join(ROOT, "..", "shared"))
 SEED = os.path.join(SHARED, "structures", "aspirin.extxyz")
 WORK = os.path.join(ROOT, "runs", "aspirin")
+WORK_TINY = WORK + "_tiny"  # --tiny's sets, runs and results: a toy set must never stand in for a real one
 TEACHER = "fennol-pmc:ani1x"
 
 config = Experiment(
@@ -127,7 +128,8 @@ def structures(name: str, teacher, tiny: bool) -> str:
     from distiller.data.sampling import MDConfig, NormalModeConfig, sample
     from distiller.structure import write_structures
 
-    path = os.path.join(WORK, f"{name}.extxyz")
+    work = WORK_TINY if tiny else WORK
+    path = os.path.join(work, f"{name}.extxyz")
     if os.path.isfile(path):
         return path
     out = []
@@ -138,7 +140,7 @@ def structures(name: str, teacher, tiny: bool) -> str:
     if name == "train":
         modes = NormalModeConfig(count=4 if tiny else NORMAL_MODES, temperature=400.0, relax_fmax=0.01)
         out += sample(SEED, modes, teacher, key=7)
-    os.makedirs(WORK, exist_ok=True)
+    os.makedirs(work, exist_ok=True)
     write_structures(path, out)  # atomic: a killed job samples the set again
     print(f"{name}: {len(out)} structures -> {path}")
     return path
@@ -222,9 +224,17 @@ def student_config_for(name: str, tiny: bool, steps: int | None) -> tuple[str, E
         sampling = student_config.sampling
         if isinstance(sampling, MDSampling):
             sampling = dataclasses.replace(sampling, replicas=4, steps_between=2, equilibration=0)
-        student_config = dataclasses.replace(student_config, steps=20, batch_size=2, checkpoint_every=10,
-                                             log_every=5, sampling=sampling,
-                                             validation=dataclasses.replace(student_config.validation, every=10))
+
+        def tiny_path(path: str) -> str:  # under WORK_TINY instead of WORK
+            return WORK_TINY + path[len(WORK):] if path.startswith(WORK + os.sep) else path
+
+        validation = student_config.validation
+        student_config = dataclasses.replace(
+            student_config, steps=20, batch_size=2, checkpoint_every=10, log_every=5, sampling=sampling,
+            run_dir=tiny_path(student_config.run_dir),
+            structures=tuple(tiny_path(path) for path in student_config.structures),
+            validation=dataclasses.replace(validation, every=10,
+                                           structures=tuple(tiny_path(path) for path in validation.structures)))
     if steps is not None and steps != student_config.steps:
         suffix = f"-{steps // 1000}k" if steps % 1000 == 0 else f"-{steps}"
         name += suffix
@@ -236,7 +246,7 @@ def student_config_for(name: str, tiny: bool, steps: int | None) -> tuple[str, E
 def results_path(tiny: bool) -> str:
     from distiller.speed import device_kind
 
-    return os.path.join(WORK, "fidelity-tiny.json") if tiny else \
+    return os.path.join(WORK_TINY, "fidelity-tiny.json") if tiny else \
         os.path.join(ROOT, "bench", "results", f"fidelity-{device_kind()}.json")
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import sys
 import warnings
 from typing import Any, ClassVar
 
@@ -37,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from ase import units
+from tqdm import tqdm
 
 from distiller import batch as batching
 from distiller.data.perturb import perturb
@@ -381,8 +383,12 @@ def _md_program(model, seeds: list[tuple[Structure, dict]], trajectories: list[t
     chunks = simulate_each(model, structures, config.dynamics(temperatures[0]), steps, keys=keys,
                            log_every=config.interval, chunk=config.chunk, **ladder)
     out: dict[tuple[int, int], list[Structure]] = {trajectory: [] for trajectory in trajectories}
+    # a status line (stderr): a set's MD is minutes of one program with nothing else to show
+    bar = tqdm(total=steps, unit="step", file=sys.stderr, mininterval=2.0,
+               desc=f"teacher MD {structures[0].name} x{len(trajectories)} ({model.name})")
     try:
         for records in chunks:
+            bar.update(int(records[0].step[-1]) - bar.n)
             for (i, replica), trajectory_records in zip(trajectories, records):
                 seed, source = seeds[i]
                 kept = out[i, replica]
@@ -400,6 +406,8 @@ def _md_program(model, seeds: list[tuple[Structure, dict]], trajectories: list[t
         i, replica = trajectories[0 if err.replica is None else err.replica]
         raise MDFailure(f"{seeds[i][0].name} (MD replica {replica} with {model.name})", err.step, err.time_fs,
                         err.cause, err.last_step, replica=replica) from err
+    finally:
+        bar.close()
     return out
 
 
