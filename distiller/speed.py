@@ -65,7 +65,8 @@ def device_kind() -> str:
 
 def add_student_arguments(parser) -> None:
     """The student options every bench script takes: a trained run, or a fresh student of a given size
-    (the quickstart's by default)."""
+    (by default SchNet 64x3 with 24 basis functions: the quickstart's until 2026-12-03, the student of the
+    earlier speed results in bench/results)."""
     parser.add_argument("--run", help="trained student run directory (default: a fresh student of the size below)")
     parser.add_argument("--architecture", default="schnet", help="student architecture of a fresh student")
     parser.add_argument("--cutoff", type=float, default=5.0)

@@ -8,14 +8,16 @@
     python experiments/aspirin.py --sample         # the sets alone (before students train side by side)
     python experiments/aspirin.py --only painn-32x2 --no-speed &   # ... one process per student, then:
     python experiments/aspirin.py --only painn-32x2,painn-64x3,schnet-64x3 --speed   # their speed, one process
-    python experiments/aspirin.py --tiny           # the same pipeline at toy sizes (a CPU smoke run, runs/aspirin_tiny/)
+    python experiments/aspirin.py --tiny           # the same pipeline at toy sizes (CPU smoke run, runs/aspirin_tiny)
     distiller distill experiments/aspirin.py       # the PaiNN student alone (the sampled sets must exist)
 
-Everything lives under runs/aspirin/ (runs/aspirin_tiny/ at --tiny) and resumes: sampled sets are kept,
-training continues from its checkpoints (a `--time` stop included), evaluation is redone from the checkpoints.
-A student is evaluated once its run has all its steps. `--steps N` trains each student for N steps instead (its own run directory and entry,
-NAME-Nk, since the learning-rate schedule follows the step count). `--timing K` trains K steps of each student in
-NAME-timing (no validation, evaluation or checkpoints before the last step) and records its training ms/step.
+Everything lives under runs/aspirin/ (runs/aspirin_tiny/ at --tiny) and resumes: sampled sets (and the
+teacher's minimum) are kept, training continues from its checkpoints (a `--time` stop included), evaluation is
+redone from the checkpoints. A student is evaluated once its run has all its steps. `--steps N` trains each
+student for N steps instead (its own run directory and entry, NAME-Nk, since the learning-rate schedule follows
+the step count). `--timing K` trains K steps of each student in NAME-timing (no validation, evaluation or
+checkpoints before the last step) and records its training ms/step. The sets need no GPU: `--sample` on a
+2-core CPU takes about 4 minutes, and the files can be carried to the GPU machine.
 The results of a call are merged into bench/results/fidelity-<device>.json (under a lock: students trained
 side by side write to it): entries of the same name are replaced, the others kept. Speed is measured alone:
 `--no-speed` leaves it out of the evaluation (students trained side by side share the GPU), and `--speed`
@@ -160,7 +162,8 @@ def teacher_minimum(teacher, tiny: bool):
     path = os.path.join(WORK_TINY if tiny else WORK, "teacher-minimum.extxyz")
     if os.path.isfile(path):
         minimum = read_structures(path)[0]
-        return minimum, float(minimum.info["fmax"])
+        if minimum.info.get("teacher") == TEACHER:  # another teacher's minimum is found again
+            return minimum, float(minimum.info["fmax"])
     atoms = read_structures(SEED)[0].to_ase()
     atoms.calc = Calculator(teacher)
     BFGS(atoms, logfile=None).run(fmax=1e-2 if tiny else 1e-3, steps=2000)
@@ -170,6 +173,11 @@ def teacher_minimum(teacher, tiny: bool):
     minimum = dataclasses.replace(minimum, info={**minimum.info, "fmax": fmax, "teacher": TEACHER})
     write_structures(path, [minimum])
     return minimum, fmax
+
+
+def status(line: str) -> None:
+    """A phase's status line (stderr, beside the progress bars): evaluation is minutes with none of its own."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def normal_modes_mae(student, teacher, minimum) -> dict:
@@ -368,6 +376,7 @@ def main(argv) -> dict:
             continue
         test_sets = {}
         for test in ("test-300K", "test-500K"):
+            status(f"{name}: evaluating on {test}")
             report = evaluate_run(student_config.run_dir, tests[test], teacher=teacher,
                                   out=os.path.join(student_config.run_dir, f"evaluation-{test}"))
             test_sets[test] = {k: report["summary"][k] for k in ("structures", "accuracy_retained", "forces_mae",
@@ -376,7 +385,9 @@ def main(argv) -> dict:
         speed = None if "--no-speed" in args else speed_rows(teacher, student_config.run_dir, (64,),
                                                              (student_config.student.kernel,), tiny)
         if minimum is None:
+            status("the teacher's minimum (BFGS to 1 meV/Å; found once, then read from its file)")
             minimum, minimum_fmax = teacher_minimum(teacher, tiny)
+        status(f"{name}: normal modes (Hessians of student and teacher at the teacher's minimum)")
         results.append({"name": name, "command": command, "student": student_config.student.to_dict(),
                         "loss": dataclasses.asdict(student_config.loss), "steps": done,
                         "batch_size": student_config.batch_size, "best": run_dir.read_best(),
