@@ -125,13 +125,17 @@ FLAGS = ("--tiny", "--sample", "--speed", "--no-speed")
 OPTIONS = ("--only", "--time", "--steps", "--timing")  # take a value
 
 
+def work_dir(tiny: bool) -> str:
+    """Where this job's sets, teacher minimum and runs live: WORK, or WORK_TINY at --tiny."""
+    return WORK_TINY if tiny else WORK
+
+
 def structures(name: str, teacher, tiny: bool) -> str:
     """The set `name` (MD_SETS), sampled by the teacher once and kept; its path."""
     from distiller.data.sampling import MDConfig, NormalModeConfig, sample
     from distiller.structure import write_structures
 
-    work = WORK_TINY if tiny else WORK
-    path = os.path.join(work, f"{name}.extxyz")
+    path = os.path.join(work_dir(tiny), f"{name}.extxyz")
     if os.path.isfile(path):
         return path
     out = []
@@ -142,7 +146,7 @@ def structures(name: str, teacher, tiny: bool) -> str:
     if name == "train":
         modes = NormalModeConfig(count=4 if tiny else NORMAL_MODES, temperature=400.0, relax_fmax=0.01)
         out += sample(SEED, modes, teacher, key=7)
-    os.makedirs(work, exist_ok=True)
+    os.makedirs(work_dir(tiny), exist_ok=True)
     write_structures(path, out)  # atomic: a killed job samples the set again
     print(f"{name}: {len(out)} structures -> {path}")
     return path
@@ -159,7 +163,7 @@ def teacher_minimum(teacher, tiny: bool):
     from distiller.calculator import Calculator
     from distiller.structure import Structure, read_structures, write_structures
 
-    path = os.path.join(WORK_TINY if tiny else WORK, "teacher-minimum.extxyz")
+    path = os.path.join(work_dir(tiny), "teacher-minimum.extxyz")
     if os.path.isfile(path):
         minimum = read_structures(path)[0]
         if minimum.info.get("teacher") == TEACHER:  # another teacher's minimum is found again
