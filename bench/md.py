@@ -16,12 +16,17 @@ Rows (`rows` of the JSON): system, atoms (the total over the replicas), replicas
 "teacher-member" or "student"), model, ms_per_step (one step of the whole program), ns_per_day (of each
 replica's trajectory; `aggregate_ns_per_day` is over all replicas), us_per_atom_step (over all atoms).
 
-The student is a fresh one of the quickstart's size (SchNetConfig(cutoff=5.0, features=64, layers=3)), or a
-trained one with --run. A fresh student's random energy surface would fling atoms about, so its readout is
+The student is a fresh one of the size options (default SchNetConfig(cutoff=5.0, features=64, layers=3)), or a
+trained one with --run; `--students painn-64x3 painn-32x2@4.5 schnet-64x3:xla ...` times several fresh ones in
+the same run (ARCH-FEATURESxLAYERS, optionally @CUTOFF and :KERNEL; --n-rbf and --kernel fill in the rest). A fresh student's random energy surface would fling atoms about, so its readout is
 scaled by --readout-scale (1e-3): forces become tiny and the water flows like a gas at the same density, with
 the same shapes and operations per step (speed does not depend on the weights' values); a molecule drifts
 apart slowly (its neighbour list's capacities may grow, whose redone chunks are not timed). A trained run is
 used as it is.
+
+`--profile DIR` runs one more chunk of every row under the profiler (not timed with the others): its trace goes
+to DIR/SYSTEM-MODEL/, and the row's `profile` (`distiller.profiling`) gives the device time per step by kernel
+and by kind, the launches per step and the wall time beside them (where the time goes, issue 14).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import jax  # noqa: E402
 
 from distiller.files import write_json_atomic  # noqa: E402
 from distiller.load import load_model  # noqa: E402
+from distiller.profiling import kernel_table  # noqa: E402
 from distiller.speed import (add_student_arguments, device_name, md_speed, student_from_arguments,  # noqa: E402
                              versions)
 from distiller.structure import read_structures  # noqa: E402
@@ -50,9 +56,30 @@ def fresh_student(config, structure, readout_scale: float):
     # The readout's weights only: a fresh student's reference energies are zero (student_model's default).
     inner = dict(params["params"])
     inner["readout"] = jax.tree.map(lambda w: w * readout_scale, inner["readout"])
-    name = (f"fresh student (cutoff {config.cutoff}, features {config.features}, layers {config.layers}, "
-            f"readout x{readout_scale:g})")
+    name = (f"fresh {config.architecture} student (cutoff {config.cutoff}, features {config.features}, layers "
+            f"{config.layers}, n_rbf {config.n_rbf}, {config.kernel}, readout x{readout_scale:g})")
     return student_model(config, {**params, "params": inner}, name=name)
+
+
+def student_spec(text: str, args):
+    """'painn-64x3@4.5:pallas' -> PaiNNConfig(features=64, layers=3, cutoff=4.5, kernel="pallas"): --students'
+    format (the cutoff, n_rbf and kernel default to --cutoff, --n-rbf and --kernel)."""
+    import dataclasses
+
+    from distiller.students import config_class
+
+    spec, _, kernel = text.partition(":")
+    spec, _, cutoff = spec.partition("@")
+    architecture, _, size = spec.partition("-")
+    features, _, layers = size.partition("x")
+    try:
+        cls = config_class(architecture)
+        values = {"features": int(features), "layers": int(layers), "cutoff": float(cutoff or args.cutoff),
+                  "n_rbf": args.n_rbf, "kernel": kernel or args.kernel, "elements": (1, 6, 7, 8)}
+        return cls(**{k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(cls)}})
+    except ValueError as err:
+        raise SystemExit(f"bench/md.py: --students {text!r}: {err} (format ARCH-FxL[@CUTOFF][:KERNEL], e.g. "
+                         f"painn-64x3@4.5:pallas)") from None
 
 
 def teacher_kind(spec: str) -> str:
@@ -78,28 +105,50 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000, help="timed steps per model and system")
     parser.add_argument("--chunk", type=int, default=500, help="steps per lax.scan chunk (the first is warm-up)")
     parser.add_argument("--dt", type=float, default=0.5, help="fs")
-    parser.add_argument("--out", help="JSON file to write")
+    parser.add_argument("--students", nargs="+", metavar="SPEC",
+                        help="fresh students to time instead of the one the size options describe: "
+                             "ARCH-FxL[@CUTOFF][:KERNEL], e.g. painn-64x3 painn-32x2@4.5 schnet-64x3:xla")
+    parser.add_argument("--profile", metavar="DIR", help="trace one more chunk per row into DIR (see above)")
+    parser.add_argument("--out", help="JSON file to write (after every row)")
     args = parser.parse_args()
     if args.steps < 1 or args.steps % args.chunk:
         parser.error(f"--steps ({args.steps}) must be a positive multiple of --chunk ({args.chunk})")
     if args.replicas < 1:
         parser.error(f"--replicas must be >= 1, got {args.replicas}")
 
+    if args.students and args.run:
+        parser.error("--students times fresh students; --run a trained one: give one of them")
+    student_configs = ([student_spec(text, args) for text in args.students] if args.students else
+                       [None if args.run else student_from_arguments(args)])
+    paths = {name: os.path.join(args.structures_dir, f"{name}.extxyz") for name in args.systems}
+    missing = [path for path in paths.values() if not os.path.isfile(path)]
+    if missing:
+        parser.error(f"no structure file {missing[0]}")
     teachers = [(teacher_kind(spec), load_model(spec)) for spec in args.teacher]
     rows = []
-    student_config = student_from_arguments(args)
+    report = {
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "device": device_name(), "versions": versions(),
+        "teachers": args.teacher,
+        "students": [{"run": args.run} if config is None else
+                     {"readout_scale": args.readout_scale, **config.to_dict()} for config in student_configs],
+        "ensemble": "nve", "initial_temperature_K": 300.0,
+        "rows": rows,
+    }
     for name in args.systems:
-        structure = read_structures(os.path.join(args.structures_dir, f"{name}.extxyz"))[0]
+        structure = read_structures(paths[name])[0]
         replicas = 1 if structure.periodic else args.replicas
-        if args.run:
-            student = load_model(args.run)
-            student_config = student.source  # a student model's source is its config
-        else:
-            student = fresh_student(student_config, structure, args.readout_scale)
-        for kind, model in teachers + [("student", student)]:
+        students = [("student", load_model(args.run) if config is None else
+                     fresh_student(config, structure, args.readout_scale)) for config in student_configs]
+        for kind, model in teachers + students:
             label = name if replicas == 1 else f"{name} x{replicas}"
+            trace = None
+            if args.profile:
+                trace = os.path.join(args.profile, "".join(c if c.isalnum() or c in "-." else "-"
+                                                           for c in f"{label}-{model.name}"))
             try:
-                row = {"kind": kind, **md_speed(model, structure, replicas, args.steps, args.chunk, args.dt, label)}
+                row = {"kind": kind, **md_speed(model, structure, replicas, args.steps, args.chunk, args.dt, label,
+                                                trace=trace)}
             except FloatingPointError as err:  # an untrained or poor student can blow up: say so, go on
                 print(f"{label:>14} {kind:>16} failed: {err}", flush=True)
                 rows.append({"kind": kind, "model": model.name, "system": label, "error": str(err)})
@@ -108,19 +157,12 @@ def main() -> None:
                      f"{row['ms_per_step']:9.3f} ms/step  {row['ns_per_day']:9.3f} ns/day")
             print(f"{label:>14} {kind:>16} {row['atoms']:7d} atoms  {speed}  (warm-up {row['warmup_s']:.1f} s, "
                   f"drift {row['drift_meV_per_atom_ps']} meV/atom/ps)", flush=True)
+            if "profile" in row:
+                print(kernel_table(row["profile"]), flush=True)
             rows.append(row)
-    report = {
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "device": device_name(), "versions": versions(),
-        "teachers": args.teacher,
-        "student": {"run": args.run, "readout_scale": None if args.run else args.readout_scale,
-                    **{k: getattr(student_config, k, None) for k in ("cutoff", "features", "layers", "n_rbf",
-                                                                     "kernel")}},
-        "ensemble": "nve", "initial_temperature_K": 300.0,
-        "rows": rows,
-    }
+            if args.out:  # after every row: a call cut short keeps what it measured
+                write_json_atomic(args.out, report)
     if args.out:
-        write_json_atomic(args.out, report)
         print(f"written {args.out}")
 
 

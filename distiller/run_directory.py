@@ -285,7 +285,16 @@ def _identity(path: str) -> tuple[int, int] | None:
 
 # -- checkpoint checksums and restoring -------------------------------------------------------------------
 def _abstract(tree: Any) -> Any:
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+    """The restore target of `tree`: its shapes and dtypes, every leaf on this process's first device. A leaf
+    without a sharding would take the saving process's from the checkpoint's metadata, which another machine
+    cannot build (orbax's "Topology mismatch": a run trained on a GPU could not resume or be evaluated on a CPU)."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def target(x):
+        struct = ocp.utils.to_shape_dtype_struct(x)
+        return jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=device)
+
+    return jax.tree.map(target, tree)
 
 
 def _checkpoint_files(directory: str) -> list[str]:

@@ -193,25 +193,35 @@ def compare_speed(teacher: EnergyModel | str, student, systems: Mapping[str, Seq
 
 
 def md_speed(model: EnergyModel, structure: Structure, replicas: int, steps: int, chunk: int, dt: float,
-             system: str) -> dict:
+             system: str, trace: str | None = None) -> dict:
     """MD speed: run chunk (warm-up, compiles) + steps NVE steps of `replicas` copies of `structure` (one: `simulate`);
     time the `steps`.
 
     A chunk whose neighbour list overflowed was redone with larger capacities, i.e. recompiled: its wall time
     is compilation, not integration, so the rate comes from the chunks that ran once (all of them, usually).
+    trace: a folder: one more chunk runs under the profiler after the timed ones (not timed with them); the row's
+    `profile` is its `distiller.profiling.summarise` (device time per kernel and kind, per step).
     """
     from distiller.md import Dynamics, energy_drift, simulate_each, thermo
 
+    from distiller.profiling import traced
+
     dynamics = Dynamics("nve", temperature=300.0, dt=dt)
     log_every = math.gcd(chunk, 50)  # the thermo log (for the drift) every 50 steps where the chunk allows
-    runs = simulate_each(model, [structure] * replicas, dynamics, chunk + steps, keys=list(range(replicas)),
-                         log_every=log_every, chunk=chunk)
+    timed = chunk + steps
+    runs = simulate_each(model, [structure] * replicas, dynamics, timed + (chunk if trace else 0),
+                         keys=list(range(replicas)), log_every=log_every, chunk=chunk)
     rows, chunks = [[] for _ in range(replicas)], []
+
+    def keep(records):
+        for k, r in enumerate(records):
+            rows[k].append(thermo(r, structure.n_atoms, dt))
+        return records
+
     start = last = time.perf_counter()
     warmup = None
     for records in runs:
-        for k, r in enumerate(records):
-            rows[k].append(thermo(r, structure.n_atoms, dt))
+        keep(records)
         now = time.perf_counter()
         if records[0].step[-1] > 0:
             if warmup is None:
@@ -219,6 +229,14 @@ def md_speed(model: EnergyModel, structure: Structure, replicas: int, steps: int
             else:
                 chunks.append((now - last, len(records[0].step) * log_every, records[0].redone))
         last = now
+        if records[0].step[-1] >= timed:
+            break
+    profile = None
+    if trace:
+        traced_records = []
+        profile = traced(lambda: traced_records.append(keep(next(runs))), trace, chunk)
+        # A chunk redone with grown capacities holds a compilation and both attempts' kernels: say so.
+        profile["chunk_redone"] = bool(traced_records[0][0].redone)
     rows = [np.concatenate(r) for r in rows]
     clean = [(t, n) for t, n, redone in chunks if not redone]
     atoms = replicas * structure.n_atoms
@@ -238,6 +256,8 @@ def md_speed(model: EnergyModel, structure: Structure, replicas: int, steps: int
     }
     if replicas > 1:
         row["largest_drift_meV_per_atom_ps"] = None if drifts is None else float(np.max(np.abs(drifts)))
+    if profile is not None:
+        row["profile"] = profile
     return row
 
 

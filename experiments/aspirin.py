@@ -85,6 +85,11 @@ STUDENTS = {
                                       student=dataclasses.replace(config.student, features=32, layers=2)),
     "painn-128x3": dataclasses.replace(config, name="aspirin-painn-128x3", run_dir=os.path.join(WORK, "painn-128x3"),
                                        student=dataclasses.replace(config.student, features=128)),
+    # The cutoff against cost (issue 14): an edge costs the same at any length, and aspirin has 10.7 neighbours per
+    # atom within 4 Å against 14.8 within 5 Å (water: about half); three layers still span the molecule.
+    "painn-64x3-4A": dataclasses.replace(config, name="aspirin-painn-64x3-4A",
+                                         run_dir=os.path.join(WORK, "painn-64x3-4A"),
+                                         student=dataclasses.replace(config.student, cutoff=4.0)),
     "schnet-64x3": dataclasses.replace(config, name="aspirin-schnet-64x3", run_dir=os.path.join(WORK, "schnet-64x3"),
                                        student=SchNetConfig(cutoff=5.0, features=64, layers=3, n_rbf=16)),
     "schnet-128x3": dataclasses.replace(config, name="aspirin-schnet-128x3", run_dir=os.path.join(WORK, "schnet-128x3"),
@@ -271,27 +276,32 @@ def results_path(tiny: bool) -> str:
         os.path.join(ROOT, "bench", "results", f"fidelity-{device_kind()}.json")
 
 
-def speed_rows(teacher, run_dir: str, copies, kernels, tiny: bool) -> list[dict]:
-    """Energy+forces of the run's student with each of `kernels` beside the teacher, on each of `copies` aspirin
-    molecules in one call: `compare_speed`'s rows, each naming its kernel."""
+def speed_rows(teacher, student, copies, kernels, tiny: bool) -> list[dict]:
+    """Energy+forces of `student` (a run directory, or a student config: random weights, since speed does not
+    depend on them) with each of `kernels` beside the teacher, on each of `copies` aspirin molecules in one call:
+    `compare_speed`'s rows, each naming its kernel."""
     from distiller.run_directory import load_student
     from distiller.speed import compare_speed
     from distiller.structure import read_structures
+    from distiller.students import StudentConfig
 
     seed = read_structures(SEED)
     systems = {f"aspirin x{n}": seed * n for n in copies}
     rows = []
     for kernel in kernels:
-        report = compare_speed(teacher, load_student(run_dir, kernel=kernel), systems, repeats=3 if tiny else 20,
-                               native=False, progress=True)
+        model = (dataclasses.replace(student, kernel=kernel) if isinstance(student, StudentConfig) else
+                 load_student(student, kernel=kernel))
+        report = compare_speed(teacher, model, systems, repeats=3 if tiny else 20, native=False, progress=True)
         rows += [{**row, "kernel": kernel} for row in report["results"]]
     return rows
 
 
 def time_students(names: list, teacher, tiny: bool, steps: int | None, command: str) -> dict:
-    """`--speed`: `speed_rows` of each evaluated student (its XLA and Pallas kernels; XLA alone on a CPU) on
-    SPEED_COPIES molecules, one student after the other in this process; the rows replace each entry's `speed`.
-    Students not yet evaluated are refused before any timing."""
+    """`--speed`: `speed_rows` of each evaluated student's architecture and size (its XLA and Pallas kernels; XLA
+    alone on a CPU) on SPEED_COPIES molecules, one student after the other in this process; the rows replace each
+    entry's `speed`. Timed with random weights (the run directory need not be here: the GPU machine that trained
+    a student may be gone), the same arithmetic as the trained weights'. Students not yet evaluated are refused
+    before any timing."""
     import jax
 
     from distiller.files import update_json
@@ -309,14 +319,14 @@ def time_students(names: list, teacher, tiny: bool, steps: int | None, command: 
     kernels = ("xla", "pallas") if jax.default_backend() == "gpu" else ("xla",)
     timed = {}
     for name, student_config in named:
-        rows = speed_rows(teacher, student_config.run_dir, (4, 16) if tiny else SPEED_COPIES, kernels, tiny)
+        rows = speed_rows(teacher, student_config.student, (4, 16) if tiny else SPEED_COPIES, kernels, tiny)
         timed[name] = rows
         print(json.dumps({name: rows}), flush=True)
 
         def with_speed(old: dict, name=name, rows=rows) -> dict:
             for entry in old["students"]:
                 if entry["name"] == name:
-                    entry.update(speed=rows, speed_command=command)
+                    entry.update(speed=rows, speed_command=command, speed_weights="random (the config's)")
             return old
 
         update_json(path, with_speed)  # each student as it is timed: a call cut short keeps the ones it measured
