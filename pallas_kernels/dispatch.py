@@ -6,6 +6,9 @@ picks one set for every edge operation of its energy: the cfconv of each SchNet 
     directional_cfconv(scalars, vectors, along, edge_vectors, senders, receivers, edge_mask, filter_params, *,
                        cutoff, kernel="xla")
     edge_difference(values, senders, receivers, edge_mask, *, kernel="xla")
+
+directional_cfconv's vectors may be None, meaning all zero (PaiNN's first layer): every set then leaves their
+term out, and the Pallas kernels do not read those rows.
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ def cfconv(features: jax.Array, lengths: jax.Array, senders: jax.Array, receiver
                                                 cutoff=cutoff)
 
 
-def directional_cfconv(scalars: jax.Array, vectors: jax.Array, along: jax.Array, edge_vectors: jax.Array,
+def directional_cfconv(scalars: jax.Array, vectors: jax.Array | None, along: jax.Array, edge_vectors: jax.Array,
                        senders: jax.Array, receivers: jax.Array, edge_mask: jax.Array, filter_params: dict, *,
                        cutoff: float, kernel: str = "xla") -> tuple[jax.Array, jax.Array]:
     """`directional_cfconv_reference`'s computation (see its docstring), done by the kernel set named `kernel`."""

@@ -3,6 +3,7 @@
 Same kernels as on the GPU (only the launch differs); tiny blocks so that an atom has many more edges than a
 block and the loops, masks and padding paths all run. Derivatives to second order are what training on forces
 differentiates: the edge vectors' cotangent (the position gradient) and the features' and coefficients'.
+vectors=None (all zero: PaiNN's first layer) is checked against zero vectors, in numbers and kernel inputs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 from distiller.capacity import make_batch
 from distiller.derivatives import predictions
 from distiller.structure import read_structures
-from distiller.students import PaiNNConfig, init_params, student_model
+from distiller.students import PaiNNConfig, init_params, painn, student_model
 from pallas_kernels import KERNELS, directional_cfconv, pallas_set
 from pallas_kernels.directional_cfconv import directional_cfconv_reference
 from pallas_kernels.directional_cfconv.pallas import directional_cfconv_pallas
@@ -99,24 +100,108 @@ def force_loss(fn, p, *inputs):
     return jnp.sum(d_edge_vectors**2) + jnp.sum(jnp.cos(d_scalars)) + jnp.sum(d_vectors**3)
 
 
-def test_first_and_second_order_match_reference():
+def both_orders(fn, p):
     """Gradients of a scalar of the outputs, and of a loss of those gradients (second order: its edge-vector
     part is the Hessian in the edge vectors times the gradient, the HVP of a force loss), w.r.t. all inputs."""
-    p = random_problem(3)
-    inputs = tuple(p[k] for k in INPUTS)
     everything = tuple(range(len(INPUTS)))
 
-    @functools.partial(jax.jit, static_argnums=0)  # one program per kernel: its compile is most of the time
-    def both_orders(fn, *inputs):
+    @jax.jit  # one program per kernel: its compile is most of the time
+    def grads(*inputs):
         return tuple(jax.grad(functools.partial(quantity, fn, p), argnums=everything)(*inputs)
                      for quantity in (scalar, force_loss))
 
-    (first, second), (first_ref, second_ref) = (both_orders(fn, *inputs)
-                                                for fn in (pallas, directional_cfconv_reference))
+    return grads(*(p[k] for k in INPUTS))
+
+
+def test_first_and_second_order_match_reference():
+    p = random_problem(3)
+    (first, second), (first_ref, second_ref) = (both_orders(fn, p) for fn in (pallas, directional_cfconv_reference))
     assert_close(first, first_ref, rtol=2e-5)
     assert_close(second, second_ref, rtol=5e-5)
     for grads in (first, second):
         assert np.all(np.asarray(grads[3])[~np.asarray(p["edge_mask"])] == 0)  # padding edges: exactly 0
+
+
+def fixed_vectors(fn, vectors):
+    """fn with its vectors argument replaced by `vectors` (None: all zero) whatever it is given."""
+    return lambda scalars, _, *rest, **kwargs: fn(scalars, vectors, *rest, **kwargs)
+
+
+@pytest.mark.parametrize("fn", [directional_cfconv_reference, pallas], ids=["reference", "pallas"])
+def test_no_vectors_is_zero_vectors(fn):
+    """vectors=None (PaiNN's first layer) computes what all-zero vectors do in the reference: outputs, first
+    and second derivatives w.r.t. the other inputs; filter 1's coefficients (unused) get exactly 0."""
+    p = random_problem(7)
+    without = fixed_vectors(fn, None)
+    with_zeros = fixed_vectors(directional_cfconv_reference, jnp.zeros_like(p["vectors"]))
+    out = call(without, p)
+    assert_close(out, call(with_zeros, p), rtol=1e-6)
+    assert np.abs(np.asarray(out[1])).max() > 1e-2  # the along term is there
+    (first, second), (first_zeros, second_zeros) = both_orders(without, p), both_orders(with_zeros, p)
+    assert_close(first, first_zeros, rtol=2e-5)  # as the kernel against the reference above
+    assert_close(second, second_zeros, rtol=5e-5)
+    for grads in (first, second):
+        assert np.all(np.asarray(grads[4]["coefficients"])[:, 1] == 0)
+        assert np.abs(np.asarray(grads[4]["coefficients"])[:, 2]).max() > 1e-2
+
+
+def pallas_call_inputs(fn, *args) -> list[int]:
+    """The number of inputs of each Pallas kernel launched by fn(*args), in its jaxpr (nested ones included)."""
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                yield len(eqn.invars)
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                    if hasattr(sub, "eqns"):
+                        yield from walk(sub)
+
+    return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
+def test_no_vectors_are_no_kernel_inputs():
+    """With vectors=None no pass reads the three vector rows or filter 1: the forward pass and the first
+    layer's force pass (the edge vectors' cotangent alone) each have 4 inputs fewer than with zero vectors."""
+    p = random_problem(8)
+
+    def energy(vectors):  # a scalar of the outputs, as a function of the edge vectors alone
+        return lambda x: scalar(fixed_vectors(pallas, vectors), p, p["scalars"], None, p["along"], x, p["params"])
+
+    with_zeros, without = (pallas_call_inputs(jax.grad(energy(v)), p["edge_vectors"])
+                           for v in (jnp.zeros_like(p["vectors"]), None))
+    assert len(with_zeros) == 2 and without == [n - 4 for n in with_zeros]  # forward, force pass
+
+
+def test_painn_first_message_without_vectors_keeps_energies_and_forces(structures_dir, monkeypatch):
+    """PaiNN's first message gets v = None and passes vectors=None; a student whose messages all get v as an
+    array (zeros at first: the computation before) has the same energies and forces under kernel="xla", to
+    float32 rounding (W_0 is now a product of F columns, not 4F)."""
+    structures = read_structures(str(structures_dir / "watertiny.extxyz"))
+    config = PaiNNConfig(features=8, n_rbf=6, layers=2, cutoff=3.0)
+    batch, _ = make_batch(structures, config.cutoff)
+    model = student_model(config)
+    params = init_params(config, jax.random.key(0), batch)
+    given = []  # per traced message: were its vectors None?
+
+    def recorded(scalars, vectors, *args, **kwargs):
+        given.append(vectors is None)
+        return directional_cfconv(scalars, vectors, *args, **kwargs)
+
+    class ZeroVectorsMessage(painn.Message):
+        def __call__(self, s, v, *args):
+            return super().__call__(s, jnp.zeros((s.shape[0], 3, s.shape[1]), s.dtype) if v is None else v, *args)
+
+    monkeypatch.setattr(painn, "directional_cfconv", recorded)
+    energy_forces = lambda: jax.jit(lambda params: predictions(model, params, batch)[:2])(params)  # noqa: E731
+    e_none, f_none = energy_forces()
+    assert given == [True, False]  # one trace: the first layer's message alone had no vectors
+    monkeypatch.setattr(painn, "Message", ZeroVectorsMessage)
+    e_zeros, f_zeros = energy_forces()
+    assert given[2:] == [False, False]
+    assert_close(e_none, e_zeros, rtol=1e-6)
+    assert_close(f_none, f_zeros, rtol=1e-5)
+    assert np.abs(np.asarray(f_none)).max() > 1e-3
 
 
 def test_student_pallas_kernel_is_the_reference_on_cpu():

@@ -15,7 +15,9 @@ reflections, translations and permutations; forces and stress come from `distill
 
 The three message sums are one `directional_cfconv` call over the edge vectors (its reference is the plain-JAX
 definition; under kernel="pallas" the whole message is one fused kernel launch per pass, r and r̂ computed per
-edge inside it, so the edge vectors' cotangent goes straight to the position gradient).
+edge inside it, so the edge vectors' cotangent goes straight to the position gradient). Before the first
+message v = 0, so b ⊙ v_j is exactly zero: the first layer passes vectors=None and the kernel skips that term
+(its gathers, and in the force pass its cotangent reads and arithmetic) instead of computing zeros.
 """
 
 from __future__ import annotations
@@ -60,9 +62,12 @@ class Message(nn.Module):
         phi_s, phi_v, phi_r = jnp.split(phi, 3, axis=-1)
         coefficients = self.param("filter", nn.initializers.normal(1.0), (c.n_rbf, 3, F))
         # (a, b, c) = φ ⊙ W: a on φ_s, b on φ_v ⊙ v_j (the three components sharing b's filter), c along r̂.
-        ds, dv = directional_cfconv(phi_s, phi_v[:, None, :] * v, phi_r, vectors, senders, receivers, edge_mask,
+        # Before the first message v = 0, passed as None: b's term is exactly zero, so it is not computed at all.
+        u = None if v is None else phi_v[:, None, :] * v
+        ds, dv = directional_cfconv(phi_s, u, phi_r, vectors, senders, receivers, edge_mask,
                                     {"coefficients": coefficients}, cutoff=c.cutoff, kernel=c.kernel)
-        return s + ds / c.avg_neighbours, v + dv / c.avg_neighbours
+        dv = dv / c.avg_neighbours
+        return s + ds / c.avg_neighbours, dv if v is None else v + dv
 
 
 class Update(nn.Module):
@@ -87,7 +92,7 @@ class PaiNN(nn.Module):
     def __call__(self, species, vectors, senders, receivers, edge_mask, atom_mask):
         c = self.config
         s = nn.Embed(len(c.elements), c.features, name="embedding")(species)
-        v = jnp.zeros((s.shape[0], 3, c.features), s.dtype)
+        v = None  # vectors start at 0: None lets the first message skip their (exactly zero) term
         for t in range(c.layers):
             s, v = Message(c, name=f"message_{t}")(s, v, vectors, senders, receivers, edge_mask)
             s, v = Update(c, name=f"update_{t}")(s, v)

@@ -10,6 +10,9 @@ W_k(r) = envelope(r) * (spline_basis(r) @ coefficients[:, k]) (cfconv's filter, 
     out_scalars[i]    += W_0(r) * scalars[j]
     out_vectors[i, d] += W_1(r) * vectors[j, d] + W_2(r) * along[j] * r̂_d          (d = x, y, z)
 
+vectors=None means all vector inputs are zero (PaiNN's first layer, before any message): the W_1 term is
+then left out, not computed from zeros, and kernels neither read those rows nor do that arithmetic.
+
 Why edge vectors, not lengths and unit vectors: r and r̂ are both functions of the one (E, 3) input, so the
 kernel computes them per edge and its derivative is the edge vectors' cotangent itself, which goes straight
 into the position gradient (`edge_difference`'s transpose); with lengths and unit vectors as two inputs,
@@ -53,19 +56,23 @@ def check_shapes(scalars, vectors, along, edge_vectors, senders, receivers, edge
                            ("edge_vectors", edge_vectors, (edge_mask.shape[0], 3)),
                            ("senders", senders, edge_mask.shape), ("receivers", receivers, edge_mask.shape),
                            ("filter coefficients", coefficients, (coefficients.shape[0], 3, n_features))):
+        if name == "vectors" and x is None:  # all zero: no array to check
+            continue
         if x.shape != tuple(shape):
             raise ValueError(f"{name} must have shape {tuple(shape)} to match scalars {scalars.shape} and "
                              f"edge_mask {edge_mask.shape}, got {x.shape}")
 
 
-def directional_cfconv_reference(scalars: jax.Array, vectors: jax.Array, along: jax.Array, edge_vectors: jax.Array,
-                                 senders: jax.Array, receivers: jax.Array, edge_mask: jax.Array, filter_params: dict,
-                                 *, cutoff: float) -> tuple[jax.Array, jax.Array]:
+def directional_cfconv_reference(scalars: jax.Array, vectors: jax.Array | None, along: jax.Array,
+                                 edge_vectors: jax.Array, senders: jax.Array, receivers: jax.Array,
+                                 edge_mask: jax.Array, filter_params: dict, *, cutoff: float
+                                 ) -> tuple[jax.Array, jax.Array]:
     """PaiNN's three message sums over a padded edge list (the reference for every kernel).
 
     Args:
       scalars: (A, F) float32, per-atom features convolved into the scalar output (filter 0).
-      vectors: (A, 3, F), per-atom vector features convolved component by component (filter 1).
+      vectors: (A, 3, F), per-atom vector features convolved component by component (filter 1); None when
+        they are all zero (the W_1 term is left out; coefficients[:, 1] is then unused, its gradient 0).
       along: (A, F), per-atom features sent along the edge direction (filter 2).
       edge_vectors: (E, 3) in Å, x[sender] - x[receiver] (+ cell shift). Padding edges may hold anything
         finite (the student gives them 0); edges at or beyond `cutoff` contribute exactly 0.
@@ -84,10 +91,16 @@ def directional_cfconv_reference(scalars: jax.Array, vectors: jax.Array, along: 
     n_atoms, n_features = scalars.shape
     coefficients = filter_params["coefficients"]
     lengths, unit = edge_lengths_and_units(edge_vectors, edge_mask)
-    x = jnp.concatenate([scalars, vectors.reshape(n_atoms, 3 * n_features)], axis=-1)
-    conv_filter = {"coefficients": jnp.concatenate([coefficients[:, 0]] + [coefficients[:, 1]] * 3, axis=-1)}
-    conv = cfconv_reference(x, lengths, senders, receivers, edge_mask, conv_filter, cutoff=cutoff)
-    out_scalars, out_vectors = conv[:, :n_features], conv[:, n_features:].reshape(n_atoms, 3, n_features)
+    # The cfconv's F-blocks: the scalars with W_0, then each vector component with W_1 (none if all zero).
+    blocks, filters = [scalars], [coefficients[:, 0]]
+    if vectors is not None:
+        blocks.append(vectors.reshape(n_atoms, 3 * n_features))
+        filters += [coefficients[:, 1]] * 3
+    conv = cfconv_reference(jnp.concatenate(blocks, axis=-1), lengths, senders, receivers, edge_mask,
+                            {"coefficients": jnp.concatenate(filters, axis=-1)}, cutoff=cutoff)
     weight = envelope(lengths, cutoff)[:, None] * radial_filter(lengths, {"coefficients": coefficients[:, 2]}, cutoff)
     messages = jnp.where(edge_mask[:, None], weight * along[senders], 0.0)[:, None, :] * unit[:, :, None]
-    return out_scalars, out_vectors + jax.ops.segment_sum(messages, receivers, num_segments=n_atoms)
+    out_vectors = jax.ops.segment_sum(messages, receivers, num_segments=n_atoms)
+    if vectors is not None:
+        out_vectors = conv[:, n_features:].reshape(n_atoms, 3, n_features) + out_vectors
+    return conv[:, :n_features], out_vectors
