@@ -92,8 +92,9 @@ def teacher_kind(spec: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", nargs="+", default=["fennol-pmc:ani1x/0"],
-                        help="teacher specs (the ensemble fennol-pmc:ani1x and/or a member, fennol-pmc:ani1x/0)")
+    parser.add_argument("--teacher", nargs="*", default=["fennol-pmc:ani1x/0"],
+                        help="teacher specs (the ensemble fennol-pmc:ani1x and/or a member, fennol-pmc:ani1x/0); "
+                             "none: students alone")
     add_student_arguments(parser)
     parser.add_argument("--readout-scale", type=float, default=1e-3)
     parser.add_argument("--systems", nargs="+", default=["waterbox", "aspirin"],

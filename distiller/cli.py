@@ -73,13 +73,36 @@ def _active(args) -> int:
 
 
 def _profile(args) -> int:
+    """`distiller profile EXPERIMENT` (training steps) or `distiller profile --md STRUCTURE --model MODEL` (MD
+    steps): a jax.profiler trace of steady-state steps, and its device time per kernel and kind (kernels.json
+    beside the trace, a table on stdout)."""
+    from distiller.files import write_json_atomic
+    from distiller.profiling import kernel_table
+
+    if (args.experiment is None) == (args.md is None):
+        raise UsageError("profile takes an experiment file (training steps) or --md STRUCTURE with --model MODEL "
+                         "(MD steps): one of them")
+    if args.md is not None and args.model is None:
+        raise UsageError("profile --md needs --model (a student run directory or a teacher spec)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise FileExistsError(f"{args.out} is a file; --out takes a directory")
+    summary = _profile_md(args) if args.md is not None else _profile_training(args)
+    folder = os.path.dirname(summary["trace"])
+    path = os.path.join(folder, "kernels.json")
+    write_json_atomic(path, summary)
+    print(kernel_table(summary))
+    print(f"trace of {args.steps} steps written to {folder} (open with TensorBoard's profile plugin, or its "
+          f"perfetto_trace.json.gz with ui.perfetto.dev); device time per kernel in {path}")
+    return 0
+
+
+def _profile_training(args) -> dict:
     import jax
 
+    from distiller.profiling import traced
     from distiller.train.step import Distillation
 
     config = _experiment(args)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise FileExistsError(f"{args.out} is a file; --out takes a directory")
     _status(args, f"setting up {config.name}: teacher {config.teacher}, student {config.student.architecture}")
     job = Distillation.create(config)
     state = job.initial_state()
@@ -87,24 +110,32 @@ def _profile(args) -> int:
     # Compile and run once outside the trace so the trace shows steady-state steps.
     state, _, _ = job.dispatch_step(state, job.seed_batch(0), job.step_key(0))
     jax.block_until_ready(state)
-    os.makedirs(args.out, exist_ok=True)
-    before = set(_trace_folders(args.out))
-    _status(args, f"tracing {args.steps} steps")
-    with jax.profiler.trace(args.out, create_perfetto_trace=True):
+
+    def steps():
+        nonlocal state
         for step in range(1, args.steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, metrics, _ = job.dispatch_step(state, job.seed_batch(step), job.step_key(step))
-        jax.block_until_ready(state)
-    written = sorted(set(_trace_folders(args.out)) - before) or [args.out]
-    print(f"trace of {args.steps} steps written to {written[-1]} (open with TensorBoard's profile plugin, or its "
-          f"perfetto_trace.json.gz with ui.perfetto.dev)")
-    return 0
+                state, _, _ = job.dispatch_step(state, job.seed_batch(step), job.step_key(step))
+        return state
+
+    _status(args, f"tracing {args.steps} steps")
+    return traced(steps, args.out, args.steps)
 
 
-def _trace_folders(out: str) -> list[str]:
-    """The folders jax.profiler.trace has written under `out` (OUT/plugins/profile/TIMESTAMP/)."""
-    base = os.path.join(out, "plugins", "profile")
-    return [os.path.join(base, name) for name in os.listdir(base)] if os.path.isdir(base) else []
+def _profile_md(args) -> dict:
+    """NVE MD from the structure at 300 K (dt 0.5 fs): a chunk of --steps to compile, one timed, one traced."""
+    from distiller.load import load_model
+    from distiller.speed import md_speed
+    from distiller.structure import read_structures
+
+    structures = read_structures(args.md)  # names the file when it is missing or unreadable
+    model = load_model(args.model)
+    replicas = args.replicas or 1
+    label = os.path.basename(args.md) + (f" x{replicas}" if replicas > 1 else "")
+    _status(args, f"MD of {model.name} on {label} ({replicas * structures[0].n_atoms} atoms): {args.steps} steps "
+                  f"to compile, {args.steps} timed, then {args.steps} traced")
+    row = md_speed(model, structures[0], replicas, args.steps, args.steps, 0.5, label, trace=args.out)
+    return {**row.pop("profile"), "md": row}
 
 
 MD_EVALUATION = {"index": 0, "time_ps": 10.0, "temperature": 300.0, "dt": 0.5, "seed": 0, "nve_ps": None}
@@ -322,9 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_active)
 
-    p = add_parser("profile", help="write a jax.profiler trace of N training steps")
-    p.add_argument("experiment", help="Python file defining `config = Experiment(...)`")
-    p.add_argument("--steps", type=_positive_int, default=10, metavar="N", help="training steps traced (default 10)")
+    p = add_parser("profile", help="write a jax.profiler trace of N training steps (or MD steps, --md) and the "
+                                   "device time per kernel")
+    p.add_argument("experiment", nargs="?", help="Python file defining `config = Experiment(...)`: its training steps")
+    p.add_argument("--md", metavar="STRUCTURE", help="profile MD steps instead (NVE, 300 K): the first structure of "
+                                                     "this file, with --model")
+    p.add_argument("--model", help="for --md: a student run directory or a teacher spec (fennol-pmc:ani1x/0)")
+    p.add_argument("--replicas", type=_positive_int, metavar="N", help="for --md: N replicas in one program")
+    p.add_argument("--steps", type=_positive_int, default=10, metavar="N",
+                   help="steps traced (default 10; for --md also the chunk: a multiple of 50 logs the energy drift)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="trace directory (the trace goes to DIR/plugins/profile/TIMESTAMP/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -280,6 +280,17 @@ def test_profile_says_what_it_does_and_where_the_trace_is(tmp_path, monkeypatch,
     assert f"trace of 2 steps written to {folder} " in captured.out
 
 
+def test_profile_takes_an_experiment_or_md_with_a_model(tmp_path, capsys):
+    out = tmp_path / "trace"
+    assert main(["profile", "--out", str(out)]) == 2
+    assert "profile takes an experiment file (training steps) or --md STRUCTURE" in error_line(capsys)
+    assert main(["profile", "--md", "water.extxyz", "--out", str(out)]) == 2
+    assert "profile --md needs --model" in error_line(capsys)
+    assert main(["profile", "--md", str(tmp_path / "missing.extxyz"), "--model", FENNOL, "--out", str(out)]) == 1
+    assert "missing.extxyz" in error_line(capsys)
+    assert not out.exists()
+
+
 def test_speed_comparison_says_which_system_it_times(monkeypatch, capsys):
     from distiller import speed
 

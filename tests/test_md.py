@@ -226,3 +226,20 @@ def test_teacher_capacity_overflow_is_flagged_and_grown(watertiny):
     assert bool(update(flagged, R).did_buffer_overflow)  # sticky
     grown = neighbor_fn.allocate(R, previous=flagged, also=[squeezed])
     assert not bool(update(grown, squeezed).did_buffer_overflow)
+
+
+def test_profile_md_traces_steady_state_md_and_writes_its_kernel_summary(tmp_path, structures_dir, capsys):
+    """`distiller profile --md`: one ANI-1x member on watertiny, chunks of 10 steps (compile, timed, traced).
+    On a CPU the trace holds no device kernels; what is checked is the MD row, the files and the messages."""
+    out = tmp_path / "trace"
+    assert main(["profile", "--md", str(structures_dir / "watertiny.extxyz"), "--model", TEACHER, "--steps", "10",
+                 "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "MD of fennol-pmc:ani1x/0 on watertiny.extxyz (81 atoms): 10 steps to compile, 10 timed, then 10 traced" \
+        in captured.err
+    (folder,) = (out / "plugins" / "profile").iterdir()
+    summary = json.loads((folder / "kernels.json").read_text())
+    assert summary["steps"] == 10 and summary["wall_ms_per_step"] > 0 and summary["chunk_redone"] is False
+    assert summary["md"]["atoms"] == 81 and summary["md"]["chunks_timed"] == 1 and summary["md"]["ms_per_step"] > 0
+    assert f"trace of 10 steps written to {folder} " in captured.out
+    assert f"device time per kernel in {folder / 'kernels.json'}" in captured.out
