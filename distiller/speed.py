@@ -203,7 +203,6 @@ def md_speed(model: EnergyModel, structure: Structure, replicas: int, steps: int
     `profile` is its `distiller.profiling.summarise` (device time per kernel and kind, per step).
     """
     from distiller.md import Dynamics, energy_drift, simulate_each, thermo
-
     from distiller.profiling import traced
 
     dynamics = Dynamics("nve", temperature=300.0, dt=dt)

@@ -228,18 +228,14 @@ def test_teacher_capacity_overflow_is_flagged_and_grown(watertiny):
     assert not bool(update(grown, squeezed).did_buffer_overflow)
 
 
-def test_profile_md_traces_steady_state_md_and_writes_its_kernel_summary(tmp_path, structures_dir, capsys):
-    """`distiller profile --md`: one ANI-1x member on watertiny, chunks of 10 steps (compile, timed, traced).
-    On a CPU the trace holds no device kernels; what is checked is the MD row, the files and the messages."""
-    out = tmp_path / "trace"
-    assert main(["profile", "--md", str(structures_dir / "watertiny.extxyz"), "--model", TEACHER, "--steps", "10",
-                 "--out", str(out)]) == 0
-    captured = capsys.readouterr()
-    assert "MD of fennol-pmc:ani1x/0 on watertiny.extxyz (81 atoms): 10 steps to compile, 10 timed, then 10 traced" \
-        in captured.err
-    (folder,) = (out / "plugins" / "profile").iterdir()
-    summary = json.loads((folder / "kernels.json").read_text())
-    assert summary["steps"] == 10 and summary["wall_ms_per_step"] > 0 and summary["chunk_redone"] is False
-    assert summary["md"]["atoms"] == 81 and summary["md"]["chunks_timed"] == 1 and summary["md"]["ms_per_step"] > 0
-    assert f"trace of 10 steps written to {folder} " in captured.out
-    assert f"device time per kernel in {folder / 'kernels.json'}" in captured.out
+def test_md_speed_traces_one_more_chunk_outside_the_timed_ones(tmp_path, structures_dir):
+    """bench/md.py's and `distiller profile --md`'s row: one ANI-1x member on watertiny, chunks of 10 steps (one
+    compiles, one is timed, one is traced)."""
+    from distiller.speed import md_speed
+
+    water = read_structures(structures_dir / "watertiny.extxyz")[0]
+    row = md_speed(load_model(TEACHER), water, 1, 10, 10, 0.5, "watertiny", trace=str(tmp_path / "trace"))
+    assert row["chunks_timed"] == 1 and row["steps"] == 10 and row["ms_per_step"] > 0
+    profile = row["profile"]
+    assert profile["steps"] == 10 and profile["chunk_redone"] is False and profile["wall_ms_per_step"] > 0
+    assert profile["trace"].startswith(str(tmp_path / "trace")) and profile["trace"].endswith("perfetto_trace.json.gz")

@@ -68,3 +68,32 @@ def test_a_traced_cpu_run_reports_its_wall_time_and_no_device_kernels(tmp_path):
 def test_a_folder_without_a_trace_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         profiling._trace_file(str(tmp_path))
+
+
+def test_profile_md_writes_the_kernel_summary_beside_the_trace(tmp_path, structures_dir, monkeypatch, capsys):
+    """`distiller profile --md`'s wiring (md_speed's trace: tests/test_md.py): what it runs, what it writes and says."""
+    from distiller import speed
+    from distiller.cli import main
+
+    folder = tmp_path / "trace" / "plugins" / "profile" / "now"
+    folder.mkdir(parents=True)
+    _trace(folder / "perfetto_trace.json.gz", [("edge_op_d1_r", 300.0)], repeats_on_summary_line=False)
+    calls = []
+
+    def md_speed(model, structure, replicas, steps, chunk, dt, system, trace):
+        calls.append((model.name, structure.n_atoms, replicas, steps, chunk, system, trace))
+        return {"system": system, "ms_per_step": 1.0,
+                "profile": profiling.summarise(str(folder / "perfetto_trace.json.gz"), steps, 1e-3)}
+
+    monkeypatch.setattr(speed, "md_speed", md_speed)
+    out = tmp_path / "trace"
+    assert main(["profile", "--md", str(structures_dir / "watertiny.extxyz"), "--model", "fennol-pmc:ani1x/0",
+                 "--steps", "10", "--replicas", "2", "--out", str(out)]) == 0
+    assert calls == [("fennol-pmc:ani1x/0", 81, 2, 10, 10, "watertiny.extxyz x2", str(out))]
+    captured = capsys.readouterr()
+    assert "MD of fennol-pmc:ani1x/0 on watertiny.extxyz x2 (162 atoms): 10 steps to compile, 10 timed, then 10 " \
+           "traced" in captured.err
+    summary = json.loads((folder / "kernels.json").read_text())
+    assert summary["md"] == {"system": "watertiny.extxyz x2", "ms_per_step": 1.0}
+    assert summary["kernels"][0]["name"] == "edge_op_d1_r"
+    assert "edge_op_d1_r" in captured.out and f"device time per kernel in {folder / 'kernels.json'}" in captured.out
