@@ -18,8 +18,8 @@ replica's trajectory; `aggregate_ns_per_day` is over all replicas), us_per_atom_
 
 The student is a fresh one of the size options (default SchNetConfig(cutoff=5.0, features=64, layers=3)), or a
 trained one with --run; `--students painn-64x3 painn-32x2@4.5 schnet-64x3:xla ...` times several fresh ones in
-the same run (ARCH-FEATURESxLAYERS, optionally @CUTOFF and :KERNEL; --n-rbf and --kernel fill in the rest). A fresh student's random energy surface would fling atoms about, so its readout is
-scaled by --readout-scale (1e-3): forces become tiny and the water flows like a gas at the same density, with
+the same run (ARCH-FEATURESxLAYERS, optionally @CUTOFF and :KERNEL; --n-rbf and --kernel fill in the rest).
+A fresh student's random energy surface would fling atoms about, so its readout is scaled by --readout-scale (1e-3): forces become tiny and the water flows like a gas at the same density, with
 the same shapes and operations per step (speed does not depend on the weights' values); a molecule drifts
 apart slowly (its neighbour list's capacities may grow, whose redone chunks are not timed). A trained run is
 used as it is.
@@ -42,8 +42,8 @@ import jax  # noqa: E402
 from distiller.files import write_json_atomic  # noqa: E402
 from distiller.load import load_model  # noqa: E402
 from distiller.profiling import kernel_table  # noqa: E402
-from distiller.speed import (add_student_arguments, device_name, md_speed, student_from_arguments,  # noqa: E402
-                             versions)
+from distiller.speed import (add_student_arguments, device_name, md_speed, sized_student,  # noqa: E402
+                             student_from_arguments, versions)
 from distiller.structure import read_structures  # noqa: E402
 
 
@@ -64,19 +64,13 @@ def fresh_student(config, structure, readout_scale: float):
 def student_spec(text: str, args):
     """'painn-64x3@4.5:pallas' -> PaiNNConfig(features=64, layers=3, cutoff=4.5, kernel="pallas"): --students'
     format (the cutoff, n_rbf and kernel default to --cutoff, --n-rbf and --kernel)."""
-    import dataclasses
-
-    from distiller.students import config_class
-
     spec, _, kernel = text.partition(":")
     spec, _, cutoff = spec.partition("@")
     architecture, _, size = spec.partition("-")
     features, _, layers = size.partition("x")
     try:
-        cls = config_class(architecture)
-        values = {"features": int(features), "layers": int(layers), "cutoff": float(cutoff or args.cutoff),
-                  "n_rbf": args.n_rbf, "kernel": kernel or args.kernel, "elements": (1, 6, 7, 8)}
-        return cls(**{k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(cls)}})
+        return sized_student(architecture, cutoff=float(cutoff or args.cutoff), features=int(features),
+                             layers=int(layers), n_rbf=args.n_rbf, kernel=kernel or args.kernel)
     except ValueError as err:
         raise SystemExit(f"bench/md.py: --students {text!r}: {err} (format ARCH-FxL[@CUTOFF][:KERNEL], e.g. "
                          f"painn-64x3@4.5:pallas)") from None

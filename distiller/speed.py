@@ -77,18 +77,25 @@ def add_student_arguments(parser) -> None:
 
 
 def student_from_arguments(args, elements: Sequence[int] = (1, 6, 7, 8)):
-    """The run directory of --run, else the student config the size options describe (the sizes the chosen
-    architecture has)."""
+    """The run directory of --run, else the student config the size options describe (`sized_student`)."""
     if args.run:
         return args.run
+    return sized_student(args.architecture, cutoff=args.cutoff, features=args.features, layers=args.layers,
+                         n_rbf=args.n_rbf, kernel=args.kernel, elements=elements)
+
+
+def sized_student(architecture: str, *, cutoff: float, features: int, layers: int, n_rbf: int, kernel: str,
+                  elements: Sequence[int] = (1, 6, 7, 8)):
+    """The config of `architecture` with these sizes, those it has (a ValueError for an unknown architecture or
+    sizes it refuses)."""
     import dataclasses
 
     from distiller.students import config_class
 
-    cls = config_class(args.architecture)
-    sizes = {"features": args.features, "layers": args.layers, "n_rbf": args.n_rbf}
+    cls = config_class(architecture)
+    sizes = {"features": features, "layers": layers, "n_rbf": n_rbf}
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(cutoff=args.cutoff, elements=tuple(elements), kernel=args.kernel,
+    return cls(cutoff=cutoff, elements=tuple(elements), kernel=kernel,
                **{k: v for k, v in sizes.items() if k in names})
 
 
