@@ -2,13 +2,16 @@
 
     python bench/md.py --out bench/results/md-h200.json                   # waterbox and aspirin x1024
     python bench/md.py --teacher fennol-pmc:ani1x fennol-pmc:ani1x/0 --systems aspirin --replicas 1024 --out ...
+    python bench/md.py --teacher fennol-pmc:ani1x fennol-pmc:ani1x/0 --students painn-64x3@4.0 \
+        --systems waterbox waterhuge waterhuge:2x2x2 aspirin --out ...   # issue 14's four systems, one run
     python bench/md.py --steps 4 --chunk 2 --systems aspirin --replicas 4 --out /tmp/md.json   # CPU smoke run
 
 Each model runs NVE MD (300 K initial velocities, dt 0.5 fs) with `distiller.md`: steps in `lax.scan`
 chunks, neighbour list with a skin, capacities checked between chunks. A molecule (a structure without pbc)
 runs as `--replicas N` independent replicas in one program (`simulate_replicas`, seeds 0..N-1: "aspirin x1024");
 N = 1, and every periodic system, runs alone (`simulate`). The first chunk (compilation) is excluded from the
-timing; ms/step and ns/day come from the remaining `--steps` steps, wall clock, host work between chunks
+timing; a system NAME:AxBxC is the periodic structure NAME tiled A x B x C ("waterhuge:2x2x2": 96,000 atoms,
+labelled "waterhuge 2x2x2"); ms/step and ns/day come from the remaining `--steps` steps, wall clock, host work between chunks
 (the blow-up checks of every replica) included. The energy drift is reported as a sanity check (for replicas:
 the median and the largest magnitude over the replicas).
 
@@ -23,6 +26,12 @@ A fresh student's random energy surface would fling atoms about, so its readout 
 the same shapes and operations per step (speed does not depend on the weights' values); a molecule drifts
 apart slowly (its neighbour list's capacities may grow, whose redone chunks are not timed). A trained run is
 used as it is.
+
+`--launch NAME=FWD/FIRST/SECOND[/PRECISION]` registers the Pallas kernel set NAME with those launch settings (each
+BLOCK_EDGES,BLOCK_ATOMS,WARPS,STAGES[,LAYOUT], per derivative depth: the forward pass, the first VJP, deeper ones;
+the kernels' dot precision, tf32x3 or ieee) for
+--students to name as their kernel: `--launch e32=32,16,4,2/32,16,4,2/16,16,4,1 --students painn-64x3:pallas
+painn-64x3:e32` times the same student with the defaults and with those (a launch sweep in MD, issue 14).
 
 `--profile DIR` runs one more chunk of every row under the profiler (not timed with the others): its trace goes
 to DIR/SYSTEM-MODEL/, and the row's `profile` (`distiller.profiling`) gives the device time per step by kernel
@@ -44,7 +53,7 @@ from distiller.load import load_model  # noqa: E402
 from distiller.profiling import kernel_table  # noqa: E402
 from distiller.speed import (add_student_arguments, device_name, md_speed, sized_student,  # noqa: E402
                              student_from_arguments, versions)
-from distiller.structure import read_structures  # noqa: E402
+from distiller.structure import Structure, read_structures  # noqa: E402
 
 
 def fresh_student(config, structure, readout_scale: float):
@@ -76,6 +85,61 @@ def student_spec(text: str, args):
                          f"painn-64x3@4.5:pallas)") from None
 
 
+def system_spec(text: str, structures_dir: str):
+    """'waterhuge:2x2x2' -> (label "waterhuge 2x2x2", path of waterhuge.extxyz, (2, 2, 2)); 'aspirin' -> (aspirin,
+    its path, None). Checks the tiling's form, not the file (main checks every file before any model loads)."""
+    name, _, tiling = text.partition(":")
+    path = os.path.join(structures_dir, f"{name}.extxyz")
+    if not tiling:
+        return name, path, None
+    try:
+        reps = tuple(int(n) for n in tiling.split("x"))
+    except ValueError:
+        reps = ()
+    if len(reps) != 3 or min(reps) < 1:
+        raise SystemExit(f"bench/md.py: --systems {text!r}: a tiling is NAME:AxBxC with positive integers, "
+                         f"e.g. waterhuge:2x2x2")
+    return f"{name} {tiling}", path, reps
+
+
+def read_system(path: str, reps):
+    """The first structure of `path`, tiled by `reps` (None: as it is); a tiling of a molecule is refused."""
+    structure = read_structures(path)[0]
+    if reps is None:
+        return structure
+    if not structure.periodic:
+        raise SystemExit(f"bench/md.py: {path} is not periodic: only periodic cells are tiled")
+    return Structure.from_ase(structure.to_ase().repeat(reps), name=f"{structure.name} {reps}")
+
+
+# What a kernel that does not compile or launch raises (Triton's out-of-resources errors reach JAX as these).
+LAUNCH_ERRORS = (jax.errors.JaxRuntimeError, RuntimeError, ValueError)
+
+
+def launch_spec(text: str) -> tuple[str, dict]:
+    """'e32=32,16,4,2/32,16,4,2/16,16,4,1' -> ("e32", PallasConfig(forward=..., first=..., second=...) as a dict),
+    registered in pallas_kernels.KERNELS under the name."""
+    import dataclasses
+
+    from pallas_kernels import KERNELS, pallas_set
+    from pallas_kernels.edges.edge_op import KernelConfig, PallasConfig
+
+    name, _, depths = text.partition("=")
+    try:
+        *settings, precision = [part.split(",") for part in depths.split("/")] + [["tf32x3"]]
+        if len(settings) == 4:  # a fourth part: the dot precision
+            *settings, precision = settings
+        if not name or name in ("xla", "pallas") or len(settings) != 3 or {len(s) for s in settings} - {4, 5}:
+            raise ValueError("a new name and three launch settings of four integers (and a layout)")
+        configs = [KernelConfig(*(int(n) for n in s[:4]), *s[4:]) for s in settings]
+        config = PallasConfig(*configs, precision=",".join(precision))
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"bench/md.py: --launch {text!r}: {err} (format NAME=BE,BA,WARPS,STAGES[,LAYOUT]/x3"
+                         f"[/PRECISION], e.g. e32=32,16,4,2/32,16,4,2/16,16,4,1)") from None
+    KERNELS[name] = pallas_set(config)
+    return name, dataclasses.asdict(config)
+
+
 def teacher_kind(spec: str) -> str:
     """The issue's row kinds: a FeNNol-PMC spec without a member index is the ensemble; any other teacher is one
     model (a member)."""
@@ -92,7 +156,7 @@ def main() -> None:
     add_student_arguments(parser)
     parser.add_argument("--readout-scale", type=float, default=1e-3)
     parser.add_argument("--systems", nargs="+", default=["waterbox", "aspirin"],
-                        help="structure file names (no .extxyz)")
+                        help="structure file names (no .extxyz), each optionally tiled: NAME:AxBxC")
     parser.add_argument("--replicas", type=int, default=1024,
                         help="replicas of each molecule in one MD program (default 1024: aspirin x1024)")
     parser.add_argument("--structures-dir",
@@ -103,6 +167,8 @@ def main() -> None:
     parser.add_argument("--students", nargs="+", metavar="SPEC",
                         help="fresh students to time instead of the one the size options describe: "
                              "ARCH-FxL[@CUTOFF][:KERNEL], e.g. painn-64x3 painn-32x2@4.5 schnet-64x3:xla")
+    parser.add_argument("--launch", nargs="+", default=[], metavar="NAME=FWD/FIRST/SECOND[/PRECISION]",
+                        help="Pallas kernel sets with these launch settings, for --students' :KERNEL (see above)")
     parser.add_argument("--profile", metavar="DIR", help="trace one more chunk per row into DIR (see above)")
     parser.add_argument("--out", help="JSON file to write (after every row)")
     args = parser.parse_args()
@@ -111,12 +177,13 @@ def main() -> None:
     if args.replicas < 1:
         parser.error(f"--replicas must be >= 1, got {args.replicas}")
 
+    launches = dict(launch_spec(text) for text in args.launch)  # before --students, which may name them
     if args.students and args.run:
         parser.error("--students times fresh students; --run a trained one: give one of them")
     student_configs = ([student_spec(text, args) for text in args.students] if args.students else
                        [None if args.run else student_from_arguments(args)])
-    paths = {name: os.path.join(args.structures_dir, f"{name}.extxyz") for name in args.systems}
-    missing = [path for path in paths.values() if not os.path.isfile(path)]
+    systems = [system_spec(text, args.structures_dir) for text in args.systems]
+    missing = [path for _, path, _ in systems if not os.path.isfile(path)]
     if missing:
         parser.error(f"no structure file {missing[0]}")
     teachers = [(teacher_kind(spec), load_model(spec)) for spec in args.teacher]
@@ -127,11 +194,12 @@ def main() -> None:
         "teachers": args.teacher,
         "students": [{"run": args.run} if config is None else
                      {"readout_scale": args.readout_scale, **config.to_dict()} for config in student_configs],
+        "launch": launches,
         "ensemble": "nve", "initial_temperature_K": 300.0,
         "rows": rows,
     }
-    for name in args.systems:
-        structure = read_structures(paths[name])[0]
+    for name, path, reps in systems:
+        structure = read_system(path, reps)
         replicas = 1 if structure.periodic else args.replicas
         students = [("student", load_model(args.run) if config is None else
                      fresh_student(config, structure, args.readout_scale)) for config in student_configs]
@@ -144,9 +212,14 @@ def main() -> None:
             try:
                 row = {"kind": kind, **md_speed(model, structure, replicas, args.steps, args.chunk, args.dt, label,
                                                 trace=trace)}
-            except FloatingPointError as err:  # an untrained or poor student can blow up: say so, go on
-                print(f"{label:>14} {kind:>16} failed: {err}", flush=True)
-                rows.append({"kind": kind, "model": model.name, "system": label, "error": str(err)})
+            except (FloatingPointError, *LAUNCH_ERRORS) as err:
+                # An untrained or poor student can blow up, and a launch setting of a sweep may not compile (too
+                # much shared memory): say so, record it, go on with the next row.
+                text = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                print(f"{label:>14} {kind:>16} failed: {text}", flush=True)
+                rows.append({"kind": kind, "model": model.name, "system": label, "error": text})
+                if args.out:
+                    write_json_atomic(args.out, report)
                 continue
             speed = ("no chunk ran without growing a capacity: no rate" if row["ms_per_step"] is None else
                      f"{row['ms_per_step']:9.3f} ms/step  {row['ns_per_day']:9.3f} ns/day")

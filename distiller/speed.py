@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import platform
+import re
 import sys
 import time
 from importlib import metadata
@@ -60,7 +61,15 @@ def device_kind() -> str:
     """The device's model in a file name's form ("h200" for an NVIDIA H200; "cpu"): results files are
     `bench/results/NAME-<kind>.json`."""
     d = jax.devices()[0]
-    return getattr(d, "device_kind", d.platform).split()[-1].lower()
+    return kind_of(getattr(d, "device_kind", d.platform))
+
+
+def kind_of(device_kind: str) -> str:
+    """"NVIDIA H200" -> "h200", "NVIDIA H100 80GB HBM3" -> "h100" (the model, not the memory), "cpu" -> "cpu":
+    the first word (split at spaces and hyphens) of letters then digits, else the last word."""
+    words = re.split(r"[\s-]+", device_kind.strip())
+    models = [w for w in words if re.fullmatch(r"[A-Za-z]+\d+[A-Za-z]?", w)]
+    return (models[0] if models else words[-1]).lower()
 
 
 def add_student_arguments(parser) -> None:

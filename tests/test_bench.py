@@ -1,0 +1,71 @@
+"""The bench scripts' inputs, checked before anything compiles: bench/md.py's systems (tilings) and launch settings,
+and the device kind that names every results file."""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+
+from distiller.speed import kind_of
+from distiller.structure import read_structures
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def bench_md():
+    spec = importlib.util.spec_from_file_location("bench_md", ROOT / "bench" / "md.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name, kind", [("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"),
+                                        ("NVIDIA A100-SXM4-80GB", "a100"), ("cpu", "cpu")])
+def test_results_files_are_named_by_the_gpu_model_not_its_memory(name, kind):
+    assert kind_of(name) == kind
+
+
+def test_a_tiled_system_is_the_cell_repeated(structures_dir):
+    md = bench_md()
+    label, path, reps = md.system_spec("watertiny:2x1x3", str(structures_dir))
+    assert label == "watertiny 2x1x3" and reps == (2, 1, 3) and path.endswith("watertiny.extxyz")
+    cell = read_structures(path)[0]
+    tiled = md.read_system(path, reps)
+    assert tiled.n_atoms == 6 * cell.n_atoms
+    np.testing.assert_allclose(tiled.cell, cell.cell * np.array([2, 1, 3])[:, None])
+    np.testing.assert_array_equal(tiled.numbers[:cell.n_atoms], cell.numbers)
+    assert md.system_spec("aspirin", str(structures_dir))[2] is None
+
+
+@pytest.mark.parametrize("text", ["watertiny:2x1", "watertiny:0x1x1", "watertiny:2xAx1"])
+def test_a_malformed_tiling_is_refused_by_name(text, structures_dir):
+    with pytest.raises(SystemExit, match="a tiling is NAME:AxBxC"):
+        bench_md().system_spec(text, str(structures_dir))
+
+
+def test_a_molecule_is_not_tiled(structures_dir):
+    md = bench_md()
+    _, path, reps = md.system_spec("aspirin:2x2x2", str(structures_dir))
+    with pytest.raises(SystemExit, match="not periodic"):
+        md.read_system(path, reps)
+
+
+def test_launch_settings_register_a_kernel_set_students_can_name():
+    from pallas_kernels import KERNELS
+    from pallas_kernels.edges.edge_op import KernelConfig
+
+    md = bench_md()
+    try:
+        name, config = md.launch_spec("bench-e32=32,16,8,2/32,16,4,2,atom/16,16,4,1")
+        assert name == "bench-e32" and "bench-e32" in KERNELS
+        assert config["forward"] == {**vars(KernelConfig(32, 16, 8, 2))}
+        assert config["first"]["layout"] == "atom" and config["second"]["num_stages"] == 1
+        assert config["precision"] == "tf32x3"
+        assert md.launch_spec("bench-e32=32,16,8,2/32,16,4,2/16,16,4,1/ieee")[1]["precision"] == "ieee"
+    finally:
+        KERNELS.pop("bench-e32", None)
+    for bad in ("pallas=32,16,4,2/32,16,4,2/16,16,4,1", "e=32,16,4/32,16,4,2/16,16,4,1", "e=32,16,4,2/32,16,4,2",
+                "e=33,16,4,2/32,16,4,2/16,16,4,1", "e=32,16,4,2/32,16,4,2/16,16,4,1/fp8"):
+        with pytest.raises(SystemExit, match="--launch"):
+            md.launch_spec(bad)
