@@ -154,7 +154,7 @@ def test_resume_refuses_another_config_before_writing_anything_and_allows_what_m
     stored = (RunDirectory(copy.run_dir).file("config.json"))
     before = open(stored, "rb").read()
     changed = dataclasses.replace(copy, seed=4, student=dataclasses.replace(copy.student, cutoff=5.0))
-    with pytest.raises(RunDirectoryError, match=r"differs from the run's config.json in seed 3 -> 4; student.cutoff "
+    with pytest.raises(RunDirectoryError, match=r"differs from the run's config.json in seed 0 -> 4; student.cutoff "
                                                 r"4.0 -> 5.0; only name, run_dir, steps"):
         train(changed, template, resume=True)
     with pytest.raises(RunDirectoryError, match="steps=3 is below the run's checkpoint of step 4"):
