@@ -133,7 +133,8 @@ def metrics(run_dir):
 
 def test_offline_training_lowers_the_loss_and_resumes_exactly(tmp_path, emt_dataset):
     whole = offline_config(emt_dataset, tmp_path / "whole", steps=52)
-    final = run(whole, progress=False)
+    job = Distillation.create(whole)  # for both fresh runs (the resume makes its own, as a new process would)
+    final = run(whole, progress=False, job=job)
     rows = metrics(tmp_path / "whole")
     assert [r["step"] for r in rows] == list(range(1, 53))
     # 26 training structures, 2 a step: every 13 steps an epoch sees them all once, so epoch means compare.
@@ -144,7 +145,7 @@ def test_offline_training_lowers_the_loss_and_resumes_exactly(tmp_path, emt_data
     assert loader["structures"] == 26 and len(loader["shapes_seen"]) == 2  # aspirin and water buckets
 
     stopped = offline_config(emt_dataset, tmp_path / "stopped", steps=52)
-    run(stopped, progress=False, stop_after=13)
+    run(stopped, progress=False, stop_after=13, job=job)
     assert RunDirectory(stopped.run_dir).latest_step() == 10
     resumed = run(stopped, resume=True, progress=False)
     b = metrics(tmp_path / "stopped")
@@ -155,7 +156,6 @@ def test_offline_training_lowers_the_loss_and_resumes_exactly(tmp_path, emt_data
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
     # The held-out structures are the dataset's, never trained on.
-    job = Distillation.create(whole)
     held = job.data.held_out(4)
     assert len(held) == 4 and all(s.energy is not None for s in held)
     assert not set(job.data.held_out_indices) & set(job.data.train_indices)
