@@ -73,3 +73,34 @@ def release_compilations():
     import jax
 
     jax.clear_caches()
+
+
+# Test files by time alone (seconds on the 2-core development machine, OMP_NUM_THREADS=1), longest first: pytest-xdist
+# (--dist loadfile) hands files out in collection order, so a long file handed out last (alphabetically, test_train)
+# keeps one worker busy while the other has nothing left; handed out first, the short ones fill in around them.
+# Files not listed (seconds or less each) follow in their usual order; the tests of a file keep their order.
+LONGEST_FIRST = (
+    "test_contract.py",  # 218
+    "test_train.py",  # 128
+    "test_sampling.py",  # 77
+    "test_md_sampling.py",  # 61
+    "test_label_hvp.py",  # 54
+    "test_md.py",  # 53
+    "test_label.py",  # 51
+    "test_active.py",  # 50
+    "test_stability.py",  # 48
+    "test_cfconv_kernel.py",  # 45
+    "test_md_replicas.py",  # 38
+    "test_precision.py",  # 36
+    "test_loader.py",  # 34
+    "test_directional_cfconv_kernel.py",  # 33
+    "test_md_failures.py",  # 32
+    "test_architectures.py",  # 29
+    "test_neighbours.py",  # 28
+    "test_data_safety.py",  # 21
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests stay together, in order
