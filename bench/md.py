@@ -13,7 +13,8 @@ N = 1, and every periodic system, runs alone (`simulate`). The first chunk (comp
 timing; a system NAME:AxBxC is the periodic structure NAME tiled A x B x C ("waterhuge:2x2x2": 96,000 atoms,
 labelled "waterhuge 2x2x2"); ms/step and ns/day come from the remaining `--steps` steps, wall clock, host work between chunks
 (the blow-up checks of every replica) included. The energy drift is reported as a sanity check (for replicas:
-the median and the largest magnitude over the replicas).
+the median and the largest magnitude over the replicas). A row whose MD blows up, or whose kernel does not compile
+or launch, is written with its `error` and the run goes on; the run then exits with status 1, naming those rows.
 
 Rows (`rows` of the JSON): system, atoms (the total over the replicas), replicas, kind ("teacher-ensemble",
 "teacher-member" or "student"), model, ms_per_step (one step of the whole program), ns_per_day (of each
@@ -232,6 +233,10 @@ def main() -> None:
                 write_json_atomic(args.out, report)
     if args.out:
         print(f"written {args.out}")
+    failed = [f"{row['system']} {row['model']}" for row in rows if "error" in row]
+    if failed:  # recorded and gone past, but a script running the bench must not read the run as a success
+        raise SystemExit(f"bench/md.py: {len(failed)} of {len(rows)} rows failed (their errors are in the rows): "
+                         + "; ".join(failed))
 
 
 if __name__ == "__main__":

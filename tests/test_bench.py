@@ -69,3 +69,21 @@ def test_launch_settings_register_a_kernel_set_students_can_name():
                 "e=33,16,4,2/32,16,4,2/16,16,4,1", "e=32,16,4,2/32,16,4,2/16,16,4,1/fp8"):
         with pytest.raises(SystemExit, match="--launch"):
             md.launch_spec(bad)
+
+
+def test_a_row_that_blows_up_is_recorded_and_the_run_exits_non_zero(tmp_path, structures_dir, monkeypatch):
+    """A student that blows up in MD is a row with its error (the run goes on to the next rows), and the run
+    then exits non-zero naming it: a script running the bench must not read it as a success."""
+    import json
+    import sys
+
+    md = bench_md()
+    out = tmp_path / "md.json"
+    monkeypatch.setattr(sys, "argv", [
+        "md.py", "--teacher", "--students", "painn-8x1", "--readout-scale", "1000", "--dt", "20", "--steps", "20",
+        "--chunk", "10", "--systems", "aspirin", "--replicas", "2", "--structures-dir", str(structures_dir),
+        "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"1 of 1 rows failed .*aspirin x2 fresh painn student"):
+        md.main()
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["system"] == "aspirin x2" and "MD failed at step" in row["error"]
