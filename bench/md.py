@@ -54,7 +54,7 @@ from distiller.load import load_model  # noqa: E402
 from distiller.profiling import kernel_table  # noqa: E402
 from distiller.speed import (add_student_arguments, device_name, md_speed, sized_student,  # noqa: E402
                              student_from_arguments, versions)
-from distiller.structure import Structure, read_structures  # noqa: E402
+from distiller.structure import StructureError, parse_tiling, read_structures  # noqa: E402
 
 
 def fresh_student(config, structure, readout_scale: float):
@@ -94,23 +94,19 @@ def system_spec(text: str, structures_dir: str):
     if not tiling:
         return name, path, None
     try:
-        reps = tuple(int(n) for n in tiling.split("x"))
+        return f"{name} {tiling}", path, parse_tiling(tiling)
     except ValueError:
-        reps = ()
-    if len(reps) != 3 or min(reps) < 1:
         raise SystemExit(f"bench/md.py: --systems {text!r}: a tiling is NAME:AxBxC with positive integers, "
-                         f"e.g. waterhuge:2x2x2")
-    return f"{name} {tiling}", path, reps
+                         f"e.g. waterhuge:2x2x2") from None
 
 
 def read_system(path: str, reps):
     """The first structure of `path`, tiled by `reps` (None: as it is); a tiling of a molecule is refused."""
     structure = read_structures(path)[0]
-    if reps is None:
-        return structure
-    if not structure.periodic:
-        raise SystemExit(f"bench/md.py: {path} is not periodic: only periodic cells are tiled")
-    return Structure.from_ase(structure.to_ase().repeat(reps), name=f"{structure.name} {reps}")
+    try:
+        return structure if reps is None else structure.tiled(reps)
+    except StructureError as err:
+        raise SystemExit(f"bench/md.py: {path}: {err}") from None
 
 
 # What a kernel that does not compile or launch raises (Triton's out-of-resources errors reach JAX as these).
@@ -127,13 +123,13 @@ def launch_spec(text: str) -> tuple[str, dict]:
 
     name, _, depths = text.partition("=")
     try:
-        *settings, precision = [part.split(",") for part in depths.split("/")] + [["tf32x3"]]
-        if len(settings) == 4:  # a fourth part: the dot precision
-            *settings, precision = settings
+        parts = depths.split("/")
+        precision = parts.pop() if len(parts) == 4 else "tf32x3"  # a fourth part: the dot precision
+        settings = [part.split(",") for part in parts]
         if not name or name in ("xla", "pallas") or len(settings) != 3 or {len(s) for s in settings} - {4, 5}:
             raise ValueError("a new name and three launch settings of four integers (and a layout)")
         configs = [KernelConfig(*(int(n) for n in s[:4]), *s[4:]) for s in settings]
-        config = PallasConfig(*configs, precision=",".join(precision))
+        config = PallasConfig(*configs, precision=precision)
     except (TypeError, ValueError) as err:
         raise SystemExit(f"bench/md.py: --launch {text!r}: {err} (format NAME=BE,BA,WARPS,STAGES[,LAYOUT]/x3"
                          f"[/PRECISION], e.g. e32=32,16,4,2/32,16,4,2/16,16,4,1)") from None
@@ -187,6 +183,7 @@ def main() -> None:
     missing = [path for _, path, _ in systems if not os.path.isfile(path)]
     if missing:
         parser.error(f"no structure file {missing[0]}")
+    structures = [(label, read_system(path, reps)) for label, path, reps in systems]  # bad input before any model
     teachers = [(teacher_kind(spec), load_model(spec)) for spec in args.teacher]
     rows = []
     report = {
@@ -199,8 +196,7 @@ def main() -> None:
         "ensemble": "nve", "initial_temperature_K": 300.0,
         "rows": rows,
     }
-    for name, path, reps in systems:
-        structure = read_system(path, reps)
+    for name, structure in structures:
         replicas = 1 if structure.periodic else args.replicas
         students = [("student", load_model(args.run) if config is None else
                      fresh_student(config, structure, args.readout_scale)) for config in student_configs]
@@ -218,16 +214,14 @@ def main() -> None:
                 # much shared memory): say so, record it, go on with the next row.
                 text = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 print(f"{label:>14} {kind:>16} failed: {text}", flush=True)
-                rows.append({"kind": kind, "model": model.name, "system": label, "error": text})
-                if args.out:
-                    write_json_atomic(args.out, report)
-                continue
-            speed = ("no chunk ran without growing a capacity: no rate" if row["ms_per_step"] is None else
-                     f"{row['ms_per_step']:9.3f} ms/step  {row['ns_per_day']:9.3f} ns/day")
-            print(f"{label:>14} {kind:>16} {row['atoms']:7d} atoms  {speed}  (warm-up {row['warmup_s']:.1f} s, "
-                  f"drift {row['drift_meV_per_atom_ps']} meV/atom/ps)", flush=True)
-            if "profile" in row:
-                print(kernel_table(row["profile"]), flush=True)
+                row = {"kind": kind, "model": model.name, "system": label, "error": text}
+            else:
+                speed = ("no chunk ran without growing a capacity: no rate" if row["ms_per_step"] is None else
+                         f"{row['ms_per_step']:9.3f} ms/step  {row['ns_per_day']:9.3f} ns/day")
+                print(f"{label:>14} {kind:>16} {row['atoms']:7d} atoms  {speed}  (warm-up {row['warmup_s']:.1f} s, "
+                      f"drift {row['drift_meV_per_atom_ps']} meV/atom/ps)", flush=True)
+                if "profile" in row:
+                    print(kernel_table(row["profile"]), flush=True)
             rows.append(row)
             if args.out:  # after every row: a call cut short keeps what it measured
                 write_json_atomic(args.out, report)

@@ -22,7 +22,7 @@ from distiller.files import write_json_atomic  # noqa: E402
 from distiller.load import load_model  # noqa: E402
 from distiller.predict import Predictor  # noqa: E402
 from distiller.speed import device_name, versions  # noqa: E402
-from distiller.structure import Structure, read_structures  # noqa: E402
+from distiller.structure import parse_tiling, read_structures  # noqa: E402
 
 
 def main() -> None:
@@ -32,15 +32,18 @@ def main() -> None:
     parser.add_argument("--structures-dir", default=os.path.join(os.environ.get("DISTILLER_SHARED", "../shared"), "structures"))
     parser.add_argument("--out", help="JSON file to write (after every row)")
     args = parser.parse_args()
+    try:  # every tiling checked before any model loads
+        tilings = [(name, parse_tiling(repeat)) for text in args.tilings
+                   for name, _, repeat in [text.partition(":")]]
+    except ValueError as err:
+        parser.error(f"--tilings: {err} (NAME:AxBxC, e.g. watertiny:4x4x4)")
     report = {"command": " ".join(["python"] + sys.argv), "device": device_name(), "versions": versions(), "rows": []}
     for spec in args.models:
         model = load_model(spec)
         predictor = Predictor(model, max_atoms=1 << 20)
-        for tiling in args.tilings:
-            name, _, repeat = tiling.partition(":")
+        for name, repeat in tilings:
             cell = read_structures(os.path.join(args.structures_dir, f"{name}.extxyz"))[0]
-            repeat = tuple(int(k) for k in repeat.split("x"))
-            big = Structure.from_ase(cell.to_ase().repeat(repeat), name=f"{name} x {tiling}")
+            big = cell.tiled(repeat)
             t0 = time.perf_counter()
             small_out, big_out = predictor([cell])[0], predictor([big])[0]
             row = {"model": spec, "cell": name, "repeat": list(repeat), "atoms": big.n_atoms,

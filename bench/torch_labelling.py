@@ -46,15 +46,13 @@ def main(argv=None) -> dict:
 
     from distiller.files import write_json_atomic
     from distiller.speed import device_name, fresh_student, model_timer, versions
-    from distiller.structure import Structure, read_structures
+    from distiller.structure import read_structures
     from distiller.students import PaiNNConfig
 
     shared = os.environ.get("DISTILLER_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
     base = "watertiny" if args.tiny else "waterhuge"
     seed = read_structures(os.path.join(shared, "structures", f"{base}.extxyz"))[0]
-    tiled = {f"{base} {'x'.join(map(str, r))}": Structure.from_ase(seed.to_ase().repeat(r),
-                                                                  name=f"{base} {'x'.join(map(str, r))}")
-             for r in ((1, 1, 1), (2, 1, 1), (2, 2, 2))}
+    tiled = {f"{base} {'x'.join(map(str, r))}": seed.tiled(r) for r in ((1, 1, 1), (2, 1, 1), (2, 2, 2))}
 
     student = fresh_student(PaiNNConfig(cutoff=5.0, features=64, layers=3, n_rbf=16, elements=(1, 8)), [seed])
     student_call = model_timer(student, [seed])

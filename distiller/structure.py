@@ -90,6 +90,21 @@ class Structure:
             atoms.calc = SinglePointCalculator(atoms, **results)
         return atoms
 
+    def tiled(self, reps: Sequence[int]) -> "Structure":
+        """This cell repeated reps[0] x reps[1] x reps[2] times along its cell vectors, named "NAME AxBxC" (labels
+        dropped: they are the cell's). Only periodic directions repeat: a molecule, or a slab along its vacuum, is
+        refused."""
+        reps = tuple(int(n) for n in reps)
+        label = self.name or "<unnamed structure>"
+        if len(reps) != 3 or min(reps) < 1:
+            raise StructureError(f"{label}: a tiling is three positive integers, got {reps}")
+        if any(n > 1 and not p for n, p in zip(reps, self.pbc)):
+            raise StructureError(f"{label}: not periodic along every repeated direction (pbc {self.pbc.tolist()}): "
+                                 "only periodic cells are tiled")
+        atoms = self.to_ase()
+        atoms.calc = None
+        return Structure.from_ase(atoms.repeat(reps), name=f"{self.name} {'x'.join(map(str, reps))}")
+
     def validated(self) -> "Structure":
         """Return self if it is a structure distiller can compute on; raise StructureError otherwise."""
         label = self.name or "<unnamed structure>"
@@ -138,6 +153,17 @@ def voigt_to_matrix(voigt: np.ndarray) -> np.ndarray:
 def matrix_to_voigt(matrix: np.ndarray) -> np.ndarray:
     m = np.asarray(matrix)
     return np.array([m[0, 0], m[1, 1], m[2, 2], m[1, 2], m[0, 2], m[0, 1]])
+
+
+def parse_tiling(text: str) -> tuple[int, int, int]:
+    """'2x2x2' -> (2, 2, 2), for `Structure.tiled`; anything but three positive integers is a ValueError."""
+    try:
+        reps = tuple(int(n) for n in text.split("x"))
+    except ValueError:
+        reps = ()
+    if len(reps) != 3 or min(reps) < 1:
+        raise ValueError(f"a tiling is AxBxC with positive integers, e.g. 2x2x2, got {text!r}")
+    return reps
 
 
 def read_structures(path: str | os.PathLike, index: str | int = ":", validate: bool = True) -> list[Structure]:

@@ -165,10 +165,6 @@ def random_orthogonal(seed: int, proper: bool) -> np.ndarray:
     return q
 
 
-def tiled(s: Structure, repeat) -> Structure:
-    return Structure.from_ase(s.to_ase().repeat(repeat), name=f"{s.name} x {repeat}")
-
-
 # --- invariance ----------------------------------------------------------------------------------------------
 
 def light(model) -> bool:
@@ -284,7 +280,7 @@ def test_alone_equals_batched_equals_supercell(model, aspirin, periodic):
         assert t.energy == pytest.approx(alone.energy, abs=1e-4)
         np.testing.assert_allclose(t.forces, alone.forces, atol=1e-4 * np.abs(alone.forces).max())
     (cell,) = labelled(model, [periodic])
-    (big,) = labelled(model, [tiled(periodic, (2, 2, 2))])
+    (big,) = labelled(model, [periodic.tiled((2, 2, 2))])
     assert big.energy / 8 == pytest.approx(cell.energy, abs=1e-4)
     for image in big.forces.reshape(8, periodic.n_atoms, 3):  # ase's repeat: whole copies, in order
         np.testing.assert_allclose(image, cell.forces, atol=1e-4 * np.abs(cell.forces).max())
@@ -299,7 +295,7 @@ def test_energy_per_atom_of_tilings(model, water):
         pytest.skip("host-only models sum in their own precision (Orb: float64 here); the 2x2x2 supercell "
                     "check covers them")
     (cell,) = labelled(model, [water])
-    big_structure = tiled(water, (3, 3, 3))
+    big_structure = water.tiled((3, 3, 3))
     (big,) = labelled(model, [big_structure])
     assert abs(big.energy / big_structure.n_atoms - cell.energy / water.n_atoms) < 1e-5
 

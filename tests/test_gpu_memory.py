@@ -77,7 +77,7 @@ def test_a_large_structure_is_probed_on_a_cut_at_its_density_and_refused_before_
     torch_bridge = pytest.importorskip("distiller.teachers.torch_bridge", reason="torch is not installed")
     from distiller.structure import Structure
 
-    box = Structure.from_ase(water.to_ase().repeat((4, 4, 4)), name="water 4x4x4")  # 5,184 atoms
+    box = water.tiled((4, 4, 4)).replace(name="water 4x4x4")  # 5,184 atoms
     probe = torch_bridge.memory_probe(box, 2048)
     density = box.n_atoms / abs(np.linalg.det(box.cell))
     assert abs(probe.n_atoms - 2048) < 0.15 * 2048 and probe.periodic

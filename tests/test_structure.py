@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from distiller.batch import pad_structures, shape_for, unpad_atoms
-from distiller.structure import Structure, StructureError, read_structures, write_structures
+from distiller.structure import Structure, StructureError, parse_tiling, read_structures, write_structures
 
 
 def water(structures_dir):
@@ -62,3 +62,17 @@ def test_corrupt_and_missing_files(tmp_path):
         read_structures(bad)
     with pytest.raises(FileNotFoundError, match="nowhere.xyz"):
         read_structures(tmp_path / "nowhere.xyz")
+
+
+def test_a_tiling_repeats_periodic_directions_only(structures_dir):
+    cell = read_structures(structures_dir / "watertiny.extxyz")[0]
+    big = cell.tiled(parse_tiling("2x1x3"))
+    assert big.n_atoms == 6 * cell.n_atoms and big.name.endswith(" 2x1x3") and big.energy is None
+    np.testing.assert_allclose(big.cell, cell.cell * np.array([2, 1, 3])[:, None])
+    slab = cell.replace(pbc=np.array([True, True, False]))
+    assert slab.tiled((2, 2, 1)).n_atoms == 4 * cell.n_atoms
+    with pytest.raises(StructureError, match="not periodic along every repeated direction"):
+        slab.tiled((1, 1, 2))
+    for bad in ("2x2", "0x1x1", "2xAx1"):
+        with pytest.raises(ValueError, match="a tiling is AxBxC"):
+            parse_tiling(bad)
