@@ -54,7 +54,7 @@ from distiller.load import load_model  # noqa: E402
 from distiller.profiling import kernel_table  # noqa: E402
 from distiller.speed import (add_student_arguments, device_name, md_speed, sized_student,  # noqa: E402
                              student_from_arguments, versions)
-from distiller.structure import StructureError, parse_tiling, read_structures  # noqa: E402
+from distiller.structure import StructureError, parse_tiled_name, read_structures  # noqa: E402
 
 
 def fresh_student(config, structure, readout_scale: float):
@@ -89,15 +89,13 @@ def student_spec(text: str, args):
 def system_spec(text: str, structures_dir: str):
     """'waterhuge:2x2x2' -> (label "waterhuge 2x2x2", path of waterhuge.extxyz, (2, 2, 2)); 'aspirin' -> (aspirin,
     its path, None). Checks the tiling's form, not the file (main checks every file before any model loads)."""
-    name, _, tiling = text.partition(":")
-    path = os.path.join(structures_dir, f"{name}.extxyz")
-    if not tiling:
-        return name, path, None
     try:
-        return f"{name} {tiling}", path, parse_tiling(tiling)
+        name, reps = parse_tiled_name(text)
     except ValueError:
         raise SystemExit(f"bench/md.py: --systems {text!r}: a tiling is NAME:AxBxC with positive integers, "
                          f"e.g. waterhuge:2x2x2") from None
+    label = name if reps is None else f"{name} {'x'.join(map(str, reps))}"
+    return label, os.path.join(structures_dir, f"{name}.extxyz"), reps
 
 
 def read_system(path: str, reps):

@@ -22,7 +22,7 @@ from distiller.files import write_json_atomic  # noqa: E402
 from distiller.load import load_model  # noqa: E402
 from distiller.predict import Predictor  # noqa: E402
 from distiller.speed import device_name, versions  # noqa: E402
-from distiller.structure import parse_tiling, read_structures  # noqa: E402
+from distiller.structure import parse_tiled_name, read_structures  # noqa: E402
 
 
 def main() -> None:
@@ -33,10 +33,12 @@ def main() -> None:
     parser.add_argument("--out", help="JSON file to write (after every row)")
     args = parser.parse_args()
     try:  # every tiling checked before any model loads
-        tilings = [(name, parse_tiling(repeat)) for text in args.tilings
-                   for name, _, repeat in [text.partition(":")]]
+        tilings = [parse_tiled_name(text) for text in args.tilings]
     except ValueError as err:
-        parser.error(f"--tilings: {err} (NAME:AxBxC, e.g. watertiny:4x4x4)")
+        parser.error(f"--tilings: {err}")
+    untiled = [text for text, (_, repeat) in zip(args.tilings, tilings) if repeat is None]
+    if untiled:
+        parser.error(f"--tilings {untiled[0]!r}: give the tiling, NAME:AxBxC (e.g. watertiny:4x4x4)")
     report = {"command": " ".join(["python"] + sys.argv), "device": device_name(), "versions": versions(), "rows": []}
     for spec in args.models:
         model = load_model(spec)

@@ -103,7 +103,7 @@ class Structure:
                                  "only periodic cells are tiled")
         atoms = self.to_ase()
         atoms.calc = None
-        return Structure.from_ase(atoms.repeat(reps), name=f"{self.name} {'x'.join(map(str, reps))}")
+        return Structure.from_ase(atoms.repeat(reps), name=f"{label} {'x'.join(map(str, reps))}")
 
     def validated(self) -> "Structure":
         """Return self if it is a structure distiller can compute on; raise StructureError otherwise."""
@@ -164,6 +164,13 @@ def parse_tiling(text: str) -> tuple[int, int, int]:
     if len(reps) != 3 or min(reps) < 1:
         raise ValueError(f"a tiling is AxBxC with positive integers, e.g. 2x2x2, got {text!r}")
     return reps
+
+
+def parse_tiled_name(text: str) -> tuple[str, tuple[int, int, int] | None]:
+    """'waterhuge:2x2x2' -> ("waterhuge", (2, 2, 2)), 'aspirin' -> ("aspirin", None): a structure's name with an
+    optional tiling (the bench scripts' NAME[:AxBxC]); a malformed tiling is parse_tiling's ValueError."""
+    name, colon, tiling = text.partition(":")
+    return name, parse_tiling(tiling) if colon else None
 
 
 def read_structures(path: str | os.PathLike, index: str | int = ":", validate: bool = True) -> list[Structure]:
