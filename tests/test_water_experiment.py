@@ -59,9 +59,20 @@ def test_config_is_the_experiment_file_one_and_tiny_lives_apart(water):
     config = load_experiment(PATH)
     assert config == water.config and config.student.elements == (1, 8) and config.loss.stress_weight > 0
     tiny = water.run_config_for(True)
-    assert tiny.run_dir.endswith(os.path.join("runs", "water_tiny", "painn-64x3"))
+    assert tiny.run_dir.endswith(os.path.join("runs", "water_tiny", "painn-128x3"))
     assert tiny.structures[0].endswith(os.path.join("runs", "water_tiny", "train.extxyz"))
     assert tiny.steps < config.steps and tiny.student == config.student
+
+
+def test_training_and_validation_come_from_the_first_system_and_every_system_is_tested(water, tmp_path,
+                                                                                       monkeypatch):
+    asked = []
+    monkeypatch.setattr(water, "system_set", lambda name, system, *rest: asked.append((name, system)) or [])
+    monkeypatch.setattr("distiller.structure.write_structures", lambda path, structures: None)
+    for name in ("train", "validation", *(water.md_test_set(s) for s in water.SYSTEMS)):
+        water.structures(name, water.SYSTEMS, None, False, str(tmp_path))
+    assert asked == [("train", "watersmall"), ("validation", "watersmall"), ("test", "watersmall"),
+                     ("test", "waterbox")]
 
 
 def test_results_join_aspirins_without_replacing_them(water):

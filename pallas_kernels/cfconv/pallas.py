@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from pallas_kernels.edges.chunks import FEATURE_CHUNK, feature_chunks
 from pallas_kernels.edges.edge_op import (EdgeOp, Launch, PallasConfig, StaticValue, apply, block_size,
                                          dot_precision, primal_values)
 from pallas_kernels.edges.graph import EdgeGraph, graph_for
@@ -158,7 +159,8 @@ def _symmetric(op: EdgeOp, launch: Launch):
 
 def cfconv_pallas(features: jax.Array, lengths: jax.Array, senders: jax.Array, receivers: jax.Array,
                   edge_mask: jax.Array, filter_params: dict, *, cutoff: float, graph: EdgeGraph | None = None,
-                  config: PallasConfig | None = None, symmetric: bool = False) -> jax.Array:
+                  config: PallasConfig | None = None, symmetric: bool = False,
+                  feature_chunk: int = FEATURE_CHUNK) -> jax.Array:
     """`cfconv_reference` (same arguments, same result to float32 rounding) as fused Pallas kernels.
 
     graph: `edge_graph(senders, receivers, edge_mask, n_atoms)`, computed once per neighbour-list update and
@@ -167,13 +169,20 @@ def cfconv_pallas(features: jax.Array, lengths: jax.Array, senders: jax.Array, r
     symmetric: the caller promises the edge list is closed under reversal with equal lengths (every real
       edge i <- j has a real twin j <- i), as distiller's neighbour lists are; the first derivative then walks
       the receiver order only (`SymmetricTransposeBody`). A broken promise gives wrong gradients.
+    feature_chunk: more features than this run as one launch per chunk of this many (`edges.chunks`).
     """
     n_atoms, n_features = features.shape
-    config = default_config(n_features) if config is None else config
     if lengths.shape != edge_mask.shape or lengths.ndim != 1:
         raise ValueError(f"lengths {lengths.shape} and edge_mask {edge_mask.shape} must be equal-length vectors")
     graph = graph_for(graph, senders, receivers, edge_mask, n_atoms)
     coefficients = filter_params["coefficients"]
+    chunks = feature_chunks(n_features, feature_chunk)
+    if len(chunks) > 1:
+        return jnp.concatenate([cfconv_pallas(features[:, c], lengths, senders, receivers, edge_mask,
+                                              {"coefficients": coefficients[:, c]}, cutoff=cutoff, graph=graph,
+                                              config=config, symmetric=symmetric, feature_chunk=feature_chunk)
+                                for c in chunks], axis=-1)
+    config = default_config(n_features) if config is None else config
     n_basis = coefficients.shape[0]
     spacing = spline_spacing(cutoff, n_basis)
     # Triton blocks have power-of-two sides (and dots at least 16): pad features and basis functions with

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from pallas_kernels.cfconv.pallas import default_config
 from pallas_kernels.cfconv.reference import envelope, spaced_bsplines, spline_spacing
 from pallas_kernels.directional_cfconv.reference import check_shapes
+from pallas_kernels.edges.chunks import FEATURE_CHUNK, feature_chunks
 from pallas_kernels.edges.edge_op import EdgeOp, PallasConfig, apply, block_size, dot_precision
 from pallas_kernels.edges.graph import EdgeGraph, graph_for
 
@@ -89,8 +90,8 @@ class DirectionalConvBody:
 def directional_cfconv_pallas(scalars: jax.Array, vectors: jax.Array | None, along: jax.Array,
                               edge_vectors: jax.Array, senders: jax.Array, receivers: jax.Array,
                               edge_mask: jax.Array, filter_params: dict, *, cutoff: float,
-                              graph: EdgeGraph | None = None,
-                              config: PallasConfig | None = None) -> tuple[jax.Array, jax.Array]:
+                              graph: EdgeGraph | None = None, config: PallasConfig | None = None,
+                              feature_chunk: int = FEATURE_CHUNK) -> tuple[jax.Array, jax.Array]:
     """`directional_cfconv_reference` (same arguments, same result to float32 rounding) as fused Pallas kernels.
 
     vectors: None when all zero: the kernels then neither gather those rows nor compute their term.
@@ -99,12 +100,20 @@ def directional_cfconv_pallas(scalars: jax.Array, vectors: jax.Array | None, alo
       shared by all layers; built here when None (any edge order is fine then).
     config: launch settings (`PallasConfig`); None uses cfconv's `default_config` for the four output rows'
       width (4F: the same per-edge row traffic as the reference's cfconv of four F-blocks).
+    feature_chunk: more features than this run as one launch per chunk of this many (`edges.chunks`).
     """
     check_shapes(scalars, vectors, along, edge_vectors, senders, receivers, edge_mask, filter_params)
     n_atoms, n_features = scalars.shape
-    config = default_config(4 * n_features) if config is None else config
     graph = graph_for(graph, senders, receivers, edge_mask, n_atoms)
     coefficients = filter_params["coefficients"]
+    chunks = feature_chunks(n_features, feature_chunk)
+    if len(chunks) > 1:
+        outs = [directional_cfconv_pallas(scalars[:, c], None if vectors is None else vectors[:, :, c], along[:, c],
+                                          edge_vectors, senders, receivers, edge_mask,
+                                          {"coefficients": coefficients[:, :, c]}, cutoff=cutoff, graph=graph,
+                                          config=config, feature_chunk=feature_chunk) for c in chunks]
+        return tuple(jnp.concatenate(parts, axis=-1) for parts in zip(*outs))
+    config = default_config(4 * n_features) if config is None else config
     n_basis = coefficients.shape[0]
     # Triton blocks have power-of-two sides (dots at least 16): zero rows and columns contribute nothing.
     f_pad, k_pad = block_size(n_features), block_size(n_basis)
