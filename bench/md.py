@@ -54,7 +54,7 @@ from distiller.load import load_model  # noqa: E402
 from distiller.profiling import kernel_table  # noqa: E402
 from distiller.speed import (add_student_arguments, device_name, md_speed, sized_student,  # noqa: E402
                              student_from_arguments, versions)
-from distiller.structure import StructureError, parse_tiled_name, read_structures  # noqa: E402
+from distiller.structure import StructureError, parse_tiled_name, read_structures, tiled_name  # noqa: E402
 
 
 def fresh_student(config, structure, readout_scale: float):
@@ -94,7 +94,7 @@ def system_spec(text: str, structures_dir: str):
     except ValueError:
         raise SystemExit(f"bench/md.py: --systems {text!r}: a tiling is NAME:AxBxC with positive integers, "
                          f"e.g. waterhuge:2x2x2") from None
-    label = name if reps is None else f"{name} {'x'.join(map(str, reps))}"
+    label = name if reps is None else tiled_name(name, reps)
     return label, os.path.join(structures_dir, f"{name}.extxyz"), reps
 
 

@@ -103,7 +103,7 @@ class Structure:
                                  "only periodic cells are tiled")
         atoms = self.to_ase()
         atoms.calc = None
-        return Structure.from_ase(atoms.repeat(reps), name=f"{label} {'x'.join(map(str, reps))}")
+        return Structure.from_ase(atoms.repeat(reps), name=tiled_name(label, reps))
 
     def validated(self) -> "Structure":
         """Return self if it is a structure distiller can compute on; raise StructureError otherwise."""
@@ -164,6 +164,11 @@ def parse_tiling(text: str) -> tuple[int, int, int]:
     if len(reps) != 3 or min(reps) < 1:
         raise ValueError(f"a tiling is AxBxC with positive integers, e.g. 2x2x2, got {text!r}")
     return reps
+
+
+def tiled_name(name: str, reps: Sequence[int]) -> str:
+    """The name of `name` tiled reps[0] x reps[1] x reps[2] times: "waterhuge 2x2x2" (`Structure.tiled`'s)."""
+    return f"{name} {'x'.join(map(str, reps))}"
 
 
 def parse_tiled_name(text: str) -> tuple[str, tuple[int, int, int] | None]:

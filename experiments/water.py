@@ -155,11 +155,17 @@ def structures(name: str, systems: tuple, teacher, tiny: bool, work: str) -> str
     return path
 
 
+def test_set_files(systems: tuple, teacher, tiny: bool, work: str) -> dict:
+    """{test set name: its file} of every system, sampled where missing."""
+    return {md_test_set(s): structures(md_test_set(s), systems, teacher, tiny, work) for s in systems}
+
+
 def run_config_for(tiny: bool) -> Experiment:
     """`config` with this job's paths (and toy sizes at --tiny)."""
     work = WORK + ("_tiny" if tiny else "")
     run_config = dataclasses.replace(
-        config, structures=(os.path.join(work, "train.extxyz"),), run_dir=os.path.join(work, "painn-128x3"),
+        config, structures=(os.path.join(work, "train.extxyz"),),
+        run_dir=os.path.join(work, os.path.basename(config.run_dir)),
         validation=dataclasses.replace(config.validation, structures=(os.path.join(work, "validation.extxyz"),)))
     if tiny:
         run_config = dataclasses.replace(
@@ -295,8 +301,7 @@ def main(argv) -> dict:
     sets = {name: structures(name, systems, teacher, tiny, work) for name in ("train", "validation")}
     seconds["sampling"] = time.perf_counter() - t0
     if "--sample" in args:  # the test sets too, then stop: nothing is trained
-        for s in systems:
-            structures(md_test_set(s), systems, teacher, tiny, work)
+        test_set_files(systems, teacher, tiny, work)
         print(f"sampled sets in {work} ({time.perf_counter() - t0:.0f} s)", flush=True)
         return {}
     if done < run_config.steps:
@@ -310,7 +315,7 @@ def main(argv) -> dict:
             return {}
 
     t0 = time.perf_counter()
-    tests = {md_test_set(s): structures(md_test_set(s), systems, teacher, tiny, work) for s in systems}
+    tests = test_set_files(systems, teacher, tiny, work)
     seconds["sampling"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     keys = ("structures", "atoms", "accuracy_retained", "forces_mae", "forces_rmse", "energy_mae_per_atom",
