@@ -34,6 +34,11 @@ the kernels' dot precision, tf32x3 or ieee) for
 --students to name as their kernel: `--launch e32=32,16,4,2/32,16,4,2/16,16,4,1 --students painn-64x3:pallas
 painn-64x3:e32` times the same student with the defaults and with those (a launch sweep in MD, issue 14).
 
+`--skins 0.5 0.3 ...` times every model and system at each neighbour-list skin (Å; default distiller.md's 0.5):
+a thinner skin holds fewer edges (the XLA twins compute every edge of the list's capacity) but rebuilds more
+often, and the rate includes the rebuilds. A fresh student's gas-like water moves ballistically and so rebuilds
+more often than a liquid; the teacher rows are real liquid.
+
 `--profile DIR` runs one more chunk of every row under the profiler (not timed with the others): its trace goes
 to DIR/SYSTEM-MODEL/, and the row's `profile` (`distiller.profiling`) gives the device time per step by kernel
 and by kind, the launches per step and the wall time beside them (where the time goes, issue 14).
@@ -42,6 +47,7 @@ and by kind, the launches per step and the wall time beside them (where the time
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 
@@ -164,6 +170,8 @@ def main() -> None:
                              "ARCH-FxL[@CUTOFF][:KERNEL], e.g. painn-64x3 painn-32x2@4.5 schnet-64x3:xla")
     parser.add_argument("--launch", nargs="+", default=[], metavar="NAME=FWD/FIRST/SECOND[/PRECISION]",
                         help="Pallas kernel sets with these launch settings, for --students' :KERNEL (see above)")
+    parser.add_argument("--skins", nargs="+", type=float, metavar="Å",
+                        help="neighbour-list skins to time each model and system at (default: distiller.md's)")
     parser.add_argument("--profile", metavar="DIR", help="trace one more chunk per row into DIR (see above)")
     parser.add_argument("--out", help="JSON file to write (after every row)")
     args = parser.parse_args()
@@ -171,6 +179,9 @@ def main() -> None:
         parser.error(f"--steps ({args.steps}) must be a positive multiple of --chunk ({args.chunk})")
     if args.replicas < 1:
         parser.error(f"--replicas must be >= 1, got {args.replicas}")
+    if args.skins and min(args.skins) <= 0:
+        parser.error(f"--skins must be > 0 Å, got {min(args.skins)}")
+    skins = args.skins or [None]
 
     launches = dict(launch_spec(text) for text in args.launch)  # before --students, which may name them
     if args.students and args.run:
@@ -198,25 +209,26 @@ def main() -> None:
         replicas = 1 if structure.periodic else args.replicas
         students = [("student", load_model(args.run) if config is None else
                      fresh_student(config, structure, args.readout_scale)) for config in student_configs]
-        for kind, model in teachers + students:
+        for (kind, model), skin in itertools.product(teachers + students, skins):
             label = name if replicas == 1 else f"{name} x{replicas}"
+            tag = label if skin is None else f"{label} skin {skin:g}"
             trace = None
             if args.profile:
                 trace = os.path.join(args.profile, "".join(c if c.isalnum() or c in "-." else "-"
-                                                           for c in f"{label}-{model.name}"))
+                                                           for c in f"{tag}-{model.name}"))
             try:
                 row = {"kind": kind, **md_speed(model, structure, replicas, args.steps, args.chunk, args.dt, label,
-                                                trace=trace)}
+                                                trace=trace, skin=skin)}
             except (FloatingPointError, *LAUNCH_ERRORS) as err:
                 # An untrained or poor student can blow up, and a launch setting of a sweep may not compile (too
                 # much shared memory): say so, record it, go on with the next row.
                 text = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                print(f"{label:>14} {kind:>16} failed: {text}", flush=True)
+                print(f"{tag:>14} {kind:>16} failed: {text}", flush=True)
                 row = {"kind": kind, "model": model.name, "system": label, "error": text}
             else:
                 speed = ("no chunk ran without growing a capacity: no rate" if row["ms_per_step"] is None else
                          f"{row['ms_per_step']:9.3f} ms/step  {row['ns_per_day']:9.3f} ns/day")
-                print(f"{label:>14} {kind:>16} {row['atoms']:7d} atoms  {speed}  (warm-up {row['warmup_s']:.1f} s, "
+                print(f"{tag:>14} {kind:>16} {row['atoms']:7d} atoms  {speed}  (warm-up {row['warmup_s']:.1f} s, "
                       f"drift {row['drift_meV_per_atom_ps']} meV/atom/ps)", flush=True)
                 if "profile" in row:
                     print(kernel_table(row["profile"]), flush=True)

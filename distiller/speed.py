@@ -209,7 +209,7 @@ def compare_speed(teacher: EnergyModel | str, student, systems: Mapping[str, Seq
 
 
 def md_speed(model: EnergyModel, structure: Structure, replicas: int, steps: int, chunk: int, dt: float,
-             system: str, trace: str | None = None) -> dict:
+             system: str, trace: str | None = None, skin: float | None = None) -> dict:
     """MD speed: run chunk (warm-up, compiles) + steps NVE steps of `replicas` copies of `structure` (one: `simulate`);
     time the `steps`.
 
@@ -217,11 +217,15 @@ def md_speed(model: EnergyModel, structure: Structure, replicas: int, steps: int
     is compilation, not integration, so the rate comes from the chunks that ran once (all of them, usually).
     trace: a folder: one more chunk runs under the profiler after the timed ones (not timed with them); the row's
     `profile` is its `distiller.profiling.summarise` (device time per kernel and kind, per step).
+    skin: the neighbour list's skin in Å (None: distiller.md's default). A thinner one holds fewer edges but
+    rebuilds more often; the rate includes the rebuilds.
     """
     from distiller.md import Dynamics, energy_drift, simulate_each, thermo
+    from distiller.md.potential import DEFAULT_SKIN
     from distiller.profiling import traced
 
-    dynamics = Dynamics("nve", temperature=300.0, dt=dt)
+    skin = DEFAULT_SKIN if skin is None else float(skin)
+    dynamics = Dynamics("nve", temperature=300.0, dt=dt, dr_threshold=skin)
     log_every = math.gcd(chunk, 50)  # the thermo log (for the drift) every 50 steps where the chunk allows
     timed = chunk + steps
     runs = simulate_each(model, [structure] * replicas, dynamics, timed + (chunk if trace else 0),
@@ -261,7 +265,7 @@ def md_speed(model: EnergyModel, structure: Structure, replicas: int, steps: int
     drifts = [energy_drift(r, structure.n_atoms) for r in rows] if len(rows[0]) >= 5 else None
     row = {
         "model": model.name, "system": system,
-        "atoms": atoms, "replicas": replicas, "dt_fs": dt, "steps": steps, "chunk": chunk, "warmup_s": warmup,
+        "atoms": atoms, "replicas": replicas, "dt_fs": dt, "skin_A": skin, "steps": steps, "chunk": chunk, "warmup_s": warmup,
         "ms_per_step": rate(lambda t: 1e3 * t), "ns_per_day": rate(lambda t: dt * 1e-6 / t * 86400),
         "aggregate_ns_per_day": rate(lambda t: replicas * dt * 1e-6 / t * 86400),
         "us_per_atom_step": rate(lambda t: 1e6 * t / atoms),
