@@ -33,7 +33,8 @@ that long and the same command continues it), and the student is evaluated once 
    student, so it costs little). The loss: energy per atom, forces, stress.
    The averaged weights (EMA) are validated every 500 steps and the best kept. The student is PaiNN 128x3 at
    5 Å, the size that meets the aspirin targets; the first run (64x3, both boxes, batches of 2 boxes, 12,000
-   steps) kept 92.7 % on watersmall (bench/results/water-h200.json).
+   steps) kept 92.7 % on watersmall (bench/results/water-h200.json), this one 93.1 % on watersmall and 92.6 % on
+   waterbox (H100, bench/results/fidelity-h100.json): twice the features, 0.4 points.
 3. Evaluation on both test sets (accuracy retained 1 - ‖ΔF‖/‖F_t‖, force MAE and RMSE, energy MAE per atom, stress
    MAE), and student against ensemble per energy+forces call on waterbox (`distiller.speed.compare_speed`). Merged
    into bench/results/fidelity-<gpu>.json (runs/water_tiny/fidelity-tiny.json at --tiny) as aspirin's entries are:

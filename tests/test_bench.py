@@ -87,3 +87,23 @@ def test_a_row_that_blows_up_is_recorded_and_the_run_exits_non_zero(tmp_path, st
         md.main()
     (row,) = json.loads(out.read_text())["rows"]
     assert row["system"] == "aspirin x2" and "MD failed at step" in row["error"]
+
+
+def test_ensemble_spread_puts_a_planted_error_in_the_quintile_where_the_members_disagree():
+    """bench/ensemble_spread.py's table: a student wrong only on the atoms of largest spread loses accuracy in the
+    top quintile alone, and the retained share of all atoms is the fidelity issue's 1 - ‖ΔF‖/‖F‖."""
+    spec = importlib.util.spec_from_file_location("ensemble_spread", ROOT / "bench" / "ensemble_spread.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rng = np.random.default_rng(0)
+    mean = rng.normal(size=(500, 3))
+    spread = rng.uniform(0.1, 1.0, size=500)
+    student = mean.copy()
+    worst = spread > np.quantile(spread, 0.8)
+    student[worst] += 0.3 * rng.normal(size=(int(worst.sum()), 3))
+    rows = module.by_quantile(spread, np.linalg.norm(student - mean, axis=1), mean, student)
+    assert [r["atoms"] for r in rows] == [100] * 5
+    assert all(r["accuracy_retained"] == 1.0 and r["error_mean"] == 0.0 for r in rows[:4])
+    assert rows[4]["accuracy_retained"] < 0.9 and rows[4]["spread_mean"] > rows[3]["spread_mean"]
+    overall = module.retained(student, mean)
+    assert overall == 1.0 - np.linalg.norm(student - mean) / np.linalg.norm(mean) and 0.8 < overall < 0.95
