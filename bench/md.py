@@ -21,7 +21,7 @@ Rows (`rows` of the JSON): system, atoms (the total over the replicas), replicas
 replica's trajectory; `aggregate_ns_per_day` is over all replicas), us_per_atom_step (over all atoms).
 
 The student is a fresh one of the size options (default SchNetConfig(cutoff=5.0, features=64, layers=3)), or a
-trained one with --run; `--students painn-64x3 painn-32x2@4.5 schnet-64x3:xla ...` times several fresh ones in
+trained one with --run (its own kernels, or --kernel's); `--students painn-64x3 painn-32x2@4.5 schnet-64x3:xla ...` times several fresh ones in
 the same run (ARCH-FEATURESxLAYERS, optionally @CUTOFF and :KERNEL; --n-rbf and --kernel fill in the rest).
 A fresh student's random energy surface would fling atoms about, so its readout is scaled by --readout-scale (1e-3): forces become tiny and the water flows like a gas at the same density, with
 the same shapes and operations per step (speed does not depend on the weights' values); a molecule drifts
@@ -58,6 +58,7 @@ import jax  # noqa: E402
 from distiller.files import write_json_atomic  # noqa: E402
 from distiller.load import load_model  # noqa: E402
 from distiller.profiling import kernel_table  # noqa: E402
+from distiller.run_directory import load_student  # noqa: E402
 from distiller.speed import (add_student_arguments, device_name, md_speed, sized_student,  # noqa: E402
                              student_from_arguments, versions)
 from distiller.structure import StructureError, parse_tiled_name, read_structures, tiled_name  # noqa: E402
@@ -86,7 +87,7 @@ def student_spec(text: str, args):
     features, _, layers = size.partition("x")
     try:
         return sized_student(architecture, cutoff=float(cutoff or args.cutoff), features=int(features),
-                             layers=int(layers), n_rbf=args.n_rbf, kernel=kernel or args.kernel)
+                             layers=int(layers), n_rbf=args.n_rbf, kernel=kernel or args.kernel or "xla")
     except ValueError as err:
         raise SystemExit(f"bench/md.py: --students {text!r}: {err} (format ARCH-FxL[@CUTOFF][:KERNEL], e.g. "
                          f"painn-64x3@4.5:pallas)") from None
@@ -199,7 +200,7 @@ def main() -> None:
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "device": device_name(), "versions": versions(),
         "teachers": args.teacher,
-        "students": [{"run": args.run} if config is None else
+        "students": [{"run": args.run, "kernel": args.kernel or "the run's own"} if config is None else
                      {"readout_scale": args.readout_scale, **config.to_dict()} for config in student_configs],
         "launch": launches,
         "ensemble": "nve", "initial_temperature_K": 300.0,
@@ -207,7 +208,7 @@ def main() -> None:
     }
     for name, structure in structures:
         replicas = 1 if structure.periodic else args.replicas
-        students = [("student", load_model(args.run) if config is None else
+        students = [("student", load_student(args.run, kernel=args.kernel) if config is None else
                      fresh_student(config, structure, args.readout_scale)) for config in student_configs]
         for (kind, model), skin in itertools.product(teachers + students, skins):
             label = name if replicas == 1 else f"{name} x{replicas}"

@@ -82,15 +82,21 @@ def add_student_arguments(parser) -> None:
     parser.add_argument("--features", type=int, default=64)
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--n-rbf", type=int, default=24)
-    parser.add_argument("--kernel", default="xla", choices=["xla", "pallas"])
+    parser.add_argument("--kernel", choices=["xla", "pallas"],
+                        help="edge kernels (default: xla for a fresh student, the run's own for --run)")
 
 
 def student_from_arguments(args, elements: Sequence[int] = (1, 6, 7, 8)):
-    """The run directory of --run, else the student config the size options describe (`sized_student`)."""
+    """The run directory of --run (loaded with --kernel where one is given), else the student config the size
+    options describe (`sized_student`)."""
     if args.run:
-        return args.run
+        if args.kernel is None:
+            return args.run
+        from distiller.run_directory import load_student
+
+        return load_student(args.run, kernel=args.kernel)
     return sized_student(args.architecture, cutoff=args.cutoff, features=args.features, layers=args.layers,
-                         n_rbf=args.n_rbf, kernel=args.kernel, elements=elements)
+                         n_rbf=args.n_rbf, kernel=args.kernel or "xla", elements=elements)
 
 
 def sized_student(architecture: str, *, cutoff: float, features: int, layers: int, n_rbf: int, kernel: str,

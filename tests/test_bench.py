@@ -107,3 +107,22 @@ def test_ensemble_spread_puts_a_planted_error_in_the_quintile_where_the_members_
     assert rows[4]["accuracy_retained"] < 0.9 and rows[4]["spread_mean"] > rows[3]["spread_mean"]
     overall = module.retained(student, mean)
     assert overall == 1.0 - np.linalg.norm(student - mean) / np.linalg.norm(mean) and 0.8 < overall < 0.95
+
+
+def test_the_bench_student_options_give_a_run_its_own_kernels_unless_told(monkeypatch):
+    """--kernel: a fresh student's (xla unless given); for --run, the run's own kernels unless --kernel names one
+    (bench/md.py timed the trained aspirin student with XLA, the kernel it was trained with, before)."""
+    import argparse
+
+    import distiller.run_directory as run_directory
+    from distiller.speed import add_student_arguments, student_from_arguments
+
+    parser = argparse.ArgumentParser()
+    add_student_arguments(parser)
+    loaded = []
+    monkeypatch.setattr(run_directory, "load_student", lambda run, kernel=None: loaded.append((run, kernel)) or "model")
+    assert student_from_arguments(parser.parse_args(["--run", "runs/x"])) == "runs/x" and loaded == []
+    assert student_from_arguments(parser.parse_args(["--run", "runs/x", "--kernel", "pallas"])) == "model"
+    assert loaded == [("runs/x", "pallas")]
+    assert student_from_arguments(parser.parse_args(["--architecture", "painn"])).kernel == "xla"
+    assert student_from_arguments(parser.parse_args(["--kernel", "pallas"])).kernel == "pallas"
