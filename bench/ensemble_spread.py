@@ -9,9 +9,10 @@ The teacher is the run's ensemble (a FeNNol-PMC spec without a member index, e.g
     spread_i = sqrt(mean_k |F_k,i - F_mean,i|^2)    (how much the members disagree, eV/Å)
     error_i  = |F_student,i - F_mean,i|
 Reported: accuracy retained (1 - ‖ΔF‖/‖F_mean‖) of the student and of every member against the mean; the
-correlation of error and spread; the student's force scale (least squares, 1 = no bias); and both by quintile of spread (the retained share within each quintile). A
-student whose error rises with the spread is held back where the members disagree: the mean there is an
-average of disagreeing extrapolations, harder to fit than where they agree.
+correlation of error and spread; the student's force scale (least squares, 1 = no bias); and error and spread
+by quintile of spread, with the share the student keeps in each. A student whose kept share falls with the
+spread is held back where the members disagree: the mean there averages disagreeing extrapolations, harder to
+fit than where they agree. A flat share says the error is elsewhere.
 """
 
 from __future__ import annotations

@@ -21,12 +21,14 @@ Rows (`rows` of the JSON): system, atoms (the total over the replicas), replicas
 replica's trajectory; `aggregate_ns_per_day` is over all replicas), us_per_atom_step (over all atoms).
 
 The student is a fresh one of the size options (default SchNetConfig(cutoff=5.0, features=64, layers=3)), or a
-trained one with --run (its own kernels, or --kernel's); `--students painn-64x3 painn-32x2@4.5 schnet-64x3:xla ...` times several fresh ones in
-the same run (ARCH-FEATURESxLAYERS, optionally @CUTOFF and :KERNEL; --n-rbf and --kernel fill in the rest).
-A fresh student's random energy surface would fling atoms about, so its readout is scaled by --readout-scale (1e-3): forces become tiny and the water flows like a gas at the same density, with
-the same shapes and operations per step (speed does not depend on the weights' values); a molecule drifts
-apart slowly (its neighbour list's capacities may grow, whose redone chunks are not timed). A trained run is
-used as it is.
+trained one with --run (its own kernels, or --kernel's); `--students painn-64x3 painn-32x2@4.5 schnet-64x3:xla
+...` times several fresh ones in the same run (ARCH-FEATURESxLAYERS, optionally @CUTOFF and :KERNEL; --n-rbf and
+--kernel fill in the rest). A fresh student's random energy surface would fling atoms about, so its readout is
+scaled by --readout-scale (1e-3): forces become tiny and the water flows like a gas at the same density, with
+the same shapes and operations per step (speed does not depend on the weights' values). A molecule of a fresh
+student drifts apart (nothing holds it together), its neighbour list's capacities grow, and the redone chunks are
+not timed: PaiNN 128x3's aspirin x1024 grew in every chunk and gave no rate. Time molecules with a trained run
+(--run), which is used as it is.
 
 `--launch NAME=FWD/FIRST/SECOND[/PRECISION]` registers the Pallas kernel set NAME with those launch settings (each
 BLOCK_EDGES,BLOCK_ATOMS,WARPS,STAGES[,LAYOUT], per derivative depth: the forward pass, the first VJP, deeper ones;

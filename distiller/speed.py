@@ -271,7 +271,8 @@ def md_speed(model: EnergyModel, structure: Structure, replicas: int, steps: int
     drifts = [energy_drift(r, structure.n_atoms) for r in rows] if len(rows[0]) >= 5 else None
     row = {
         "model": model.name, "system": system,
-        "atoms": atoms, "replicas": replicas, "dt_fs": dt, "skin_A": skin, "steps": steps, "chunk": chunk, "warmup_s": warmup,
+        "atoms": atoms, "replicas": replicas, "dt_fs": dt, "skin_A": skin, "steps": steps, "chunk": chunk,
+        "warmup_s": warmup,
         "ms_per_step": rate(lambda t: 1e3 * t), "ns_per_day": rate(lambda t: dt * 1e-6 / t * 86400),
         "aggregate_ns_per_day": rate(lambda t: replicas * dt * 1e-6 / t * 86400),
         "us_per_atom_step": rate(lambda t: 1e6 * t / atoms),
