@@ -243,13 +243,13 @@ def test_md_speed_traces_one_more_chunk_outside_the_timed_ones(tmp_path, structu
 
 def test_md_speed_at_a_thin_skin_rebuilds_more_and_integrates_the_same_trajectory(structures_dir):
     """bench/md.py --skins: the skin changes which pairs the list holds and how often it is rebuilt, never the
-    forces, so NVE from the same velocities ends at the same temperature (watertiny, 40 steps: a 0.05 Å skin
+    forces, so NVE from the same velocities ends at the same temperature (watertiny, 20 steps: a 0.05 Å skin
     rebuilds every few steps, the default 0.5 Å not at all)."""
     from distiller.speed import md_speed
 
     water = read_structures(structures_dir / "watertiny.extxyz")[0]
     model = load_model(TEACHER)
-    thin, default = (md_speed(model, water, 1, 20, 20, 0.5, "watertiny", skin=skin) for skin in (0.05, None))
+    thin, default = (md_speed(model, water, 1, 10, 10, 0.5, "watertiny", skin=skin) for skin in (0.05, None))
     assert thin["skin_A"] == 0.05 and default["skin_A"] == 0.5
     assert abs(thin["final_temperature_K"] - default["final_temperature_K"]) < 1e-3
     assert abs(thin["final_temperature_K"] - 300.0) > 1.0  # it moved: the comparison is not of the start
