@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from distiller.evaluate import force_metrics  # noqa: E402
 from distiller.files import write_json_atomic  # noqa: E402
 from distiller.load import load_model  # noqa: E402
 from distiller.predict import Predictor  # noqa: E402
@@ -34,17 +35,18 @@ from distiller.structure import read_structures  # noqa: E402
 
 
 def retained(predicted: np.ndarray, reference: np.ndarray) -> float:
-    """1 - ‖ΔF‖/‖F‖ over all atoms and components (the fidelity issue's accuracy retained)."""
-    return float(1.0 - np.linalg.norm(predicted - reference) / np.linalg.norm(reference))
+    """1 - ‖ΔF‖/‖F‖ over all atoms and components (the fidelity issue's accuracy retained, as evaluate reports it)."""
+    return force_metrics(predicted, reference)["accuracy_retained"]
 
 
 def forces_of(model, structures) -> np.ndarray:
     return np.concatenate([s.forces for s in Predictor(model)(structures)])
 
 
-def by_quantile(spread: np.ndarray, error: np.ndarray, mean: np.ndarray, student: np.ndarray,
-                parts: int = 5) -> list[dict]:
-    """The atoms in `parts` bins of equal count by spread: mean spread, mean error, the student's retained share."""
+def by_quantile(spread: np.ndarray, student: np.ndarray, mean: np.ndarray, parts: int = 5) -> list[dict]:
+    """The atoms in `parts` bins of equal count by spread: mean spread, mean error |F_student - F_mean|, the
+    student's retained share."""
+    error = np.linalg.norm(student - mean, axis=-1)
     edges = np.quantile(spread, np.linspace(0.0, 1.0, parts + 1))
     which = np.clip(np.searchsorted(edges, spread, side="right") - 1, 0, parts - 1)
     return [{"quantile": q + 1, "atoms": int(np.sum(which == q)),
@@ -104,8 +106,7 @@ def main() -> None:
     members = np.stack(members)
     mean = members.mean(axis=0)
     spread = np.sqrt(np.mean(np.sum((members - mean) ** 2, axis=-1), axis=0))
-    error = np.linalg.norm(student - mean, axis=-1)
-    rows = by_quantile(spread, error, mean, student)
+    rows = by_quantile(spread, student, mean)
     report = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "device": device_name(), "versions": versions(),
@@ -113,7 +114,7 @@ def main() -> None:
         "atoms": int(len(mean)),
         "student_accuracy_retained": retained(student, mean),
         "members_accuracy_retained": [retained(m, mean) for m in members],
-        "error_spread_correlation": float(np.corrcoef(error, spread)[0, 1]),
+        "error_spread_correlation": float(np.corrcoef(np.linalg.norm(student - mean, axis=-1), spread)[0, 1]),
         # A scale below 1 is forces too soft everywhere (a bias), not scatter: <F_s, F_mean> / <F_mean, F_mean>.
         "student_force_scale": float(np.sum(student * mean) / np.sum(mean * mean)),
         "by_spread_quintile": rows,

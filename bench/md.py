@@ -58,9 +58,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # noqa: E402
 
 from distiller.files import write_json_atomic  # noqa: E402
-from distiller.load import load_model  # noqa: E402
+from distiller.load import as_model, load_model  # noqa: E402
 from distiller.profiling import kernel_table  # noqa: E402
-from distiller.run_directory import load_student  # noqa: E402
 from distiller.speed import (add_student_arguments, device_name, md_speed, sized_student,  # noqa: E402
                              student_from_arguments, versions)
 from distiller.structure import StructureError, parse_tiled_name, read_structures, tiled_name  # noqa: E402
@@ -197,6 +196,7 @@ def main() -> None:
         parser.error(f"no structure file {missing[0]}")
     structures = [(label, read_system(path, reps)) for label, path, reps in systems]  # bad input before any model
     teachers = [(teacher_kind(spec), load_model(spec)) for spec in args.teacher]
+    trained = as_model(student_from_arguments(args)) if args.run else None  # once, with --kernel's kernels if given
     rows = []
     report = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
@@ -210,7 +210,7 @@ def main() -> None:
     }
     for name, structure in structures:
         replicas = 1 if structure.periodic else args.replicas
-        students = [("student", load_student(args.run, kernel=args.kernel) if config is None else
+        students = [("student", trained if config is None else
                      fresh_student(config, structure, args.readout_scale)) for config in student_configs]
         for (kind, model), skin in itertools.product(teachers + students, skins):
             label = name if replicas == 1 else f"{name} x{replicas}"

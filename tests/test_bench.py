@@ -101,7 +101,7 @@ def test_ensemble_spread_puts_a_planted_error_in_the_quintile_where_the_members_
     student = mean.copy()
     worst = spread > np.quantile(spread, 0.8)
     student[worst] += 0.3 * rng.normal(size=(int(worst.sum()), 3))
-    rows = module.by_quantile(spread, np.linalg.norm(student - mean, axis=1), mean, student)
+    rows = module.by_quantile(spread, student, mean)
     assert [r["atoms"] for r in rows] == [100] * 5
     assert all(r["accuracy_retained"] == 1.0 and r["error_mean"] == 0.0 for r in rows[:4])
     assert rows[4]["accuracy_retained"] < 0.9 and rows[4]["spread_mean"] > rows[3]["spread_mean"]
