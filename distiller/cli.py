@@ -138,7 +138,8 @@ def _profile_md(args) -> dict:
     return {**row.pop("profile"), "md": row}
 
 
-MD_EVALUATION = {"index": 0, "time_ps": 10.0, "temperature": 300.0, "dt": 0.5, "seed": 0, "nve_ps": None}
+MD_EVALUATION = {"index": 0, "time_ps": 10.0, "temperature": 300.0, "dt": 0.5, "seed": 0, "nve_ps": None,
+                 "kernel": None}
 
 
 def _evaluate(args) -> int:
@@ -393,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--md: initial velocities and thermostat (default 300)")
     p.add_argument("--dt", type=float, metavar="FS", help="--md: time step in fs (default 0.5)")
     p.add_argument("--seed", type=int, help="--md: seed of the velocities and Langevin noise, both models (default 0)")
+    p.add_argument("--kernel", choices=["xla", "pallas"],
+                   help="--md: the student's edge kernels (default: those it was trained with; pallas on a GPU)")
     p.add_argument("--teacher", help="teacher spec (default: the run's teacher)")
     p.add_argument("--out", metavar="DIR",
                    help="output directory (default: RUN_DIR/evaluation, or RUN_DIR/stability/STRUCTURE with --md)")

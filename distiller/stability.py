@@ -40,6 +40,9 @@ the sane part of the NVE run. Units at the boundary: eV, Å, fs for steps and ps
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
+import json
 import math
 import os
 import sys
@@ -49,7 +52,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 from ase.data import chemical_symbols, covalent_radii
 
-from distiller.files import write_json_atomic
+from distiller.files import lock_exclusively, write_bytes_atomic, write_json_atomic
 from distiller.load import as_model
 from distiller.md.simulate import THERMO_COLUMNS, Dynamics, MDFailure, Safety, energy_drift, simulate, thermo
 from distiller.model import EnergyModel
@@ -57,6 +60,8 @@ from distiller.run_directory import RunDirectory, load_student
 from distiller.structure import Structure, read_structures
 
 REPORT = "stability.json"
+KEPT = "runs"  # OUT/runs/<role>-<ensemble>.npz: the finished MD runs of `evaluate_stability`
+LOCK = ".lock"  # OUT/.lock: held by the report writing there
 FIGURES = {"temperature": "temperature.png", "pairs": "rdf.png", "bonds": "bonds.png"}
 
 
@@ -302,6 +307,47 @@ def run_trajectory(model: EnergyModel, structure: Structure, dynamics: Dynamics,
     return Trajectory(rows, frames, np.asarray(frame_steps, np.int64), failure, time.perf_counter() - start)
 
 
+# A finished MD run is kept as KEPT/<role>-<ensemble>.npz, so that a report stopped by a kill or a time limit (a
+# 100 ps student run and the teacher's may not fit one job) does not integrate it again. The file holds its
+# settings' fingerprint: a later call takes it back only for the same model (name and weights), structure,
+# dynamics, steps, logging, seed and criteria, and integrates afresh otherwise.
+
+
+def run_fingerprint(model: EnergyModel, structure: Structure, dynamics: Dynamics, steps: int, **settings) -> str:
+    """sha256 of everything a run's trajectory depends on: the model's name, source (a student's configuration
+    and kernels) and weights, the structure, the
+    dynamics, the step count and `settings` (logging, chunk, seed, stride, criteria: reprs)."""
+    import jax
+
+    digest = hashlib.sha256()
+    described = {"model": [model.name, repr(model.source)],
+                 "structure": [structure.name, structure.numbers.tolist()], "dynamics": repr(dynamics), "steps": steps, **{k: repr(v) for k, v in sorted(settings.items())}}
+    digest.update(json.dumps(described, sort_keys=True).encode())
+    for array in (structure.positions, structure.cell, structure.pbc, *jax.tree.leaves(model.params)):
+        digest.update(np.ascontiguousarray(np.asarray(array)).tobytes())
+    return digest.hexdigest()
+
+
+def save_trajectory(path: str, trajectory: Trajectory, fingerprint: str) -> None:
+    """Atomically: the trajectory and its fingerprint."""
+    buffer = io.BytesIO()
+    np.savez(buffer, rows=trajectory.rows, frames=trajectory.frames, frame_steps=trajectory.frame_steps,
+             wall_s=trajectory.wall_s, failure=json.dumps(trajectory.failure), fingerprint=fingerprint)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def load_trajectory(path: str, fingerprint: str) -> Trajectory | None:
+    """The trajectory kept at `path` if it was run with these settings (fingerprint), else None."""
+    if not os.path.isfile(path):
+        return None
+    with np.load(path) as archive:
+        if str(archive["fingerprint"]) != fingerprint:
+            return None
+        return Trajectory(archive["rows"], archive["frames"], archive["frame_steps"],
+                          json.loads(str(archive["failure"])), float(archive["wall_s"]))
+
+
 def _failure(failure: MDFailure, criterion: str) -> dict:
     return {"step": failure.step, "time_ps": failure.time_fs / 1000.0, "cause": failure.cause,
             "criterion": criterion, "last_step": failure.last_step, "line": str(failure)}
@@ -482,13 +528,16 @@ def stability_report(student, teacher, structure: Structure, *, time_ps: float, 
                      dt: float = 0.5, seed: int = 0, nve_ps: float | None = None, friction: float = 0.01,
                      log_fs: float = 5.0, chunk_fs: float = 500.0, discard_ps: float | None = None,
                      max_frames: int = 500, r_max: float = 6.0, criteria: Criteria = Criteria(),
-                     status: Callable[[str], None] | None = None, progress: bool = False) -> StabilityResult:
+                     status: Callable[[str], None] | None = None, progress: bool = False,
+                     kept: str | None = None) -> StabilityResult:
     """Student and teacher (EnergyModels, specs or run directories) in NVT (Langevin at `temperature` K,
     `friction` 1/fs) for `time_ps` and NVE for `nve_ps` (default: time_ps; 0: none) from `structure`, each with
     the same seed; see the module docstring for what is compared. log_fs: interval of the logged (checked)
     steps; chunk_fs: MD time per compiled chunk (checks between chunks); discard_ps: NVT equilibration left out
     of the distributions (default time_ps / 10); max_frames: frames per distribution; r_max: RDF range
-    (periodic). status: called with a line per phase; progress: a tqdm bar per MD run (stderr)."""
+    (periodic). status: called with a line per phase; progress: a tqdm bar per MD run (stderr). kept: a
+    directory where each finished MD run is kept and whence a later call with the same settings takes it back
+    (None: nothing kept)."""
     say = status or (lambda message: None)
     for name, value in (("time_ps", time_ps), ("temperature", temperature), ("dt", dt), ("log_fs", log_fs),
                         ("chunk_fs", chunk_fs), ("r_max", r_max), ("friction", friction)):
@@ -520,11 +569,21 @@ def stability_report(student, teacher, structure: Structure, *, time_ps: float, 
             if steps == 0:
                 continue
             label = f"{role} {ensemble}"
-            say(f"{label}: {model.name}, {steps} steps of {dt:g} fs ({steps * dt / 1000:g} ps) from {temperature:g} K"
-                f" on {structure.name}")
-            trajectories[label] = run_trajectory(model, structure, dynamics, steps, log_every=log_every,
-                                                 chunk=chunk, seed=seed, criteria=criteria, bonds=bonds,
-                                                 stride=stride, label=label, progress=progress)
+            path = os.path.join(kept, f"{role}-{ensemble}.npz") if kept else None
+            fingerprint = run_fingerprint(model, structure, dynamics, steps, log_every=log_every, chunk=chunk,
+                                          seed=seed, criteria=criteria, stride=stride) if kept else None
+            trajectory = load_trajectory(path, fingerprint) if kept else None
+            if trajectory is not None:
+                say(f"{label}: {model.name}, {steps} steps, kept from an earlier call ({path})")
+            else:
+                say(f"{label}: {model.name}, {steps} steps of {dt:g} fs ({steps * dt / 1000:g} ps) from "
+                    f"{temperature:g} K on {structure.name}")
+                trajectory = run_trajectory(model, structure, dynamics, steps, log_every=log_every, chunk=chunk,
+                                            seed=seed, criteria=criteria, bonds=bonds, stride=stride, label=label,
+                                            progress=progress)
+                if kept:
+                    save_trajectory(path, trajectory, fingerprint)
+            trajectories[label] = trajectory
             failure = trajectories[label].failure
             if failure is not None:
                 say(f"{label} FAILED: {failure['line']}")
@@ -755,11 +814,15 @@ def structure_label(structure_file: str, index: int, count: int) -> str:
 def evaluate_stability(run_dir: str, structure_file: str, *, index: int = 0, time_ps: float = 10.0,
                        temperature: float = 300.0, dt: float = 0.5, teacher: EnergyModel | str | None = None,
                        seed: int = 0, nve_ps: float | None = None, out: str | None = None,
-                       progress: bool = False, command: str | None = None, **options) -> StabilityResult:
+                       progress: bool = False, command: str | None = None, kernel: str | None = None,
+                       **options) -> StabilityResult:
     """The stability report of a run's student against `teacher` (default: the run's teacher) from structure
     `index` of `structure_file`, written to `out` (default RUN/stability/<structure>/). Everything is checked
     (the run, the file and index, the numbers, both models' elements, `out`) before any MD or any write. A
-    student that fails in MD is a result: it is recorded, nothing is raised. options: `stability_report`'s."""
+    student that fails in MD is a result: it is recorded, nothing is raised. Each finished MD run is kept in
+    OUT/runs/ (OUT locked while the report runs): called again after a stop, the report continues after the
+    runs that had finished. kernel: the student's edge kernels ("xla", "pallas"; default: those it was trained
+    with). options: `stability_report`'s."""
     def status(message: str) -> None:
         if progress:
             print(message, file=sys.stderr, flush=True)
@@ -785,11 +848,17 @@ def evaluate_stability(run_dir: str, structure_file: str, *, index: int = 0, tim
     teacher_name = teacher.name if isinstance(teacher, EnergyModel) else teacher
     status(f"loading the student of {run_dir} and the teacher {teacher_name}")
     teacher_model = as_model(teacher)
-    student = load_student(run_dir)
+    student = load_student(run_dir, kernel=kernel)
     for model in (student, teacher_model):  # both refuse what they cannot take before either computes
         model.check([structure])
-    result = stability_report(student, teacher_model, structure, time_ps=time_ps, temperature=temperature, dt=dt,
-                              seed=seed, nve_ps=nve_ps, status=status, progress=progress, **options)
+    os.makedirs(out, exist_ok=True)
+    lock = lock_exclusively(os.path.join(out, LOCK))
+    if lock is None:
+        raise BlockingIOError(f"{out}: another stability report is writing there (it holds {LOCK})")
+    with lock:  # finished MD runs are kept in OUT/runs/: a stopped report, called again, continues after them
+        result = stability_report(student, teacher_model, structure, time_ps=time_ps, temperature=temperature,
+                                  dt=dt, seed=seed, nve_ps=nve_ps, status=status, progress=progress,
+                                  kept=os.path.join(out, KEPT), **options)
     result.report["structure"].update(file=os.path.abspath(structure_file), index=index)
     result.report["summary"]["run_dir"] = os.path.abspath(run_dir)
     result.report["out"] = os.path.abspath(out)

@@ -5,7 +5,7 @@ on liquid water, judged on teacher MD it never saw, then run in MD against the t
     python experiments/water.py --time 5m           # at most 5 min of training per call; the same command continues
     python experiments/water.py --no-speed          # no speed timing (another job shares the GPU)
     python experiments/water.py --sample            # the sampled sets alone (carry runs/water/ to train elsewhere)
-    python experiments/water.py --stability waterbox [--ps 10]   # MD stability of the trained student (issue 13)
+    python experiments/water.py --stability waterbox [--ps 10 --nve-ps 5 --dt 0.5 --kernel pallas]   # issue 13
     python experiments/water.py --tiny              # the same pipeline at toy sizes (a CPU smoke run, runs/water_tiny/)
     python experiments/water.py --tiny --stability watertiny
     distiller distill experiments/water.py          # training alone (the sampled sets must exist)
@@ -41,8 +41,11 @@ that long and the same command continues it), and the student is evaluated once 
    entry `water-painn-128x3` in "students" (replaced by a later call, the others kept), its test sets under
    "test_sets" beside aspirin's, with the call's phase times (`seconds`) and training ms/step.
 4. `--stability SYSTEM`: `distiller.stability.evaluate_stability` of the trained student against the ensemble from
-   the system's box: NVT (Langevin) at 300 K for `--ps` ps (default 10; 0.05 at --tiny) and NVE for half as long
-   (the drift), dt 0.5 fs; stability.json and PNGs in RUN/stability/<system>/. Collected in
+   the system's box: NVT (Langevin) at 300 K for `--ps` ps (default 10; 0.05 at --tiny) and NVE for `--nve-ps`
+   (default half as long; the drift), time step `--dt` fs (default 0.5), the student's kernels `--kernel` (default
+   those it was trained with: xla); stability.json and PNGs in RUN/stability/<system>/. Each finished MD run is
+   kept there (RUN/stability/<system>/runs/): a call stopped by a job's time limit, run again, continues after
+   the runs that had finished. Collected in
    bench/results/stability-<gpu>.json (runs/water_tiny/stability-tiny.json at --tiny), issue 13's list of
    {"student", "system", "simulated_ps", "time_to_failure_ps", "rdf_l1", "drift_meV_per_atom_ps"}, one entry per
    (student, system) (a later report replaces it); rdf_l1 is the largest L1 over the element pairs (named in
@@ -105,9 +108,10 @@ KEEP_EVERY = {"validation": 10}  # snapshots kept of each set's runs: every k-th
 # run has the same number of trajectories, snapshot interval and chunk. 800 + 20 x 20 = 1,200 steps (0.6 ps), 3 chunks of 400.
 MD_RUN = {"replicas": 4, "count": 20, "interval": 20, "equilibration": 800, "chunk": 400}
 MD_RUN_TINY = {"replicas": 2, "count": 2, "interval": 5, "equilibration": 10, "chunk": 20}
-STABILITY_PS = 10.0  # NVT ps of `--stability` (0.05 at --tiny); NVE runs half as long
+STABILITY_PS = 10.0  # NVT ps of `--stability` (0.05 at --tiny); NVE runs half as long unless --nve-ps
+STABILITY_DT = 0.5  # fs, unless --dt
 FLAGS = ("--tiny", "--no-speed", "--sample")
-OPTIONS = ("--time", "--stability", "--ps")  # take a value
+OPTIONS = ("--time", "--stability", "--ps", "--nve-ps", "--dt", "--kernel")  # take a value
 
 
 def system_file(system: str) -> str:
@@ -192,21 +196,29 @@ def parse(argv) -> dict:
     if "--stability" in args and args["--stability"] not in systems:
         raise SystemExit(f"experiments/water.py: --stability takes one of {', '.join(systems)}"
                          f"{' (at --tiny)' if '--tiny' in args else ''}, not {args['--stability']!r}")
-    if "--ps" in args and "--stability" not in args:
-        raise SystemExit("experiments/water.py: --ps is the length of a --stability run; give --stability SYSTEM")
+    for option in ("--ps", "--nve-ps", "--dt", "--kernel"):
+        if option in args and "--stability" not in args:
+            raise SystemExit(f"experiments/water.py: {option} is a setting of a --stability run; give --stability "
+                             "SYSTEM")
     try:
         if "--time" in args:
             args["--time"] = parse_duration(args["--time"])
     except ValueError as err:
         raise SystemExit(f"experiments/water.py: --time: {err}") from None
-    if "--ps" in args:
-        text = args["--ps"]
-        try:
-            args["--ps"] = float(text)
-        except ValueError:
-            args["--ps"] = float("nan")
-        if not 0 < args["--ps"] < float("inf"):
-            raise SystemExit(f"experiments/water.py: --ps must be a number of picoseconds > 0, got {text!r}")
+    if args.get("--kernel", "xla") not in ("xla", "pallas"):
+        raise SystemExit(f"experiments/water.py: --kernel takes xla or pallas, not {args['--kernel']!r}")
+    for option, what, positive in (("--ps", "picoseconds", True), ("--nve-ps", "picoseconds", False),
+                                   ("--dt", "femtoseconds", True)):
+        if option in args:
+            text = args[option]
+            try:
+                args[option] = float(text)
+            except ValueError:
+                args[option] = float("nan")
+            value = args[option]
+            if not (value > 0 if positive else value >= 0) or value == float("inf"):
+                raise SystemExit(f"experiments/water.py: {option} must be a number of {what} "
+                                 f"{'>' if positive else '>='} 0, got {text!r}")
     return args
 
 
@@ -236,7 +248,8 @@ def collect_stability(path: str, entry: dict) -> list:
                                                 != key] + [entry])
 
 
-def stability(system: str, teacher, tiny: bool, time_ps: float, command: str) -> dict:
+def stability(system: str, teacher, tiny: bool, time_ps: float, command: str, nve_ps: float | None = None,
+              dt: float = STABILITY_DT, kernel: str | None = None) -> dict:
     """`--stability SYSTEM`: the trained student's MD stability report from the system's box, collected into
     stability-<gpu>.json (`collect_stability`)."""
     from distiller.speed import device_name
@@ -244,9 +257,10 @@ def stability(system: str, teacher, tiny: bool, time_ps: float, command: str) ->
 
     run_dir = run_config_for(tiny).run_dir
     out = os.path.join(run_dir, "stability", system)
-    result = evaluate_stability(run_dir, system_file(system), index=0, time_ps=time_ps, nve_ps=time_ps / 2,
-                                temperature=300.0, dt=0.5, teacher=teacher, out=out, progress=True,
-                                command=command)
+    nve_ps = time_ps / 2 if nve_ps is None else nve_ps
+    result = evaluate_stability(run_dir, system_file(system), index=0, time_ps=time_ps, nve_ps=nve_ps,
+                                temperature=300.0, dt=dt, teacher=teacher, out=out, progress=True,
+                                command=command, kernel=kernel)
     summary = result.report["summary"]
     pairs = result.report["distributions"]["pairs"]
     entry = {"student": STUDENT, "system": system, "simulated_ps": summary["simulated_ps"],
@@ -256,7 +270,8 @@ def stability(system: str, teacher, tiny: bool, time_ps: float, command: str) ->
              "teacher_drift_meV_per_atom_ps": summary["teacher_drift_meV_per_atom_ps"],
              "failure": summary["failure"], "nve_failure": summary["nve_failure"],
              "teacher_failure": summary["teacher_failure"], "temperature_K": 300.0, "nvt_ps": time_ps,
-             "nve_ps": time_ps / 2, "dt_fs": 0.5, "report": os.path.relpath(os.path.join(out, REPORT), ROOT),
+             "nve_ps": nve_ps, "dt_fs": dt, "kernel": kernel or run_config_for(tiny).student.kernel,
+             "report": os.path.relpath(os.path.join(out, REPORT), ROOT),
              "command": command, "device": device_name()}
     work = os.path.dirname(run_dir)
     path = os.path.join(work if tiny else os.path.join(ROOT, "bench", "results"),
@@ -295,7 +310,8 @@ def main(argv) -> dict:
     teacher = load_teacher(TEACHER)
     if "--stability" in args:
         return stability(args["--stability"], teacher, tiny, args.get("--ps", 0.05 if tiny else STABILITY_PS),
-                         command)
+                         command, nve_ps=args.get("--nve-ps"), dt=args.get("--dt", STABILITY_DT),
+                         kernel=args.get("--kernel"))
 
     seconds = {}
     t0 = time.perf_counter()

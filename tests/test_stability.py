@@ -5,6 +5,7 @@ The MD tests share one compilation per dynamics: the member is loaded once per p
 keeps it), the student of the CLI's run is that same member (a student identical to its teacher must show no
 difference at all), and the planted bond break runs the CLI test's dynamics on the same structure."""
 
+import dataclasses
 import json
 import re
 
@@ -145,12 +146,12 @@ def run_dir(tmp_path, monkeypatch, teacher):
     """A run directory whose teacher is the ANI-1x member and whose 'student' is that member itself."""
     path = tmp_path / "run"
     RunDirectory(path).write_config(Experiment(name="member-as-student", teacher=TEACHER, run_dir=str(path)))
-    monkeypatch.setattr(stability, "load_student", lambda run_dir: teacher)
+    monkeypatch.setattr(stability, "load_student", lambda run_dir, kernel=None: teacher)
     return path
 
 
 def test_cli_teacher_against_itself_writes_the_report_with_no_failure_and_no_difference(
-        run_dir, structures_dir, capsys):
+        run_dir, structures_dir, capsys, monkeypatch):
     source = structures_dir / "aspirin.extxyz"
     assert main(["evaluate", str(run_dir), "--md", str(source), *MD, "--quiet"]) == 0
     out = run_dir / "stability" / "aspirin"
@@ -173,6 +174,42 @@ def test_cli_teacher_against_itself_writes_the_report_with_no_failure_and_no_dif
     for name in ("temperature.png", "rdf.png", "bonds.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "without failure" in capsys.readouterr().out
+    # Called again (as after a stop), the report takes every finished MD run back from OUT/runs/: nothing is
+    # integrated, and the report is the same.
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [
+        "student-nve.npz", "student-nvt.npz", "teacher-nve.npz", "teacher-nvt.npz"]
+
+    def integrated(*args, **kwargs):
+        raise AssertionError("a kept MD run was integrated again")
+
+    monkeypatch.setattr(stability, "run_trajectory", integrated)
+    assert main(["evaluate", str(run_dir), "--md", str(source), *MD, "--quiet"]) == 0
+    again = json.loads((out / "stability.json").read_text())
+    assert again["summary"] == summary and again["models"] == report["models"]
+    assert again["distributions"] == distributions
+
+
+def test_a_kept_run_is_taken_back_only_with_its_own_settings(tmp_path, teacher, aspirin):
+    trajectory = stability.Trajectory(np.arange(12.0).reshape(2, 6), np.ones((1, aspirin.n_atoms, 3)),
+                                      np.array([0]), {"step": 3, "line": "MD failed"}, 1.5)
+    dynamics = stability.Dynamics("nvt", temperature=300.0, dt=0.5, thermostat="langevin", friction=0.01)
+    settings = dict(log_every=10, chunk=100, seed=0, criteria=Criteria(), stride=1)
+    fingerprint = stability.run_fingerprint(teacher, aspirin, dynamics, 200, **settings)
+    path = str(tmp_path / "kept" / "student-nvt.npz")
+    stability.save_trajectory(path, trajectory, fingerprint)
+    back = stability.load_trajectory(path, fingerprint)
+    assert back.failure == trajectory.failure and back.wall_s == 1.5
+    assert all(np.array_equal(a, b) for a, b in zip(back[:3], trajectory[:3]))
+    moved = Structure(numbers=aspirin.numbers, positions=aspirin.positions + 1e-3, cell=aspirin.cell,
+                      pbc=aspirin.pbc, name=aspirin.name)
+    others = [stability.run_fingerprint(teacher, aspirin, dynamics, 400, **settings),
+              stability.run_fingerprint(teacher, aspirin, dynamics, 200, **{**settings, "seed": 1}),
+              stability.run_fingerprint(teacher, moved, dynamics, 200, **settings),
+              stability.run_fingerprint(teacher, aspirin, dataclasses.replace(dynamics, temperature=310.0), 200,
+                                        **settings)]
+    assert len({fingerprint, *others}) == 5
+    assert all(stability.load_trajectory(path, other) is None for other in others)
+    assert stability.load_trajectory(str(tmp_path / "none.npz"), fingerprint) is None
 
 
 def test_a_planted_bond_break_stops_the_model_at_its_step_and_names_the_bond(teacher, aspirin):

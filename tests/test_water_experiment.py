@@ -28,8 +28,12 @@ def water():
     (["--bogus"], "unknown argument '--bogus'"),
     (["--time"], "--time needs a value"),
     (["--time", "soon"], "--time: a duration"),
-    (["--ps", "2"], "--ps is the length of a --stability run"),
+    (["--ps", "2"], "--ps is a setting of a --stability run"),
+    (["--dt", "1"], "--dt is a setting of a --stability run"),
     (["--stability", "waterbox", "--ps", "-1"], "--ps must be a number of picoseconds > 0, got '-1'"),
+    (["--stability", "waterbox", "--nve-ps", "-1"], "--nve-ps must be a number of picoseconds >= 0, got '-1'"),
+    (["--stability", "waterbox", "--dt", "0"], "--dt must be a number of femtoseconds > 0, got '0'"),
+    (["--stability", "waterbox", "--kernel", "cuda"], "--kernel takes xla or pallas, not 'cuda'"),
     (["--stability", "aspirin"], "--stability takes one of watersmall, waterbox, not 'aspirin'"),
     (["--tiny", "--stability", "waterbox"], "--stability takes one of watertiny (at --tiny)"),
 ])
@@ -43,6 +47,8 @@ def test_command_line_values(water):
     assert water.parse(["--time", "5m"]) == {"--time": 300.0}
     assert water.parse(["--tiny", "--stability", "watertiny", "--ps", "0.1"]) == {
         "--tiny": True, "--stability": "watertiny", "--ps": 0.1}
+    assert water.parse(["--stability", "waterbox", "--ps", "100", "--nve-ps", "0", "--dt", "1"]) == {
+        "--stability": "waterbox", "--ps": 100.0, "--nve-ps": 0.0, "--dt": 1.0}
 
 
 def test_every_md_run_has_its_own_keys(water):
