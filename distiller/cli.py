@@ -140,6 +140,7 @@ def _profile_md(args) -> dict:
 
 MD_EVALUATION = {"index": 0, "time_ps": 10.0, "temperature": 300.0, "dt": 0.5, "seed": 0, "nve_ps": None,
                  "kernel": None}
+MD_COLLECTION = ("collect", "name")  # --md: the report also as a row of a collected list (stability-<gpu>.json)
 
 
 def _evaluate(args) -> int:
@@ -150,7 +151,8 @@ def _evaluate(args) -> int:
                          "(MD stability), one of them")
     if args.md is not None:
         return _evaluate_md(args)
-    md_only = [f"--{name.replace('_', '-')}" for name in MD_EVALUATION if getattr(args, name) is not None]
+    md_only = [f"--{name.replace('_', '-')}" for name in (*MD_EVALUATION, *MD_COLLECTION)
+               if getattr(args, name) is not None]
     if md_only:
         raise UsageError(f"{', '.join(md_only)}: only with --md")
     report = evaluate_run(args.run_dir, args.structures, teacher=args.teacher, out=args.out, progress=not args.quiet)
@@ -175,8 +177,13 @@ def _evaluate_md(args) -> int:
         if value is not None and not (math.isfinite(value) and (value >= 0 if name == "nve_ps" else value > 0)):
             raise UsageError(f"--{name.replace('_', '-')} must be a number {'>=' if name == 'nve_ps' else '>'} 0, "
                              f"got {value:g}")
+    if args.name is not None and args.collect is None:
+        raise UsageError("--name: the student's name in a --collect list; give --collect FILE")
+    if args.collect is not None and not (args.collect.endswith(".json") and os.path.isdir(
+            os.path.dirname(os.path.abspath(args.collect)))):
+        raise UsageError(f"--collect {args.collect}: needs a .json file in an existing directory")
     given = {"md": args.md, "teacher": args.teacher, "out": args.out,
-             **{k: getattr(args, k) for k in MD_EVALUATION if getattr(args, k) is not None}}
+             **{k: getattr(args, k) for k in (*MD_EVALUATION, *MD_COLLECTION) if getattr(args, k) is not None}}
     command = f"distiller evaluate {shlex.quote(args.run_dir)} " + " ".join(
         f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in given.items() if v is not None)
     result = evaluate_stability(args.run_dir, args.md, teacher=args.teacher, out=args.out, progress=not args.quiet,
@@ -190,6 +197,16 @@ def _evaluate_md(args) -> int:
     if not (summary["failure"] or summary["nve_failure"]):
         print(f"the student ran {summary['simulated_ps']:g} ps of NVT without failure")
     print(f"stability report written to {result.report['out']}")
+    if args.collect:
+        from distiller.speed import device_name
+        from distiller.stability import REPORT, collect_stability, stability_entry
+
+        system = os.path.splitext(os.path.basename(args.md))[0] + (f"-{values['index']}" if values["index"] else "")
+        entry = stability_entry(result.report, args.name or os.path.basename(os.path.abspath(args.run_dir)), system,
+                                kernel=values["kernel"], report=os.path.join(result.report["out"], REPORT),
+                                command=command, device=device_name())
+        collect_stability(args.collect, entry)
+        print(f"collected in {args.collect} as ({entry['student']}, {system}, {values['temperature']:g} K)")
     return 0
 
 
@@ -396,6 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="--md: seed of the velocities and Langevin noise, both models (default 0)")
     p.add_argument("--kernel", choices=["xla", "pallas"],
                    help="--md: the student's edge kernels (default: those it was trained with; pallas on a GPU)")
+    p.add_argument("--collect", metavar="FILE.json",
+                   help="--md: also add the report as a row of this list (one row per student, system and "
+                        "temperature; e.g. bench/results/stability-h200.json)")
+    p.add_argument("--name", help="--collect: the student's name in the list (default: the run directory's name)")
     p.add_argument("--teacher", help="teacher spec (default: the run's teacher)")
     p.add_argument("--out", metavar="DIR",
                    help="output directory (default: RUN_DIR/evaluation, or RUN_DIR/stability/STRUCTURE with --md)")

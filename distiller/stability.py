@@ -802,6 +802,38 @@ def bonds_figure(result: StabilityResult, most: int = 6):
 
 
 # --------------------------------------------------------------------------------------------------
+# Collected reports (issue 13's stability-<gpu>.json)
+
+
+def stability_entry(report: dict, student: str, system: str, /, **extra) -> dict:
+    """One report as a row of a collected list: {"student", "system", "simulated_ps", "time_to_failure_ps",
+    "rdf_l1", "drift_meV_per_atom_ps"}, the failures, the MD settings, the L1 difference of every element pair
+    ("l1_by_pair") and bond type ("bond_length_l1"), and `extra` (e.g. the command, device, kernel)."""
+    summary, md, distributions = report["summary"], report["md"], report["distributions"]
+    return {"student": student, "system": system, "simulated_ps": summary["simulated_ps"],
+            "time_to_failure_ps": summary["time_to_failure_ps"], "rdf_l1": summary["rdf_l1"],
+            "rdf_l1_pair": summary["rdf_l1_pair"], "distribution": summary["distribution"],
+            "drift_meV_per_atom_ps": summary["drift_meV_per_atom_ps"],
+            "teacher_drift_meV_per_atom_ps": summary["teacher_drift_meV_per_atom_ps"],
+            "failure": summary["failure"], "nve_failure": summary["nve_failure"],
+            "teacher_failure": summary["teacher_failure"], "teacher_nve_failure": summary["teacher_nve_failure"],
+            "temperature_K": md["temperature_K"], "nvt_ps": md["time_ps"], "nve_ps": md["nve_ps"],
+            "dt_fs": md["dt_fs"], "l1_by_pair": {k: v["l1"] for k, v in distributions["pairs"].items()},
+            "bond_length_l1": {k: v["l1"] for k, v in distributions["bond_lengths"].items()}, **extra}
+
+
+def collect_stability(path: str, entry: dict) -> list:
+    """`entry` added to the list of stability rows at `path`, replacing the one of the same student, system and
+    temperature (under a lock: reports of several systems may run side by side); the list."""
+    from distiller.files import update_json
+
+    def key(e: dict) -> tuple:
+        return e.get("student"), e.get("system"), e.get("temperature_K")
+
+    return update_json(path, lambda collected: [e for e in collected or [] if key(e) != key(entry)] + [entry])
+
+
+# --------------------------------------------------------------------------------------------------
 # A run directory's student against its teacher
 
 

@@ -9,6 +9,7 @@ on liquid water, judged on teacher MD it never saw, then run in MD against the t
     python experiments/water.py --tiny              # the same pipeline at toy sizes (a CPU smoke run, runs/water_tiny/)
     python experiments/water.py --tiny --stability watertiny
     distiller distill experiments/water.py          # training alone (the sampled sets must exist)
+    distiller active experiments/water.py           # then rounds of teacher-checked student MD (`active`)
 
 Systems: watersmall (648 atoms, 216 molecules) and waterbox (1,500 atoms, 500 molecules), periodic cubic boxes at
 1 g/cm³ from $DISTILLER_SHARED/structures; at --tiny, watertiny (81 atoms) alone. Everything lives under
@@ -63,7 +64,7 @@ import os
 import sys
 import time
 
-from distiller.config import Experiment, LossConfig, OptimizerConfig, SamplingConfig, ValidationConfig
+from distiller.config import ActiveLearning, Experiment, LossConfig, OptimizerConfig, SamplingConfig, ValidationConfig
 from distiller.students import PaiNNConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -96,6 +97,18 @@ config = Experiment(
     held_out=8,
     validation=ValidationConfig(structures=(os.path.join(WORK, "validation.extxyz"),), every=500),
 )
+
+# Issue 13's teacher-checked student trajectories, `distiller active experiments/water.py` (after the training
+# above; then `--stability waterbox` again). The trained student's waterbox MD failed by two H atoms of different
+# molecules meeting (0.45 Å at 61 ps of NVT at 1 fs, 0.49 Å at 1.8 ps of NVE): bench/contact_scan.py, from its
+# last sane frames, finds a false well there (the student's energy rises 1.2-1.6 eV as the pair opens from 0.8
+# to 1.4 Å, where the teacher's falls 1.0-1.5 eV). The training set (teacher MD at 250-350 K) has no such pair,
+# so nothing taught the student to repel. Each round: 8 replicas of the watersmall box, 5 ps of the student's
+# NVT at 300-450 K (hotter, so that it finds its holes sooner), every 100th step a frame, the ensemble labels
+# them, and the 32 with the largest force error join the training structures for 2,000 more steps.
+active = ActiveLearning(rounds=3, steps_per_round=2000, replicas=8, temperatures=(300.0, 350.0, 400.0, 450.0),
+                        structures=(os.path.join(SHARED, "structures", "watersmall.extxyz"),), md_steps=10000,
+                        dt=0.5, interval=100, select=32)
 
 # (temperature K, first key) of each MD set's runs; every run is MD_RUN's trajectories of each system.
 MD_SETS = {
@@ -238,22 +251,12 @@ def results_kind(tiny: bool) -> str:
     return "tiny" if tiny else device_kind()
 
 
-def collect_stability(path: str, entry: dict) -> list:
-    """`entry` added to the list of stability reports at `path`, replacing the one of the same student and
-    system (under a lock: reports of several systems may run side by side)."""
-    from distiller.files import update_json
-
-    key = (entry["student"], entry["system"])
-    return update_json(path, lambda collected: [e for e in collected or [] if (e.get("student"), e.get("system"))
-                                                != key] + [entry])
-
-
 def stability(system: str, teacher, tiny: bool, time_ps: float, command: str, nve_ps: float | None = None,
               dt: float = STABILITY_DT, kernel: str | None = None) -> dict:
     """`--stability SYSTEM`: the trained student's MD stability report from the system's box, collected into
     stability-<gpu>.json (`collect_stability`)."""
     from distiller.speed import device_name
-    from distiller.stability import REPORT, evaluate_stability
+    from distiller.stability import REPORT, collect_stability, evaluate_stability, stability_entry
 
     run_dir = run_config_for(tiny).run_dir
     out = os.path.join(run_dir, "stability", system)
@@ -261,18 +264,10 @@ def stability(system: str, teacher, tiny: bool, time_ps: float, command: str, nv
     result = evaluate_stability(run_dir, system_file(system), index=0, time_ps=time_ps, nve_ps=nve_ps,
                                 temperature=300.0, dt=dt, teacher=teacher, out=out, progress=True,
                                 command=command, kernel=kernel)
-    summary = result.report["summary"]
-    pairs = result.report["distributions"]["pairs"]
-    entry = {"student": STUDENT, "system": system, "simulated_ps": summary["simulated_ps"],
-             "time_to_failure_ps": summary["time_to_failure_ps"], "rdf_l1": summary["rdf_l1"],
-             "rdf_l1_pair": summary["rdf_l1_pair"], "rdf_l1_OO": pairs.get("O-O", {}).get("l1"),
-             "drift_meV_per_atom_ps": summary["drift_meV_per_atom_ps"],
-             "teacher_drift_meV_per_atom_ps": summary["teacher_drift_meV_per_atom_ps"],
-             "failure": summary["failure"], "nve_failure": summary["nve_failure"],
-             "teacher_failure": summary["teacher_failure"], "temperature_K": 300.0, "nvt_ps": time_ps,
-             "nve_ps": nve_ps, "dt_fs": dt, "kernel": kernel or run_config_for(tiny).student.kernel,
-             "report": os.path.relpath(os.path.join(out, REPORT), ROOT),
-             "command": command, "device": device_name()}
+    entry = stability_entry(result.report, STUDENT, system, rdf_l1_OO=result.report["distributions"]["pairs"]
+                            .get("O-O", {}).get("l1"), kernel=kernel or run_config_for(tiny).student.kernel,
+                            report=os.path.relpath(os.path.join(out, REPORT), ROOT), command=command,
+                            device=device_name())
     work = os.path.dirname(run_dir)
     path = os.path.join(work if tiny else os.path.join(ROOT, "bench", "results"),
                         f"stability-{results_kind(tiny)}.json")

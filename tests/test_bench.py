@@ -126,3 +126,31 @@ def test_the_bench_student_options_give_a_run_its_own_kernels_unless_told(monkey
     assert loaded == [("runs/x", "pallas")]
     assert student_from_arguments(parser.parse_args(["--architecture", "painn"])).kernel == "xla"
     assert student_from_arguments(parser.parse_args(["--kernel", "pallas"])).kernel == "pallas"
+
+
+def test_contact_scan_moves_the_second_molecule_rigidly_to_each_distance_through_the_cell():
+    """bench/contact_scan.py's path: two waters whose H atoms meet across a cell face; B's whole molecule (and
+    nothing else) moves along the minimum-image line, keeping its shape, to each asked distance."""
+    import ase.build
+
+    from distiller.structure import Structure
+
+    spec = importlib.util.spec_from_file_location("contact_scan", ROOT / "bench" / "contact_scan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    water = ase.build.molecule("H2O")  # O, H, H
+    first = water.positions + [4.0, 4.0, 0.6]  # its H atoms near z = 0 ...
+    second = water.positions * [1, 1, -1] + [4.0, 4.0, 6.6]  # ... this one's near z = 8: 1.04 Å across the face
+    structure = Structure(numbers=np.array([8, 1, 1] * 2), positions=np.concatenate([first, second]),
+                          cell=8.0 * np.eye(3), pbc=np.ones(3, bool), name="two waters")
+    a, b = 1, 4  # an H of each
+    start = np.linalg.norm(module.pair_vector(structure, a, b))
+    assert start == pytest.approx(1.04, abs=0.01)  # through the face, not the 7 Å inside the cell
+    assert module.molecule_of(structure, b) == [3, 4, 5]
+    path = module.approach(structure, a, b, np.array([0.6, 1.0, 2.0]))
+    for d, moved in zip([0.6, 1.0, 2.0], path):
+        assert np.linalg.norm(module.pair_vector(moved, a, b)) == pytest.approx(d)
+        np.testing.assert_array_equal(moved.positions[:3], structure.positions[:3])  # A's molecule stays
+        shift = moved.positions[3:] - structure.positions[3:]
+        np.testing.assert_allclose(shift, shift[:1].repeat(3, axis=0), atol=1e-12)  # rigid
+        assert moved.energy is None and moved.forces is None

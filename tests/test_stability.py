@@ -183,10 +183,28 @@ def test_cli_teacher_against_itself_writes_the_report_with_no_failure_and_no_dif
         raise AssertionError("a kept MD run was integrated again")
 
     monkeypatch.setattr(stability, "run_trajectory", integrated)
-    assert main(["evaluate", str(run_dir), "--md", str(source), *MD, "--quiet"]) == 0
+    collected = run_dir / "stability-rows.json"
+    assert main(["evaluate", str(run_dir), "--md", str(source), *MD, "--quiet", "--collect", str(collected),
+                 "--name", "member"]) == 0
     again = json.loads((out / "stability.json").read_text())
     assert again["summary"] == summary and again["models"] == report["models"]
     assert again["distributions"] == distributions
+    [row] = json.loads(collected.read_text())  # issue 13's row of the report
+    assert (row["student"], row["system"], row["temperature_K"], row["dt_fs"]) == ("member", "aspirin", 500.0, 0.5)
+    assert row["time_to_failure_ps"] is None and row["simulated_ps"] == summary["simulated_ps"]
+    assert row["rdf_l1"] == 0.0 and row["bond_length_l1"]["C-H"] == 0.0 and "--collect" in row["command"]
+
+
+def test_collected_rows_are_one_per_student_system_and_temperature(tmp_path):
+    path = str(tmp_path / "stability-h200.json")
+    stability.collect_stability(path, {"student": "w", "system": "waterbox", "temperature_K": 300.0, "rdf_l1": 0.5})
+    stability.collect_stability(path, {"student": "a", "system": "aspirin", "temperature_K": 500.0, "rdf_l1": 0.1})
+    stability.collect_stability(path, {"student": "a", "system": "aspirin", "temperature_K": 300.0, "rdf_l1": 0.2})
+    collected = stability.collect_stability(path, {"student": "w", "system": "waterbox", "temperature_K": 300.0,
+                                                   "rdf_l1": 0.02})
+    assert json.loads(open(path).read()) == collected
+    assert [(e["system"], e["temperature_K"], e["rdf_l1"]) for e in collected] == [
+        ("aspirin", 500.0, 0.1), ("aspirin", 300.0, 0.2), ("waterbox", 300.0, 0.02)]
 
 
 def test_a_kept_run_is_taken_back_only_with_its_own_settings(tmp_path, teacher, aspirin):
@@ -256,6 +274,9 @@ def test_bad_input_fails_before_anything_is_written(run_dir, tmp_path, structure
         (["--md", aspirin, "--time-ps", "0"], 2, "--time-ps must be a number > 0"),
         (["--md", aspirin, "--structures", aspirin], 2, "one of them"),
         (["--structures", aspirin, "--time-ps", "1"], 2, "--time-ps: only with --md"),
+        (["--structures", aspirin, "--collect", "x.json"], 2, "--collect: only with --md"),
+        (["--md", aspirin, "--collect", str(tmp_path / "no" / "x.json")], 2, "needs a .json file in an existing"),
+        (["--md", aspirin, "--name", "x"], 2, "--name: the student's name in a --collect list"),
     ]
     for options, code, message in cases:
         assert main(["evaluate", str(run_dir), *options, "--quiet"]) == code, options

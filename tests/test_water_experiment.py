@@ -97,13 +97,3 @@ def test_results_join_aspirins_without_replacing_them(water):
     assert out["students"][0]["command"] == "python experiments/aspirin.py"  # aspirin's keeps its command
     assert set(out["test_sets"]) == {"test-300K", "test-waterbox-300K"}
     assert out["step_timing"]["painn-64x3"]["ms_per_step"] == 11.3 and out["command"].endswith("water.py")
-
-
-def test_stability_reports_collect_one_entry_per_student_and_system(water, tmp_path):
-    path = str(tmp_path / "stability-h200.json")
-    water.collect_stability(path, {"student": water.STUDENT, "system": "waterbox", "rdf_l1": 0.5})
-    water.collect_stability(path, {"student": "aspirin-painn-64x3", "system": "aspirin", "rdf_l1": 0.1})
-    collected = water.collect_stability(path, {"student": water.STUDENT, "system": "waterbox", "rdf_l1": 0.02})
-    with open(path) as f:
-        assert json.load(f) == collected
-    assert [(e["system"], e["rdf_l1"]) for e in collected] == [("aspirin", 0.1), ("waterbox", 0.02)]
