@@ -412,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dt", type=float, metavar="FS", help="--md: time step in fs (default 0.5)")
     p.add_argument("--seed", type=int, help="--md: seed of the velocities and Langevin noise, both models (default 0)")
     p.add_argument("--kernel", choices=["xla", "pallas"],
-                   help="--md: the student's edge kernels (default: those it was trained with; pallas on a GPU)")
+                   help="--md: the student's edge kernels (default: those it was trained with; pallas is the fast "
+                        "one on a GPU)")
     p.add_argument("--collect", metavar="FILE.json",
                    help="--md: also add the report as a row of this list (one row per student, system and "
                         "temperature; e.g. bench/results/stability-h200.json)")

@@ -4,6 +4,7 @@
     result.report      # JSON-able: time to failure and its cause, NVE drift, distribution differences
     write_stability(result, "runs/x/stability/aspirin")   # stability.json and PNGs
     evaluate_stability("runs/x", "aspirin.extxyz")          # what `distiller evaluate RUN --md FILE` runs
+    collect_stability("stability-h200.json", stability_entry(result.report, "name", "aspirin"))   # one row
 
 Each model runs NVT (Langevin) and NVE from the same structure with the same seed: the same initial velocities
 and, under NVT, the same noise, so a student identical to its teacher gives identical trajectories, and any
@@ -18,6 +19,11 @@ model at its first failing step (the generator is closed: no step after it is co
 
 A failing student is a result, not an error: it is recorded with its step, time and cause as one line, and the
 comparison uses the sane part of each trajectory.
+
+A stopped report loses no finished MD run: `evaluate_stability` keeps each in OUT/runs/<role>-<ensemble>.npz
+with the fingerprint of its model (weights and configuration), structure and settings, and a later call with
+the same ones takes it back instead of integrating it again (`run_fingerprint`, `save_trajectory`,
+`load_trajectory`).
 
 Distributions compare the NVT trajectories after `discard_ps` (default a tenth of the run) of equilibration,
 from at most `max_frames` logged frames evenly spaced:
@@ -315,13 +321,14 @@ def run_trajectory(model: EnergyModel, structure: Structure, dynamics: Dynamics,
 
 def run_fingerprint(model: EnergyModel, structure: Structure, dynamics: Dynamics, steps: int, **settings) -> str:
     """sha256 of everything a run's trajectory depends on: the model's name, source (a student's configuration
-    and kernels) and weights, the structure, the
-    dynamics, the step count and `settings` (logging, chunk, seed, stride, criteria: reprs)."""
+    and kernels) and weights, the structure, the dynamics, the step count and `settings` (logging, chunk, seed,
+    stride, criteria: their reprs)."""
     import jax
 
     digest = hashlib.sha256()
     described = {"model": [model.name, repr(model.source)],
-                 "structure": [structure.name, structure.numbers.tolist()], "dynamics": repr(dynamics), "steps": steps, **{k: repr(v) for k, v in sorted(settings.items())}}
+                 "structure": [structure.name, structure.numbers.tolist()], "dynamics": repr(dynamics),
+                 "steps": steps, **{k: repr(v) for k, v in sorted(settings.items())}}
     digest.update(json.dumps(described, sort_keys=True).encode())
     for array in (structure.positions, structure.cell, structure.pbc, *jax.tree.leaves(model.params)):
         digest.update(np.ascontiguousarray(np.asarray(array)).tobytes())
@@ -891,9 +898,9 @@ def evaluate_stability(run_dir: str, structure_file: str, *, index: int = 0, tim
         result = stability_report(student, teacher_model, structure, time_ps=time_ps, temperature=temperature,
                                   dt=dt, seed=seed, nve_ps=nve_ps, status=status, progress=progress,
                                   kept=os.path.join(out, KEPT), **options)
-    result.report["structure"].update(file=os.path.abspath(structure_file), index=index)
-    result.report["summary"]["run_dir"] = os.path.abspath(run_dir)
-    result.report["out"] = os.path.abspath(out)
-    status(f"writing {out}")
-    write_stability(result, out, command=command)
+        result.report["structure"].update(file=os.path.abspath(structure_file), index=index)
+        result.report["summary"]["run_dir"] = os.path.abspath(run_dir)
+        result.report["out"] = os.path.abspath(out)
+        status(f"writing {out}")
+        write_stability(result, out, command=command)
     return result
