@@ -354,6 +354,9 @@ def _select(config: Experiment, active: ActiveLearning, teacher: EnergyModel, se
     best = run_dir.read_best() if active.checkpoint == "best" else None
     student = load_student(config.run_dir, step=None if best else latest)
     student_step = int(best["step"]) if best else latest
+    say = (lambda line: print(f"{config.name}: round {number}: {line}", flush=True)) if progress else (lambda _: 0)
+    say(f"the student of step {student_step} runs {active.md_steps} MD steps of {active.dt:g} fs in each of "
+        f"{active.replicas} replicas ({min(active.temperatures):g}-{max(active.temperatures):g} K)")
     t0 = time.perf_counter()
     key = jax.random.fold_in(jax.random.key(config.seed), number)
     replicas = student_md(student, seeds, active, key, criteria, bonds)
@@ -361,6 +364,8 @@ def _select(config: Experiment, active: ActiveLearning, teacher: EnergyModel, se
     student_frames = [f for r in replicas for f in r.frames]
     for k, f in enumerate(student_frames):
         student_frames[k] = f.replace(info={**f.info, "active_round": number})
+    say(f"{len(replicas)} replicas, {len(student_frames)} frames in {md_seconds:.0f} s "
+        f"({sum(r.failure is not None for r in replicas)} failed); the teacher labels them")
     t0 = time.perf_counter()
     teacher_frames = Predictor(teacher)(student_frames) if student_frames else []
     scores = frame_scores(student_frames, teacher_frames)
