@@ -154,3 +154,35 @@ def test_contact_scan_moves_the_second_molecule_rigidly_to_each_distance_through
         shift = moved.positions[3:] - structure.positions[3:]
         np.testing.assert_allclose(shift, shift[:1].repeat(3, axis=0), atol=1e-12)  # rigid
         assert moved.energy is None and moved.forces is None
+
+
+def test_force_parts_split_a_molecule_s_pull_from_its_internal_forces():
+    """bench/force_parts.py: a force that moves two bonded atoms together is all 'moving' (in proportion to their
+    masses); equal and opposite forces within the molecule are all 'rest'; molecules are the bonded groups."""
+    import ase.build
+
+    from distiller.structure import Structure
+
+    spec = importlib.util.spec_from_file_location("force_parts", ROOT / "bench" / "force_parts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    water = ase.build.molecule("H2O")
+    positions = np.concatenate([water.positions, water.positions + [5.0, 0.0, 0.0]])
+    structure = Structure(numbers=np.array([8, 1, 1] * 2), positions=positions, cell=np.zeros((3, 3)),
+                          pbc=np.zeros(3, bool), name="two waters")
+    molecule = module.molecules(structure)
+    assert molecule.tolist() == [0, 0, 0, 1, 1, 1]
+    mass = np.array([16.0, 1.0, 1.0] * 2)
+    pull = np.zeros((6, 3))
+    pull[:3] = np.array([16.0, 1.0, 1.0])[:, None] * [0.1, 0.0, 0.0]  # accelerates molecule 0 as a whole
+    moving, rest = module.split(pull, molecule, mass)
+    np.testing.assert_allclose(moving, pull, atol=1e-12)
+    np.testing.assert_allclose(rest, 0.0, atol=1e-12)
+    stretch = np.zeros((6, 3))
+    stretch[3], stretch[4] = [0.0, 1.0, 0.0], [0.0, -1.0, 0.0]  # within molecule 1: sums to zero
+    moving, rest = module.split(stretch, molecule, mass)
+    np.testing.assert_allclose(moving, 0.0, atol=1e-12)
+    np.testing.assert_allclose(rest, stretch, atol=1e-12)
+    parts = module.parts_report(pull + stretch, stretch, molecule, mass)  # a student wrong by `pull` alone
+    assert parts["rest"]["accuracy_retained"] == pytest.approx(1.0)
+    assert parts["moving"]["share_of_squared_error"] == pytest.approx(1.0)
