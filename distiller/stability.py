@@ -6,9 +6,10 @@
     evaluate_stability("runs/x", "aspirin.extxyz")          # what `distiller evaluate RUN --md FILE` runs
     collect_stability("stability-h200.json", stability_entry(result.report, "name", "aspirin"))   # one row
 
-Each model runs NVT (Langevin) and NVE from the same structure with the same seed: the same initial velocities
-and, under NVT, the same noise, so a student identical to its teacher gives identical trajectories, and any
-difference is the student's. Every run is integrated in `lax.scan` chunks by `distiller.md.simulate`, which
+Each model runs NVT (Langevin) from the structure, then NVE from the teacher's last kept NVT frame (equilibrated,
+so that NVE measures drift, not the start's relaxation; the structure itself if the teacher's NVT failed), both
+models from the same start with the same seed: the same initial velocities and, under NVT, the same noise, so a
+student identical to its teacher gives identical trajectories, and any difference is the student's. Every run is integrated in `lax.scan` chunks by `distiller.md.simulate`, which
 stops at its own `Safety` failures (temperature runaway, energy jump, non-finite values: `MDFailure`); between
 chunks this module checks the structural criteria on every logged step of the chunk, and stops integrating a
 model at its first failing step (the generator is closed: no step after it is computed):
@@ -531,6 +532,19 @@ def _positive(name: str, value) -> None:
         raise ValueError(f"stability report: {name} must be a number > 0, got {value!r}")
 
 
+def _nve_start(structure: Structure, teacher_nvt: Trajectory, dt: float) -> tuple[Structure, str]:
+    """Where both models' NVE starts, and what that is: the teacher's last kept NVT frame (equilibrated at the
+    thermostat's temperature, so the run measures drift, not relaxation), else (the teacher failed, or kept no
+    frame after the start) the structure itself."""
+    if teacher_nvt.failure is None and len(teacher_nvt.frame_steps) and teacher_nvt.frame_steps[-1] > 0:
+        step = int(teacher_nvt.frame_steps[-1])
+        return (dataclasses.replace(structure, positions=np.asarray(teacher_nvt.frames[-1], np.float64),
+                                    name=f"{structure.name} (teacher NVT at {step * dt / 1000:g} ps)",
+                                    energy=None, forces=None, stress=None),
+                f"the teacher's NVT frame at step {step} ({step * dt / 1000:g} ps)")
+    return structure, "the structure (the teacher's NVT kept no sane frame after its start)"
+
+
 def stability_report(student, teacher, structure: Structure, *, time_ps: float, temperature: float = 300.0,
                      dt: float = 0.5, seed: int = 0, nve_ps: float | None = None, friction: float = 0.01,
                      log_fs: float = 5.0, chunk_fs: float = 500.0, discard_ps: float | None = None,
@@ -538,8 +552,8 @@ def stability_report(student, teacher, structure: Structure, *, time_ps: float, 
                      status: Callable[[str], None] | None = None, progress: bool = False,
                      kept: str | None = None) -> StabilityResult:
     """Student and teacher (EnergyModels, specs or run directories) in NVT (Langevin at `temperature` K,
-    `friction` 1/fs) for `time_ps` and NVE for `nve_ps` (default: time_ps; 0: none) from `structure`, each with
-    the same seed; see the module docstring for what is compared. log_fs: interval of the logged (checked)
+    `friction` 1/fs) for `time_ps` from `structure` and NVE for `nve_ps` (default: time_ps; 0: none) from the
+    teacher's last NVT frame, each with the same seed; see the module docstring for what is compared. log_fs: interval of the logged (checked)
     steps; chunk_fs: MD time per compiled chunk (checks between chunks); discard_ps: NVT equilibration left out
     of the distributions (default time_ps / 10); max_frames: frames per distribution; r_max: RDF range
     (periodic). status: called with a line per phase; progress: a tqdm bar per MD run (stderr). kept: a
@@ -570,22 +584,25 @@ def stability_report(student, teacher, structure: Structure, *, time_ps: float, 
     stride = max(1, math.ceil((runs["nvt"][1] // log_every + 1 - first_frame) / max_frames))
     bonds = find_bonds(structure, criteria.bond_factor)
 
-    trajectories = {}
-    for role, model in (("student", student), ("teacher", teacher)):
-        for ensemble, (dynamics, steps) in runs.items():
+    trajectories, nve_start, nve_from = {}, None, None
+    for ensemble, (dynamics, steps) in runs.items():
+        if ensemble == "nve" and steps:
+            nve_start, nve_from = _nve_start(structure, trajectories["teacher nvt"], dt)
+        for role, model in (("student", student), ("teacher", teacher)):
             if steps == 0:
                 continue
             label = f"{role} {ensemble}"
+            start = nve_start if ensemble == "nve" else structure
             path = os.path.join(kept, f"{role}-{ensemble}.npz") if kept else None
-            fingerprint = run_fingerprint(model, structure, dynamics, steps, log_every=log_every, chunk=chunk,
+            fingerprint = run_fingerprint(model, start, dynamics, steps, log_every=log_every, chunk=chunk,
                                           seed=seed, criteria=criteria, stride=stride) if kept else None
             trajectory = load_trajectory(path, fingerprint) if kept else None
             if trajectory is not None:
                 say(f"{label}: {model.name}, {steps} steps, kept from an earlier call ({path})")
             else:
                 say(f"{label}: {model.name}, {steps} steps of {dt:g} fs ({steps * dt / 1000:g} ps) from "
-                    f"{temperature:g} K on {structure.name}")
-                trajectory = run_trajectory(model, structure, dynamics, steps, log_every=log_every, chunk=chunk,
+                    f"{temperature:g} K on {start.name}")
+                trajectory = run_trajectory(model, start, dynamics, steps, log_every=log_every, chunk=chunk,
                                             seed=seed, criteria=criteria, bonds=bonds, stride=stride, label=label,
                                             progress=progress)
                 if kept:
@@ -600,7 +617,8 @@ def stability_report(student, teacher, structure: Structure, *, time_ps: float, 
                                                          >= first_frame * log_every]
                for role in ("student", "teacher")}
     distributions = compare_distributions(sampled["student"], sampled["teacher"], structure, bonds, r_max=r_max)
-    md = {"time_ps": time_ps, "nve_ps": nve_ps, "temperature_K": temperature, "dt_fs": dt, "seed": seed,
+    md = {"time_ps": time_ps, "nve_ps": nve_ps, "nve_from": nve_from, "temperature_K": temperature, "dt_fs": dt,
+          "seed": seed,
           "thermostat": "langevin", "friction_per_fs": friction, "log_every": log_every, "chunk_steps": chunk,
           "same_seed": "student and teacher start from the same velocities and, under NVT, get the same noise"}
     sampling = {"frames": {role: len(frames) for role, frames in sampled.items()}, "discarded_ps": discard_ps,

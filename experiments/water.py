@@ -42,8 +42,8 @@ that long and the same command continues it), and the student is evaluated once 
    entry `water-painn-128x3` in "students" (replaced by a later call, the others kept), its test sets under
    "test_sets" beside aspirin's, with the call's phase times (`seconds`) and training ms/step.
 4. `--stability SYSTEM`: `distiller.stability.evaluate_stability` of the trained student against the ensemble from
-   the system's box: NVT (Langevin) at 300 K for `--ps` ps (default 10; 0.05 at --tiny) and NVE for `--nve-ps`
-   (default half as long; the drift), time step `--dt` fs (default 0.5), the student's kernels `--kernel` (default
+   the system's box: NVT (Langevin) at 300 K for `--ps` ps (default 10; 0.05 at --tiny), then NVE for `--nve-ps`
+   (default half as long; the drift) from the teacher's last NVT frame, time step `--dt` fs (default 0.5), the student's kernels `--kernel` (default
    those it was trained with: xla); stability.json and PNGs in RUN/stability/<system>/. Each finished MD run is
    kept there (RUN/stability/<system>/runs/): a call stopped by a job's time limit, run again, continues after
    the runs that had finished. Collected in

@@ -160,6 +160,8 @@ def test_cli_teacher_against_itself_writes_the_report_with_no_failure_and_no_dif
     summary = report["summary"]
     assert summary["failure"] is None and summary["nve_failure"] is None and summary["teacher_failure"] is None
     assert summary["time_to_failure_ps"] is None and summary["simulated_ps"] == pytest.approx(0.1)
+    # NVE starts, for both, where the teacher's NVT ended (its last kept frame), not from the file's structure.
+    assert report["md"]["nve_from"] == "the teacher's NVT frame at step 200 (0.1 ps)"
     assert summary["distribution"] == "pair-distance"  # a molecule
     assert abs(summary["drift_meV_per_atom_ps"]) < 5.0
     assert summary["drift_meV_per_atom_ps"] == summary["teacher_drift_meV_per_atom_ps"]
@@ -193,6 +195,18 @@ def test_cli_teacher_against_itself_writes_the_report_with_no_failure_and_no_dif
     assert (row["student"], row["system"], row["temperature_K"], row["dt_fs"]) == ("member", "aspirin", 500.0, 0.5)
     assert row["time_to_failure_ps"] is None and row["simulated_ps"] == summary["simulated_ps"]
     assert row["rdf_l1"] == 0.0 and row["bond_length_l1"]["C-H"] == 0.0 and "--collect" in row["command"]
+
+
+def test_nve_starts_from_the_teacher_s_last_nvt_frame_unless_it_failed(aspirin):
+    moved = aspirin.positions + 0.01
+    nvt = stability.Trajectory(np.zeros((3, 6)), np.stack([aspirin.positions, moved]), np.array([0, 400]), None, 1.0)
+    start, what = stability._nve_start(aspirin, nvt, dt=0.5)
+    np.testing.assert_array_equal(start.positions, moved)
+    assert what == "the teacher's NVT frame at step 400 (0.2 ps)" and start.energy is None
+    assert start.numbers.tolist() == aspirin.numbers.tolist()
+    failed = nvt._replace(failure={"step": 410, "line": "MD failed"})
+    start, what = stability._nve_start(aspirin, failed, dt=0.5)
+    assert start is aspirin and what.startswith("the structure")
 
 
 def test_collected_rows_are_one_per_student_system_and_temperature(tmp_path):
