@@ -13,7 +13,6 @@ or falls where the teacher's rises has a hole there: nothing pushed the atoms ap
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -22,6 +21,10 @@ import numpy as np
 from ase.data import chemical_symbols
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/diagnosis.py
+
+import diagnosis  # noqa: E402
+from diagnosis import save_figure  # noqa: E402
 
 from distiller.files import write_json_atomic  # noqa: E402
 from distiller.load import load_model  # noqa: E402
@@ -79,10 +82,7 @@ def energies(model, structures) -> np.ndarray:
 
 
 def plot(distances, teacher, student, start: float, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = diagnosis.pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.plot(distances, teacher, "k-o", ms=3, label="teacher")
@@ -92,15 +92,11 @@ def plot(distances, teacher, student, start: float, path: str, title: str) -> No
     ax.set_ylabel("energy relative to the unmoved frame (eV)")
     ax.set_title(title, fontsize=9)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="the student's run directory")
-    parser.add_argument("--structures", required=True, help="structure file holding the frame")
+    parser = diagnosis.parser(__doc__, "structure file holding the frame")
     parser.add_argument("--index", type=int, default=0, help="which structure of the file (default 0)")
     parser.add_argument("--pair", type=int, nargs=2, required=True, metavar=("A", "B"),
                         help="the two atoms (0-based, as the stability report names them); B's molecule moves")
@@ -108,15 +104,7 @@ def main() -> None:
                         default=[0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.3, 2.6],
                         help="pair distances to scan (Å)")
     parser.add_argument("--teacher", help="teacher spec (default: the run's)")
-    parser.add_argument("--out", required=True, help="JSON file to write; the PNG goes beside it")
-    args = parser.parse_args()
-    # Bad input before any model loads.
-    if not os.path.isdir(args.run):
-        parser.error(f"--run {args.run}: no such run directory")
-    if not os.path.isfile(args.structures):
-        parser.error(f"--structures {args.structures}: no such file")
-    if not args.out.endswith(".json") or not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        parser.error(f"--out {args.out}: needs a .json file in an existing directory")
+    args = diagnosis.parse(parser)  # bad input before any model loads
     structures = read_structures(args.structures)
     if not -len(structures) <= args.index < len(structures):
         parser.error(f"--index {args.index}: {args.structures} holds {len(structures)} structures")
@@ -150,7 +138,7 @@ def main() -> None:
         "units": "eV, relative to the model's energy of the unmoved frame; Å",
     }
     write_json_atomic(args.out, report)
-    png = os.path.splitext(args.out)[0] + ".png"
+    png = diagnosis.png_beside(args.out)
     plot(distances, teacher, student, start, png, f"{symbols[0]}-{symbols[1]} ({symbols[1]}'s molecule moved), "
                                                    f"student {os.path.basename(os.path.abspath(args.run))}")
     for d, t, s in zip(distances, teacher, student):

@@ -17,13 +17,16 @@ fit than where they agree. A flat share says the error is elsewhere.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/diagnosis.py
+
+import diagnosis  # noqa: E402
+from diagnosis import save_figure  # noqa: E402
 
 from distiller.evaluate import force_metrics  # noqa: E402
 from distiller.files import write_json_atomic  # noqa: E402
@@ -56,10 +59,7 @@ def by_quantile(spread: np.ndarray, student: np.ndarray, mean: np.ndarray, parts
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = diagnosis.pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     spread = [r["spread_mean"] for r in rows]
@@ -72,24 +72,14 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     ax.set_ylabel("student's force error per atom (eV/Å)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="the student's run directory")
-    parser.add_argument("--structures", required=True, help="frames the student never saw (a structure file)")
+    parser = diagnosis.parser(__doc__, "frames the student never saw (a structure file)")
     parser.add_argument("--frames", type=int, default=None, help="the first N frames only (default: all)")
     parser.add_argument("--members", type=int, default=8, help="members of the run's ensemble teacher")
-    parser.add_argument("--out", required=True, help="JSON file to write; the PNG goes beside it")
-    args = parser.parse_args()
-    # Bad input before any model loads.
-    if not os.path.isdir(args.run):
-        parser.error(f"--run {args.run}: no such run directory")
-    if not os.path.isfile(args.structures):
-        parser.error(f"--structures {args.structures}: no such file")
+    args = diagnosis.parse(parser)  # bad input before any model loads
     if args.frames is not None and args.frames < 1 or args.members < 2:
         parser.error(f"--frames ({args.frames}) must be >= 1 and --members ({args.members}) >= 2")
     teacher = RunDirectory(args.run).read_config().teacher
@@ -120,7 +110,7 @@ def main() -> None:
         "by_spread_quintile": rows,
     }
     write_json_atomic(args.out, report)
-    png = os.path.splitext(args.out)[0] + ".png"
+    png = diagnosis.png_beside(args.out)
     run_name = os.path.join(*os.path.normpath(os.path.abspath(args.run)).split(os.sep)[-2:])  # e.g. water/painn-128x3
     plot(rows, png, f"{run_name} on {os.path.basename(args.structures)}")
     print(f"student retains {100 * report['student_accuracy_retained']:.2f} %, members "

@@ -16,7 +16,6 @@ add up to 1.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -24,6 +23,9 @@ import numpy as np
 from ase.data import atomic_masses
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/diagnosis.py
+
+import diagnosis  # noqa: E402
 
 from distiller.evaluate import force_metrics  # noqa: E402
 from distiller.files import write_json_atomic  # noqa: E402
@@ -75,22 +77,12 @@ def parts_report(student: np.ndarray, teacher: np.ndarray, molecule: np.ndarray,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="the student's run directory")
-    parser.add_argument("--structures", required=True, help="frames the student never saw (a structure file)")
+    parser = diagnosis.parser(__doc__, "frames the student never saw (a structure file)")
     parser.add_argument("--frames", type=int, default=None, help="the first N frames only (default: all)")
     parser.add_argument("--teacher", help="teacher spec (default: the run's)")
-    parser.add_argument("--out", required=True, help="JSON file to write")
-    args = parser.parse_args()
-    # Bad input before any model loads.
-    if not os.path.isdir(args.run):
-        parser.error(f"--run {args.run}: no such run directory")
-    if not os.path.isfile(args.structures):
-        parser.error(f"--structures {args.structures}: no such file")
+    args = diagnosis.parse(parser)  # bad input before any model loads
     if args.frames is not None and args.frames < 1:
         parser.error(f"--frames ({args.frames}) must be >= 1")
-    if not args.out.endswith(".json") or not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        parser.error(f"--out {args.out}: needs a .json file in an existing directory")
     structures = read_structures(args.structures)[:args.frames]
     teacher_spec = args.teacher or RunDirectory(args.run).read_config().teacher
     print(f"{len(structures)} frames of {args.structures}: the student, then the teacher {teacher_spec}", flush=True)
