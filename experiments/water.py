@@ -43,13 +43,13 @@ that long and the same command continues it), and the student is evaluated once 
    "test_sets" beside aspirin's, with the call's phase times (`seconds`) and training ms/step.
 4. `--stability SYSTEM`: `distiller.stability.evaluate_stability` of the trained student against the ensemble from
    the system's box: NVT (Langevin) at 300 K for `--ps` ps (default 10; 0.05 at --tiny), then NVE for `--nve-ps`
-   (default half as long; the drift) from the teacher's last NVT frame, time step `--dt` fs (default 0.5), the student's kernels `--kernel` (default
-   those it was trained with: xla); stability.json and PNGs in RUN/stability/<system>/. Each finished MD run is
-   kept there (RUN/stability/<system>/runs/): a call stopped by a job's time limit, run again, continues after
-   the runs that had finished. Collected in
+   (default half as long; the drift) from the teacher's last NVT frame; time step `--dt` fs (default 0.5), the
+   student's kernels `--kernel` (default those it was trained with: xla); stability.json and PNGs in
+   RUN/stability/<system>/. Each finished MD run is kept there (RUN/stability/<system>/runs/): a call stopped by
+   a job's time limit, run again, continues after the runs that had finished. Collected in
    bench/results/stability-<gpu>.json (runs/water_tiny/stability-tiny.json at --tiny), issue 13's list of
    {"student", "system", "simulated_ps", "time_to_failure_ps", "rdf_l1", "drift_meV_per_atom_ps"}, one entry per
-   (student, system) (a later report replaces it); rdf_l1 is the largest L1 over the element pairs (named in
+   (student, system, temperature) (a later report replaces it); rdf_l1 is the largest L1 over the element pairs (named in
    rdf_l1_pair), rdf_l1_OO the O-O one (issue 13's 2 % target).
 
 GPU memory: `distiller.gpu_memory.make_room_for_torch()` runs first, before anything initialises JAX: it sets
