@@ -105,10 +105,12 @@ config = Experiment(
 # to 1.4 Å, where the teacher's falls 1.0-1.5 eV). The training set (teacher MD at 250-350 K) has no such pair,
 # so nothing taught the student to repel. Each round: 8 replicas of the watersmall box, 5 ps of the student's
 # NVT at 300-450 K (hotter, so that it finds its holes sooner), every 100th step a frame, the ensemble labels
-# them, and the 32 with the largest force error join the training structures for 2,000 more steps.
+# them, and the 32 with the largest force error join the training structures for 2,000 more steps. Each round's
+# MD runs the latest student, not the best on validation: the best may stay the pre-round one (its validation
+# set is 300 K MD, which has no such contacts), and rounds must build on each other.
 active = ActiveLearning(rounds=3, steps_per_round=2000, replicas=8, temperatures=(300.0, 350.0, 400.0, 450.0),
                         structures=(os.path.join(SHARED, "structures", "watersmall.extxyz"),), md_steps=10000,
-                        dt=0.5, interval=100, select=32)
+                        dt=0.5, interval=100, select=32, checkpoint="latest")
 
 # (temperature K, first key) of each MD set's runs; every run is MD_RUN's trajectories of each system.
 MD_SETS = {
