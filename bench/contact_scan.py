@@ -31,35 +31,20 @@ from distiller.load import load_model  # noqa: E402
 from distiller.predict import Predictor  # noqa: E402
 from distiller.run_directory import RunDirectory, load_student  # noqa: E402
 from distiller.speed import device_name, versions  # noqa: E402
-from distiller.stability import find_bonds  # noqa: E402
+from distiller.stability import minimum_image_vectors  # noqa: E402
 from distiller.structure import read_structures  # noqa: E402
 
 
 def molecule_of(structure, atom: int) -> list[int]:
-    """`atom` and every atom connected to it through bonds (covalent radii, as the stability report finds them)."""
-    bonds = find_bonds(structure).pairs
-    found, frontier = {atom}, [atom]
-    while frontier:
-        k = frontier.pop()
-        for i, j in bonds:
-            for a, b in ((i, j), (j, i)):
-                if a == k and b not in found:
-                    found.add(int(b))
-                    frontier.append(int(b))
-    return sorted(found)
+    """`atom` and every atom bonded to it, directly or through others (`diagnosis.molecules`)."""
+    molecule = diagnosis.molecules(structure)
+    return np.flatnonzero(molecule == molecule[atom]).tolist()
 
 
 def pair_vector(structure, a: int, b: int) -> np.ndarray:
-    """R_b - R_a to the nearest periodic image of b (Å): fractional rounding, then the 27 neighbouring images."""
-    delta = structure.positions[b] - structure.positions[a]
-    if not structure.periodic:
-        return delta
-    cell = np.asarray(structure.cell, np.float64)
-    fractional = delta @ np.linalg.inv(cell)
-    reduced = (fractional - np.round(fractional) * structure.pbc) @ cell
-    n = np.stack(np.meshgrid(*[np.arange(-1, 2)] * 3, indexing="ij"), axis=-1).reshape(-1, 3) * structure.pbc
-    candidates = reduced + n @ cell
-    return candidates[np.argmin(np.linalg.norm(candidates, axis=-1))]
+    """R_b - R_a to the nearest periodic image of b (Å), as the stability report measures its contacts."""
+    return minimum_image_vectors(structure.positions[b] - structure.positions[a],
+                                 structure.cell if structure.periodic else None)
 
 
 def approach(structure, a: int, b: int, distances: np.ndarray) -> list:

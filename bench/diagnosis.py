@@ -1,11 +1,13 @@
 """What the student diagnoses in bench/ share (ensemble_spread.py, contact_scan.py, force_parts.py): the command
-line's run directory, structure file and JSON output, checked by name before any model loads, and the PNG beside
-the JSON, and how they draw."""
+line's run directory, structure file and JSON output, checked by name before any model loads; a structure's
+molecules; the PNG beside the JSON, and how they draw."""
 
 from __future__ import annotations
 
 import argparse
 import os
+
+import numpy as np
 
 
 def parser(doc: str, structures: str) -> argparse.ArgumentParser:
@@ -27,6 +29,19 @@ def parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
     if not args.out.endswith(".json") or not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         parser.error(f"--out {args.out}: needs a .json file in an existing directory")
     return args
+
+
+def molecules(structure) -> np.ndarray:
+    """(N,) molecule index of every atom: the connected groups of the bonds the stability report finds
+    (`distiller.stability.find_bonds`, covalent radii, minimum image)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from distiller.stability import find_bonds
+
+    pairs = find_bonds(structure).pairs
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(structure.n_atoms,) * 2)
+    return connected_components(graph, directed=False)[1]
 
 
 def png_beside(out: str) -> str:

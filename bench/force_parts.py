@@ -33,24 +33,7 @@ from distiller.load import load_model  # noqa: E402
 from distiller.predict import Predictor  # noqa: E402
 from distiller.run_directory import RunDirectory, load_student  # noqa: E402
 from distiller.speed import device_name, versions  # noqa: E402
-from distiller.stability import find_bonds  # noqa: E402
 from distiller.structure import read_structures  # noqa: E402
-
-
-def molecules(structure) -> np.ndarray:
-    """(N,) molecule index of every atom: connected components of the bond graph."""
-    parent = np.arange(structure.n_atoms)
-
-    def root(k: int) -> int:
-        while parent[k] != k:
-            parent[k] = parent[parent[k]]
-            k = parent[k]
-        return k
-
-    for i, j in find_bonds(structure).pairs:
-        parent[root(int(i))] = root(int(j))
-    roots = np.array([root(k) for k in range(structure.n_atoms)])
-    return np.unique(roots, return_inverse=True)[1]
 
 
 def split(forces: np.ndarray, molecule: np.ndarray, mass: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -63,16 +46,17 @@ def split(forces: np.ndarray, molecule: np.ndarray, mass: np.ndarray) -> tuple[n
 
 
 def parts_report(student: np.ndarray, teacher: np.ndarray, molecule: np.ndarray, mass: np.ndarray) -> dict:
-    out = {}
+    """{"moving", "rest", "total"}: accuracy retained, error and teacher rms per atom (eV/Å), and for the parts
+    their squared error over the total's."""
+    def part(s: np.ndarray, t: np.ndarray) -> dict:
+        return {"accuracy_retained": force_metrics(s, t)["accuracy_retained"],
+                "error_rms": float(np.sqrt(np.mean(np.sum((s - t) ** 2, axis=-1)))),
+                "teacher_rms": float(np.sqrt(np.mean(np.sum(t ** 2, axis=-1))))}
+
     error_total = float(np.sum((student - teacher) ** 2))
-    for name, s, t in zip(("moving", "rest"), split(student, molecule, mass), split(teacher, molecule, mass)):
-        out[name] = {"accuracy_retained": force_metrics(s, t)["accuracy_retained"],
-                     "error_rms": float(np.sqrt(np.mean(np.sum((s - t) ** 2, axis=-1)))),
-                     "teacher_rms": float(np.sqrt(np.mean(np.sum(t ** 2, axis=-1)))),
-                     "share_of_squared_error": float(np.sum((s - t) ** 2)) / error_total}
-    out["total"] = {"accuracy_retained": force_metrics(student, teacher)["accuracy_retained"],
-                    "error_rms": float(np.sqrt(np.mean(np.sum((student - teacher) ** 2, axis=-1)))),
-                    "teacher_rms": float(np.sqrt(np.mean(np.sum(teacher ** 2, axis=-1))))}
+    out = {name: {**part(s, t), "share_of_squared_error": float(np.sum((s - t) ** 2)) / error_total}
+           for name, s, t in zip(("moving", "rest"), split(student, molecule, mass), split(teacher, molecule, mass))}
+    out["total"] = part(student, teacher)
     return out
 
 
@@ -88,13 +72,13 @@ def main() -> None:
     print(f"{len(structures)} frames of {args.structures}: the student, then the teacher {teacher_spec}", flush=True)
     student = np.concatenate([s.forces for s in Predictor(load_student(args.run))(structures)])
     teacher = np.concatenate([s.forces for s in Predictor(load_model(teacher_spec))(structures)])
-    offsets = np.cumsum([0] + [s.n_atoms for s in structures])
-    molecule = np.concatenate([molecules(s) + k * 10**6 for k, s in enumerate(structures)])
-    molecule = np.unique(molecule, return_inverse=True)[1]  # frame-unique molecule indices
+    per_frame = [diagnosis.molecules(s) for s in structures]
+    first = np.cumsum([0] + [m.max() + 1 for m in per_frame[:-1]])  # each frame's molecules numbered after the last's
+    molecule = np.concatenate([m + k for m, k in zip(per_frame, first)])
     mass = np.concatenate([atomic_masses[s.numbers] for s in structures])
     report = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "device": device_name(),
               "versions": versions(), "run": args.run, "teacher": teacher_spec, "structures": args.structures,
-              "frames": len(structures), "atoms": int(offsets[-1]), "molecules": int(molecule.max() + 1),
+              "frames": len(structures), "atoms": int(len(molecule)), "molecules": int(molecule.max() + 1),
               "parts": parts_report(student, teacher, molecule, mass), "units": "eV/Å"}
     write_json_atomic(args.out, report)
     for name, part in report["parts"].items():

@@ -201,7 +201,7 @@ def _evaluate_md(args) -> int:
         from distiller.speed import device_name
         from distiller.stability import REPORT, collect_stability, stability_entry
 
-        system = os.path.splitext(os.path.basename(args.md))[0] + (f"-{values['index']}" if values["index"] else "")
+        system = result.report["structure"]["label"]  # the file's stem, with the index where it holds several
         entry = stability_entry(result.report, args.name or os.path.basename(os.path.abspath(args.run_dir)), system,
                                 kernel=values["kernel"], report=os.path.join(result.report["out"], REPORT),
                                 command=command, device=device_name())

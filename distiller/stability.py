@@ -9,10 +9,11 @@
 Each model runs NVT (Langevin) from the structure, then NVE from the teacher's last kept NVT frame (equilibrated,
 so that NVE measures drift, not the start's relaxation; the structure itself if the teacher's NVT failed), both
 models from the same start with the same seed: the same initial velocities and, under NVT, the same noise, so a
-student identical to its teacher gives identical trajectories, and any difference is the student's. Every run is integrated in `lax.scan` chunks by `distiller.md.simulate`, which
-stops at its own `Safety` failures (temperature runaway, energy jump, non-finite values: `MDFailure`); between
-chunks this module checks the structural criteria on every logged step of the chunk, and stops integrating a
-model at its first failing step (the generator is closed: no step after it is computed):
+student identical to its teacher gives identical trajectories, and any difference is the student's. Every run
+is integrated in `lax.scan` chunks by `distiller.md.simulate`, which stops at its own `Safety` failures
+(temperature runaway, energy jump, non-finite values: `MDFailure`); between chunks this module checks the
+structural criteria on every logged step of the chunk, and stops integrating a model at its first failing step
+(the generator is closed: no step after it is computed):
 
 - a bond stretched beyond `max_stretch` (1.5x) its start length; bonds are the pairs closer than `bond_factor`
   (1.2x) the sum of their covalent radii (`ase.data.covalent_radii`) at the start, minimum image in cells;
@@ -56,6 +57,7 @@ import sys
 import time
 from typing import Callable, NamedTuple
 
+import jax
 import numpy as np
 from ase.data import chemical_symbols, covalent_radii
 
@@ -101,17 +103,25 @@ def _images(cell: np.ndarray) -> np.ndarray:
     return n.astype(np.float64) @ cell
 
 
-def minimum_image(vectors: np.ndarray, cell: np.ndarray | None) -> np.ndarray:
-    """Lengths (...,) of the shortest periodic images of difference vectors (..., 3) in Å; plain lengths for
+def minimum_image_vectors(vectors: np.ndarray, cell: np.ndarray | None) -> np.ndarray:
+    """The shortest periodic images (..., 3) of difference vectors (..., 3) in Å; the vectors themselves for
     molecules (cell None). Fractional rounding, then the 27 neighbouring images (exact for skewed cells too,
     for vectors shorter than the cell's smallest width)."""
     vectors = np.asarray(vectors, np.float64)
     if cell is None:
-        return np.linalg.norm(vectors, axis=-1)
+        return vectors
     cell = np.asarray(cell, np.float64)
     fractional = vectors @ np.linalg.inv(cell)
     reduced = (fractional - np.round(fractional)) @ cell
-    return np.min(np.linalg.norm(reduced[..., None, :] + _images(cell), axis=-1), axis=-1)
+    candidates = reduced[..., None, :] + _images(cell)  # (..., 27, 3)
+    nearest = np.argmin(np.linalg.norm(candidates, axis=-1), axis=-1)
+    return np.take_along_axis(candidates, nearest[..., None, None], axis=-2)[..., 0, :]
+
+
+def minimum_image(vectors: np.ndarray, cell: np.ndarray | None) -> np.ndarray:
+    """Lengths (...,) of the shortest periodic images of difference vectors (..., 3) in Å
+    (`minimum_image_vectors`); plain lengths for molecules (cell None)."""
+    return np.linalg.norm(minimum_image_vectors(vectors, cell), axis=-1)
 
 
 def _cell(structure: Structure) -> np.ndarray | None:
@@ -324,8 +334,6 @@ def run_fingerprint(model: EnergyModel, structure: Structure, dynamics: Dynamics
     """sha256 of everything a run's trajectory depends on: the model's name, source (a student's configuration
     and kernels) and weights, the structure, the dynamics, the step count and `settings` (logging, chunk, seed,
     stride, criteria: their reprs)."""
-    import jax
-
     digest = hashlib.sha256()
     described = {"model": [model.name, repr(model.source)],
                  "structure": [structure.name, structure.numbers.tolist()], "dynamics": repr(dynamics),
@@ -553,12 +561,12 @@ def stability_report(student, teacher, structure: Structure, *, time_ps: float, 
                      kept: str | None = None) -> StabilityResult:
     """Student and teacher (EnergyModels, specs or run directories) in NVT (Langevin at `temperature` K,
     `friction` 1/fs) for `time_ps` from `structure` and NVE for `nve_ps` (default: time_ps; 0: none) from the
-    teacher's last NVT frame, each with the same seed; see the module docstring for what is compared. log_fs: interval of the logged (checked)
-    steps; chunk_fs: MD time per compiled chunk (checks between chunks); discard_ps: NVT equilibration left out
-    of the distributions (default time_ps / 10); max_frames: frames per distribution; r_max: RDF range
-    (periodic). status: called with a line per phase; progress: a tqdm bar per MD run (stderr). kept: a
-    directory where each finished MD run is kept and whence a later call with the same settings takes it back
-    (None: nothing kept)."""
+    teacher's last NVT frame, each with the same seed; see the module docstring for what is compared. log_fs:
+    interval of the logged (checked) steps; chunk_fs: MD time per compiled chunk (checks between chunks);
+    discard_ps: NVT equilibration left out of the distributions (default time_ps / 10); max_frames: frames per
+    distribution; r_max: RDF range (periodic). status: called with a line per phase; progress: a tqdm bar per
+    MD run (stderr). kept: a directory where each finished MD run is kept and whence a later call with the same
+    settings takes it back (None: nothing kept)."""
     say = status or (lambda message: None)
     for name, value in (("time_ps", time_ps), ("temperature", temperature), ("dt", dt), ("log_fs", log_fs),
                         ("chunk_fs", chunk_fs), ("r_max", r_max), ("friction", friction)):
@@ -897,8 +905,8 @@ def evaluate_stability(run_dir: str, structure_file: str, *, index: int = 0, tim
     if not -len(structures) <= index < len(structures):
         raise IndexError(f"{structure_file} holds {len(structures)} structures; index {index} does not exist")
     structure = structures[index]
-    out = out or os.path.join(run_dir, "stability", structure_label(structure_file, index % len(structures),
-                                                                    len(structures)))
+    label = structure_label(structure_file, index % len(structures), len(structures))
+    out = out or os.path.join(run_dir, "stability", label)
     if os.path.exists(out) and not os.path.isdir(out):
         raise FileExistsError(f"{out} is a file; --out takes a directory")
     teacher = teacher or run_config.teacher
@@ -916,7 +924,7 @@ def evaluate_stability(run_dir: str, structure_file: str, *, index: int = 0, tim
         result = stability_report(student, teacher_model, structure, time_ps=time_ps, temperature=temperature,
                                   dt=dt, seed=seed, nve_ps=nve_ps, status=status, progress=progress,
                                   kept=os.path.join(out, KEPT), **options)
-        result.report["structure"].update(file=os.path.abspath(structure_file), index=index)
+        result.report["structure"].update(file=os.path.abspath(structure_file), index=index, label=label)
         result.report["summary"]["run_dir"] = os.path.abspath(run_dir)
         result.report["out"] = os.path.abspath(out)
         status(f"writing {out}")

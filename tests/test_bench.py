@@ -170,7 +170,7 @@ def test_force_parts_split_a_molecule_s_pull_from_its_internal_forces():
     positions = np.concatenate([water.positions, water.positions + [5.0, 0.0, 0.0]])
     structure = Structure(numbers=np.array([8, 1, 1] * 2), positions=positions, cell=np.zeros((3, 3)),
                           pbc=np.zeros(3, bool), name="two waters")
-    molecule = module.molecules(structure)
+    molecule = module.diagnosis.molecules(structure)
     assert molecule.tolist() == [0, 0, 0, 1, 1, 1]
     mass = np.array([16.0, 1.0, 1.0] * 2)
     pull = np.zeros((6, 3))

@@ -354,7 +354,7 @@ def _select(config: Experiment, active: ActiveLearning, teacher: EnergyModel, se
     best = run_dir.read_best() if active.checkpoint == "best" else None
     student = load_student(config.run_dir, step=None if best else latest)
     student_step = int(best["step"]) if best else latest
-    say = (lambda line: print(f"{config.name}: round {number}: {line}", flush=True)) if progress else (lambda _: 0)
+    say = (lambda line: print(f"{config.name}: round {number}: {line}", flush=True)) if progress else (lambda _: None)
     say(f"the student of step {student_step} runs {active.md_steps} MD steps of {active.dt:g} fs in each of "
         f"{active.replicas} replicas ({min(active.temperatures):g}-{max(active.temperatures):g} K)")
     t0 = time.perf_counter()
