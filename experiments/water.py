@@ -33,13 +33,16 @@ that long and the same command continues it), and the student is evaluated once 
    energy, forces and stress (stress comes from the same reverse pass as the forces, for the teacher and the
    student, so it costs little). The loss: energy per atom, forces, stress.
    The averaged weights (EMA) are validated every 500 steps and the best kept. The student is PaiNN 128x3 at
-   5 Å, the size that meets the aspirin targets; the first run (64x3, both boxes, batches of 2 boxes, 12,000
-   steps) kept 92.7 % on watersmall (bench/results/water-h200.json), this one 93.1 % on watersmall and 92.6 % on
-   waterbox (H100, bench/results/fidelity-h100.json): twice the features, 0.4 points.
+   5 Å, the size that meets the aspirin targets, with the angular embedding (degree 6 within 3.5 Å; not yet run
+   at this scale). The first run (64x3, both boxes, batches of 2 boxes, 12,000 steps) kept 92.7 % on watersmall
+   (bench/results/water-h200.json); 128x3 without the embedding (entry `water-painn-128x3`) 93.1 % on watersmall
+   and 92.6 % on waterbox (H100, bench/results/fidelity-h100.json): twice the features, 0.4 points. On watertiny
+   at CPU scale the embedding took 64x3 from 86.8 to 88.0 % (bench/water_variants.py,
+   bench/results/water-variants-cpu.json).
 3. Evaluation on both test sets (accuracy retained 1 - ‖ΔF‖/‖F_t‖, force MAE and RMSE, energy MAE per atom, stress
    MAE), and student against ensemble per energy+forces call on waterbox (`distiller.speed.compare_speed`). Merged
    into bench/results/fidelity-<gpu>.json (runs/water_tiny/fidelity-tiny.json at --tiny) as aspirin's entries are:
-   entry `water-painn-128x3` in "students" (replaced by a later call, the others kept), its test sets under
+   entry `water-painn-128x3-angular6` in "students" (replaced by a later call, the others kept), its test sets under
    "test_sets" beside aspirin's, with the call's phase times (`seconds`) and training ms/step.
 4. `--stability SYSTEM`: `distiller.stability.evaluate_stability` of the trained student against the ensemble from
    the system's box: NVT (Langevin) at 300 K for `--ps` ps (default 10; 0.05 at --tiny), then NVE for `--nve-ps`
@@ -72,7 +75,7 @@ ROOT = os.path.abspath(os.path.join(HERE, ".."))
 SHARED = os.environ.get("DISTILLER_SHARED", os.path.join(ROOT, "..", "shared"))
 WORK = os.path.join(ROOT, "runs", "water")
 TEACHER = "fennol-pmc:ani1x"
-STUDENT = "water-painn-128x3"
+STUDENT = "water-painn-128x3-angular6"
 SYSTEMS = ("watersmall", "waterbox")  # each has a test set; the first is also trained and validated on
 TINY_SYSTEMS = ("watertiny",)
 
@@ -81,8 +84,11 @@ config = Experiment(
     teacher=TEACHER,
     structures=(os.path.join(WORK, "train.extxyz"),),
     sampling=SamplingConfig(rattle=0.02, strain=0.01),
-    # The size that meets the aspirin targets (experiments/aspirin.py's painn-128x3).
-    student=PaiNNConfig(cutoff=5.0, features=128, layers=3, n_rbf=16, elements=(1, 8)),
+    # The size that meets the aspirin targets (experiments/aspirin.py's painn-128x3), with the angular embedding
+    # (every cos^n θ up to n = 6 of the angles within 3.5 Å as the first layer's input, distiller.students.angular):
+    # without it this student kept 93.1 % (watersmall) and 92.6 % (waterbox), and 97 % of its squared force error
+    # was within molecules (bench/results/force-parts-cpu-water.json), where the environment bends each O-H.
+    student=PaiNNConfig(cutoff=5.0, features=128, layers=3, n_rbf=16, elements=(1, 8), angular_degree=6),
     # Per-atom energy errors of 0.5 meV weigh (5e-4)² · 1000 = 2.5e-4 against 10 · (0.03 eV/Å)² = 9e-3 for forces;
     # stress errors of 0.05 GPa (3e-4 eV/Å³) 1e4 · 1e-7 = 1e-3: a constraint on the virial that leaves the forces
     # to lead.
@@ -91,7 +97,7 @@ config = Experiment(
     steps=10000,
     batch_size=2,
     seed=0,
-    run_dir=os.path.join(WORK, "painn-128x3"),
+    run_dir=os.path.join(WORK, "painn-128x3-angular6"),
     checkpoint_every=1000,
     log_every=100,
     held_out=8,
@@ -99,7 +105,7 @@ config = Experiment(
 )
 
 # Issue 13's teacher-checked student trajectories, `distiller active experiments/water.py` (after the training
-# above; then `--stability waterbox` again). The trained student's waterbox MD failed by two H atoms of different
+# above; then `--stability waterbox` again). Plain 128x3's waterbox MD failed by two H atoms of different
 # molecules meeting (0.45 Å at 61 ps of NVT at 1 fs, 0.49 Å at 1.8 ps of NVE): bench/contact_scan.py, from its
 # last sane frames, finds a false well there (the student's energy rises 1.2-1.6 eV as the pair opens from 0.8
 # to 1.4 Å, where the teacher's falls 1.0-1.5 eV). The training set (teacher MD at 250-350 K) has no such pair,

@@ -3,6 +3,7 @@ and the device kind that names every results file."""
 
 import importlib.util
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -186,3 +187,20 @@ def test_force_parts_split_a_molecule_s_pull_from_its_internal_forces():
     parts = module.parts_report(pull + stretch, stretch, molecule, mass)  # a student wrong by `pull` alone
     assert parts["rest"]["accuracy_retained"] == pytest.approx(1.0)
     assert parts["moving"]["share_of_squared_error"] == pytest.approx(1.0)
+
+
+def test_water_variants_are_valid_students_and_bad_sizes_are_refused_before_any_work(capsys, monkeypatch):
+    """bench/water_variants.py: every variant is a PaiNN config (the angular ones with the embedding), and a bad
+    --steps stops in the argument parser (no teacher loaded, nothing sampled)."""
+    from distiller.students import PaiNNConfig
+
+    spec = importlib.util.spec_from_file_location("water_variants", ROOT / "bench" / "water_variants.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name, fields in module.VARIANTS.items():
+        config = PaiNNConfig(**fields)
+        assert (config.angular_degree > 0) == ("angular" in name) and f"{config.features}x{config.layers}" in name
+    monkeypatch.setattr(sys, "argv", ["water_variants.py", "--variants", "painn-64x3", "--steps", "0", "--out", "x"])
+    with pytest.raises(SystemExit):
+        module.main()
+    assert "--steps and --batch must be positive" in capsys.readouterr().err

@@ -65,7 +65,7 @@ def test_config_is_the_experiment_file_one_and_tiny_lives_apart(water):
     config = load_experiment(PATH)
     assert config == water.config and config.student.elements == (1, 8) and config.loss.stress_weight > 0
     tiny = water.run_config_for(True)
-    assert tiny.run_dir.endswith(os.path.join("runs", "water_tiny", "painn-128x3"))
+    assert tiny.run_dir.endswith(os.path.join("runs", "water_tiny", os.path.basename(config.run_dir)))
     assert tiny.structures[0].endswith(os.path.join("runs", "water_tiny", "train.extxyz"))
     assert tiny.steps < config.steps and tiny.student == config.student
 

@@ -10,6 +10,11 @@ r̂ = (x_j − x_i)/r and the radial filter W(r) = envelope(r) · spline(r) (the
               v_i += d ⊙ u                              s_i += e ⊙ <u, w> + f
     energy:   E_i = Dense(silu(Dense(s_i^L))) + offset[element(i)]
 
+With angular_degree > 0 the scalars start from the element embedding plus the atom's angular density
+invariants (`distiller.students.angular`: every cos^n of the angles at the atom up to that degree, within
+angular_cutoff), so the first message already sees three-body structure sharper than l = 1. That embedding is
+plain JAX under either kernel setting.
+
 Scalars only ever meet vectors through norms and dot products, so E is exactly invariant under rotations,
 reflections, translations and permutations; forces and stress come from `distiller.derivatives`.
 
@@ -28,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from distiller.students.angular import AngularEmbedding
 from distiller.students.base import MessagePassingConfig, energy_readout, register
 from pallas_kernels import directional_cfconv
 
@@ -39,8 +45,18 @@ NORM_EPSILON = 1e-4
 @dataclasses.dataclass(frozen=True)
 class PaiNNConfig(MessagePassingConfig):
     layers: int = 3  # message + update blocks
+    angular_degree: int = 0  # highest power of cos θ in the angular embedding; 0: no angular embedding
+    angular_channels: int = 8  # its radial channels (per neighbour element)
+    angular_cutoff: float = 3.5  # Å, at most `cutoff` (ANI-1x's angular terms reach 3.5 Å)
     architecture = "painn"
     min_layers = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.angular_degree < 0 or self.angular_channels < 1 or not 0 < self.angular_cutoff <= self.cutoff:
+            raise ValueError(f"invalid PaiNNConfig angular embedding: angular_degree={self.angular_degree} (at "
+                             f"least 0), angular_channels={self.angular_channels} (at least 1), angular_cutoff="
+                             f"{self.angular_cutoff} (in (0, cutoff={self.cutoff}])")
 
     def network(self) -> nn.Module:
         return PaiNN(self)
@@ -92,6 +108,10 @@ class PaiNN(nn.Module):
     def __call__(self, species, vectors, senders, receivers, edge_mask, atom_mask):
         c = self.config
         s = nn.Embed(len(c.elements), c.features, name="embedding")(species)
+        if c.angular_degree:
+            s = s + AngularEmbedding(c.angular_degree, c.angular_channels, c.angular_cutoff, c.n_rbf,
+                                     len(c.elements), c.features, c.avg_neighbours, name="angular")(
+                species, vectors, senders, receivers, edge_mask)
         v = None  # vectors start at 0: None lets the first message skip their (exactly zero) term
         for t in range(c.layers):
             s, v = Message(c, name=f"message_{t}")(s, v, vectors, senders, receivers, edge_mask)
