@@ -39,10 +39,14 @@ from pallas_kernels.cfconv.reference import envelope, spline_basis
 from pallas_kernels.directional_cfconv.reference import edge_lengths_and_units
 
 
+def degree_exponents(n: int) -> np.ndarray:
+    """(M_n, 3) int: every (a, b, k) with a + b + k = n."""
+    return np.array([(a, n - a - b, b) for a in range(n, -1, -1) for b in range(n - a + 1)], np.int32)
+
+
 def monomial_exponents(degree: int) -> np.ndarray:
-    """(M, 3) int: every (a, b, k) with a + b + k = n for n = 0..degree, ordered by n."""
-    return np.array([(a, n - a - b, b) for n in range(degree + 1) for a in range(n, -1, -1)
-                     for b in range(n - a + 1)], np.int32)
+    """(M, 3) int: `degree_exponents(n)` for n = 0..degree, in that order."""
+    return np.concatenate([degree_exponents(n) for n in range(degree + 1)])
 
 
 def monomial_weights(exponents: np.ndarray) -> np.ndarray:
@@ -54,8 +58,7 @@ def monomial_weights(exponents: np.ndarray) -> np.ndarray:
 def lowering_matrix(n: int) -> np.ndarray:
     """(M_{n-2}, M_n): the weighted monomials of degree n − 2 as combinations of those of degree n, exact for unit
     vectors (monomial x^e = Σ_d x^(e + 2 d) for d = x, y, z; weights as `monomial_weights`)."""
-    lower, upper = (monomial_exponents(n - 2)[monomial_exponents(n - 2).sum(1) == n - 2],
-                    monomial_exponents(n)[monomial_exponents(n).sum(1) == n])
+    lower, upper = degree_exponents(n - 2), degree_exponents(n)
     column = {tuple(e): k for k, e in enumerate(upper)}
     w_lower, w_upper = monomial_weights(lower), monomial_weights(upper)
     out = np.zeros((len(lower), len(upper)))
