@@ -49,10 +49,15 @@ def test_invariants_are_weighted_sums_of_cosine_powers_and_rotation_invariant():
 
 
 @pytest.mark.parametrize("fields", [{"angular_degree": -1}, {"angular_degree": 4, "angular_channels": 0},
-                                    {"angular_degree": 4, "angular_cutoff": 6.0}, {"angular_cutoff": 0.0}])
+                                    {"angular_degree": 4, "angular_cutoff": 6.0},
+                                    {"angular_degree": 4, "angular_cutoff": 0.0}])
 def test_bad_angular_sizes_are_refused(fields):
     with pytest.raises(ValueError, match="angular"):
         PaiNNConfig(cutoff=5.0, **fields)
+
+
+def test_without_the_embedding_its_sizes_are_not_checked():
+    assert PaiNNConfig(cutoff=3.0).angular_cutoff == 3.5  # a 3 Å PaiNN with the default (unused) angular cutoff
 
 
 @pytest.mark.parametrize("degree", [0, 1, 2, 5, 6])

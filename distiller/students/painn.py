@@ -53,7 +53,9 @@ class PaiNNConfig(MessagePassingConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.angular_degree < 0 or self.angular_channels < 1 or not 0 < self.angular_cutoff <= self.cutoff:
+        # The angular sizes only matter with the embedding on (a short-cutoff PaiNN keeps the default 3.5 Å).
+        if self.angular_degree < 0 or self.angular_degree and (self.angular_channels < 1
+                                                               or not 0 < self.angular_cutoff <= self.cutoff):
             raise ValueError(f"invalid PaiNNConfig angular embedding: angular_degree={self.angular_degree} (at "
                              f"least 0), angular_channels={self.angular_channels} (at least 1), angular_cutoff="
                              f"{self.angular_cutoff} (in (0, cutoff={self.cutoff}])")
