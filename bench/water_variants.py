@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import sys
@@ -34,13 +33,6 @@ VARIANTS = {name: {"cutoff": 5.0, "features": features, "layers": 3, "n_rbf": 16
                                            ("painn-128x3", 128, 0), ("painn-128x3-angular6", 128, 6))}
 
 
-def water_experiment():
-    spec = importlib.util.spec_from_file_location("water_experiment", os.path.join(ROOT, "experiments", "water.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", required=True, choices=sorted(VARIANTS))
@@ -51,7 +43,7 @@ def main() -> None:
     if args.steps < 1 or args.batch < 1:
         parser.error("--steps and --batch must be positive")
 
-    water = water_experiment()
+    from distiller.config import experiment_module
     from distiller.evaluate import evaluate_run
     from distiller.files import update_json
     from distiller.run_directory import RunDirectory, step_timing, training_seconds
@@ -60,6 +52,7 @@ def main() -> None:
     from distiller.teachers.registry import load_teacher
     from distiller.train.loop import run
 
+    water = experiment_module(os.path.join(ROOT, "experiments", "water.py"))
     teacher = load_teacher(water.TEACHER)
     systems = (SYSTEM,)
     train, validation = (water.structures(name, systems, teacher, False, WORK) for name in ("train", "validation"))
@@ -75,10 +68,11 @@ def main() -> None:
         run(config, resume=True)
         report = evaluate_run(config.run_dir, test, teacher=teacher,
                               out=os.path.join(config.run_dir, f"evaluation-{test_name}"))
-        metrics = RunDirectory(config.run_dir).read_metrics()
+        directory = RunDirectory(config.run_dir)
+        metrics = directory.read_metrics()
         rows[name] = {"student": student.to_dict(), "steps": args.steps, "batch": args.batch,
                       "train_seconds": training_seconds(metrics), **step_timing(metrics, config.checkpoint_every),
-                      "best": RunDirectory(config.run_dir).read_best(),
+                      "best": directory.read_best(),
                       test_name: {k: report["summary"][k] for k in ("accuracy_retained", "forces_mae", "forces_rmse",
                                                                    "energy_mae_per_atom")}}
         print(json.dumps({name: rows[name][test_name]}), flush=True)

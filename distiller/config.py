@@ -325,7 +325,7 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-def _experiment_module(path: str) -> types.ModuleType:
+def experiment_module(path: str) -> types.ModuleType:
     """The experiment file, run as a module."""
     spec = importlib.util.spec_from_file_location(f"experiment_{abs(hash(path))}", path)
     if not os.path.isfile(path) or spec is None or spec.loader is None:
@@ -338,7 +338,7 @@ def _experiment_module(path: str) -> types.ModuleType:
 def load_experiment(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Experiment:
     """Run an experiment file and return its `config`, with `key.sub=value` overrides applied."""
     path = os.fspath(path)
-    module = _experiment_module(path)
+    module = experiment_module(path)
     config = getattr(module, "config", None)
     if not isinstance(config, Experiment):
         raise ValueError(f"{path} must define `config = Experiment(...)`")
@@ -361,7 +361,7 @@ def load_active_learning(path: str | os.PathLike, overrides: Sequence[str] = ())
     """The experiment file's `active = ActiveLearning(...)` (ActiveLearning() where it defines none), its
     structure files relative to the experiment file, with `field=value` overrides applied."""
     path = os.fspath(path)
-    active = getattr(_experiment_module(path), "active", ActiveLearning())
+    active = getattr(experiment_module(path), "active", ActiveLearning())
     if not isinstance(active, ActiveLearning):
         raise ValueError(f"{path}: `active` must be an ActiveLearning(...), got {type(active).__name__}")
     here = os.path.dirname(os.path.abspath(path))

@@ -61,7 +61,6 @@ rather than 75 % of a GPU another job shares.
 """
 
 import dataclasses
-import importlib.util
 import json
 import os
 import sys
@@ -247,10 +246,9 @@ def merged_results(old: dict | None, out: dict) -> dict:
     """This call's results `out` merged with those already in the file, `old` (aspirin's too), by
     experiments/aspirin.py's `merged`: students, step timings and test sets of other names kept, an entry of the
     same name replaced."""
-    spec = importlib.util.spec_from_file_location("aspirin_experiment", os.path.join(HERE, "aspirin.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.merged(old, out)
+    from distiller.config import experiment_module
+
+    return experiment_module(os.path.join(HERE, "aspirin.py")).merged(old, out)
 
 
 def results_kind(tiny: bool) -> str:

@@ -82,27 +82,29 @@ def monomials(units: jax.Array, degree: int, lowest: int = 0) -> jax.Array:
     return jnp.stack(columns, axis=-1) * jnp.asarray(monomial_weights(exponents), units.dtype)
 
 
+def degree_size(n: int) -> int:
+    """How many monomials of degree n: (n + 1)(n + 2) / 2."""
+    return (n + 1) * (n + 2) // 2
+
+
 def all_degrees(top: jax.Array, degree: int) -> jax.Array:
     """(..., M) densities of degrees degree − 1 and degree (`monomials(units, degree, degree - 1)`) -> those of
     every degree 0..degree, in `monomial_exponents(degree)`'s order (`lowering_matrix`)."""
-    sizes = np.bincount(monomial_exponents(degree).sum(axis=1))
-    blocks = {n: top[..., start:start + sizes[n]]
-              for n, start in zip(range(max(degree - 1, 0), degree + 1), (0, sizes[max(degree - 1, 0)]))}
+    low = max(degree - 1, 0)
+    blocks = {low: top[..., :degree_size(low)], degree: top[..., top.shape[-1] - degree_size(degree):]}
     for n in range(degree, 1, -1):
-        if n - 2 not in blocks:
-            blocks[n - 2] = blocks[n] @ jnp.asarray(lowering_matrix(n).T, top.dtype)
+        blocks[n - 2] = blocks[n] @ jnp.asarray(lowering_matrix(n).T, top.dtype)
     return jnp.concatenate([blocks[n] for n in range(degree + 1)], axis=-1)
 
 
 def angular_invariants(densities: jax.Array, degree: int) -> jax.Array:
     """(A, C, M) densities -> (A, (degree + 1) · C (C + 1) / 2) invariants B[n, c, c'] for c <= c'."""
-    sizes = np.bincount(monomial_exponents(degree).sum(axis=1))
     upper = np.triu_indices(densities.shape[1])
     blocks, start = [], 0
-    for size in sizes:
-        block = densities[:, :, start:start + size]
+    for n in range(degree + 1):
+        block = densities[:, :, start:start + degree_size(n)]
         blocks.append(jnp.einsum("acm,adm->acd", block, block)[:, upper[0], upper[1]])
-        start += size
+        start += degree_size(n)
     return jnp.concatenate(blocks, axis=-1)
 
 
